@@ -1,0 +1,1 @@
+"""msn-serve: proposers."""
