@@ -1,0 +1,423 @@
+"""Tree attention over a paged KV cache (the TR-Jacobi verify step), plus its reference.
+
+Queries of many sequences are packed: sequence ``b`` owns query rows
+``[cu_seqlens_q[b], cu_seqlens_q[b + 1])``, row 0 the root (last accepted token)
+and the rest the tree nodes in topological (BFS) order. Their K/V have already
+been written to the cache right after the prefix, so sequence ``b`` has
+``seq_lens[b]`` keys: ``prefix_len = seq_lens[b] - query_len`` prefix tokens,
+then one key per query row. Query row ``i`` sees every prefix key and, among
+the query keys, exactly its ancestors and itself (algorithm.md section 4).
+
+The tree mask is an ancestor-or-self bitmask, one bit per query row of the
+same sequence, packed into int32 words: ``tree_mask[row, j // 32] >> (j % 32) & 1``.
+That is ``ceil(T / 32)`` words a row instead of a dense ``B x T x T`` tensor,
+and a chain (parent = previous row) gives plain causal attention, so the same
+kernel also serves chunked prefill of a paged sequence.
+
+Kernel design (a flash-decoding variant written for this layout):
+
+* one program per (query block, sequence x kv head, key split); the query
+  block packs ``BLOCK_Q`` tokens x the ``GROUP`` query heads that share one kv
+  head into the ``BLOCK_M`` rows of a tile, so each K/V tile read from memory
+  feeds all heads of its group (GQA) and all tree nodes of the block;
+* the query block index varies fastest in the grid, so the programs that read
+  the same K/V tiles run together and share them through the L2;
+* key tiles are gathered through the block table per key, so ``BLOCK_N`` is
+  independent of the cache's ``block_size`` and prefixes may end mid-block;
+* only tiles that reach into the tree region pay for the bitmask lookup;
+* split-K: with few (sequence, head, query block) programs and a long prefix,
+  the key range is cut into ``num_splits`` pieces whose partial (unnormalised
+  output, row max, row sum) are merged by a second small kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tree_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
+    tree_mask_ptr, out_ptr, part_out_ptr, part_ml_ptr,
+    qk_scale,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt, stride_mask,
+    stride_ot, stride_oh,
+    stride_ps, stride_pt, stride_ph,
+    stride_mls, stride_mlt, stride_mlh,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, IS_CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    seq = tl.program_id(1) // NUM_KV_HEADS
+    kv_head = tl.program_id(1) % NUM_KV_HEADS
+    split = tl.program_id(2)
+
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if q_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix_len = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = q_block * BLOCK_Q + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < BLOCK_Q * GROUP) & (tok < q_len)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q_row = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + q_row[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST_BF16:
+        q = q.to(tl.float32)
+
+    # Ancestors precede their descendants (topological order), so no row of this
+    # block sees a key past its own last token.
+    key_end = prefix_len + tl.minimum(q_len, (q_block + 1) * BLOCK_Q)
+    num_tiles = tl.cdiv(key_end, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for tile in range(tile_lo, tile_hi):
+        kpos = tile * BLOCK_N + n
+        k_ok = kpos < key_end
+        block = tl.load(block_tables_ptr + seq * stride_bt + kpos // BLOCK_SIZE, mask=k_ok, other=0)
+        block = block.to(tl.int64)
+        offset = kpos % BLOCK_SIZE
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks
+                    + kv_head * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs
+                    + kv_head * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST_BF16:
+            k = k.to(tl.float32)
+        if IEEE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale
+        allowed = row_ok[:, None] & k_ok[None, :]
+        if (tile + 1) * BLOCK_N > prefix_len:
+            in_tree = kpos >= prefix_len
+            j = tl.maximum(kpos - prefix_len, 0)
+            if IS_CAUSAL:
+                visible = j[None, :] <= tok[:, None]
+            else:
+                word = tl.load(tree_mask_ptr + q_row[:, None] * stride_mask + (j // 32)[None, :],
+                               mask=row_ok[:, None] & in_tree[None, :] & k_ok[None, :], other=0)
+                visible = ((word >> (j % 32)[None, :]) & 1) != 0
+            allowed = allowed & (~in_tree[None, :] | visible)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row may see no key of a tile (or of a whole split); keep exp2 finite.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # Probabilities are rounded to the cache dtype so P @ V runs on tensor cores.
+        p = p.to(v.dtype)
+        if UPCAST_BF16:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE_DOT:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p, v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out_mask = row_ok[:, None] & d_ok[None, :]
+    if NUM_SPLITS == 1:
+        # Padding rows have l_i = 0; they are masked out of the store.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + q_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(part_out_ptr + split * stride_ps + q_row[:, None] * stride_pt
+                 + head[:, None] * stride_ph + d[None, :], acc, mask=out_mask)
+        ml = part_ml_ptr + split * stride_mls + q_row * stride_mlt + head * stride_mlh
+        tl.store(ml, m_i, mask=row_ok)
+        tl.store(ml + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr, part_ml_ptr, out_ptr,
+    stride_ps, stride_pt, stride_ph,
+    stride_mls, stride_mlt, stride_mlh,
+    stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < NUM_SPLITS
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    ml = part_ml_ptr + s * stride_mls + row * stride_mlt + head * stride_mlh
+    m = tl.load(ml, mask=s_ok, other=float("-inf"))
+    l = tl.load(ml + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    # Every row sees at least itself, so some split has a finite max.
+    w = tl.exp2(m - m_max)
+    denom = tl.sum(w * l, 0)
+    acc = tl.load(part_out_ptr + s[:, None] * stride_ps + row * stride_pt + head * stride_ph
+                  + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / denom
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d_ok)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def choose_num_splits(num_programs: int, max_seq_len: int, num_sms: int, block_n: int) -> int:
+    """Split the key range only as far as it takes to give every SM about two programs.
+
+    Each split costs a partial write and read of the outputs of its rows, so it
+    is never split below ``4 * block_n`` keys a piece.
+    """
+    want = -(-2 * num_sms // max(num_programs, 1))
+    most = max(1, max_seq_len // (4 * block_n))
+    return max(1, min(want, most, 64))
+
+
+def _tile_config(max_query_len: int, group: int, head_dim: int, dtype: torch.dtype):
+    # The rows of a tile are tokens x heads of one kv group; 16 is tl.dot's minimum.
+    block_m = max(16, min(128 if head_dim <= 64 else 64, triton.next_power_of_2(max_query_len * group)))
+    block_m = max(block_m, triton.next_power_of_2(group))
+    block_n = 64 if head_dim > 64 or dtype == torch.float32 else 128
+    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
+    return block_m, block_m // group, block_n, num_warps
+
+
+def tree_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tree_mask: torch.Tensor | None,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of packed tree queries over paged prefixes plus their own tree.
+
+    Shapes: ``query`` ``[total_q, num_heads, head_dim]``; pools ``[num_blocks,
+    block_size, num_kv_heads, head_dim]``; ``block_tables`` ``[num_seqs,
+    max_blocks]`` int32; ``cu_seqlens_q`` ``[num_seqs + 1]`` int32; ``seq_lens``
+    ``[num_seqs]`` int32 (prefix + query rows, all already in the cache);
+    ``tree_mask`` ``[total_q, num_words]`` int32 ancestor-or-self bits, or None for
+    causal. ``max_query_len``/``max_seq_len`` are host-side upper bounds that size
+    the grid (static under CUDA graphs). Returns ``[total_q, num_heads, head_dim]``.
+    """
+    assert query.dim() == 3 and key_cache.dim() == 4 and key_cache.shape == value_cache.shape
+    total_q, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, kv_head_dim = key_cache.shape
+    assert kv_head_dim == head_dim, (key_cache.shape, query.shape)
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    assert query.dtype == key_cache.dtype == value_cache.dtype, (query.dtype, key_cache.dtype)
+    assert query.stride(-1) == 1 and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1
+    num_seqs = seq_lens.shape[0]
+    assert cu_seqlens_q.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs
+    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
+    assert cu_seqlens_q.dtype == torch.int32 and seq_lens.dtype == torch.int32
+    if tree_mask is not None:
+        assert tree_mask.dtype == torch.int32 and tree_mask.dim() == 2
+        assert tree_mask.shape[0] == total_q and tree_mask.shape[1] * 32 >= max_query_len
+        assert tree_mask.stride(1) == 1
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(query)
+    assert out.shape == query.shape and out.stride(-1) == 1
+    if total_q == 0:
+        return out
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+    block_m, block_q, block_n, num_warps = _tile_config(max_query_len, group, head_dim, query.dtype)
+    q_blocks = triton.cdiv(max_query_len, block_q)
+    if num_splits is None:
+        num_splits = choose_num_splits(
+            q_blocks * num_seqs * num_kv_heads, max_seq_len, _num_sms(query.device), block_n
+        )
+    if num_splits > 1:
+        part_out = torch.empty((num_splits, total_q, num_heads, head_dim), dtype=torch.float32,
+                               device=query.device)
+        part_ml = torch.empty((num_splits, total_q, num_heads, 2), dtype=torch.float32,
+                              device=query.device)
+    else:
+        part_out = part_ml = out  # unused: the kernel's single-split branch never touches them
+    mask_arg = tree_mask if tree_mask is not None else cu_seqlens_q
+    stride_mask = tree_mask.stride(0) if tree_mask is not None else 0
+    # Triton's interpreter multiplies bf16 as raw uint16 in tl.dot. A bf16 x bf16
+    # product is exact in fp32, so an fp32 dot of the upcast operands computes
+    # what the tensor cores do; only the interpreter takes this path.
+    upcast_bf16 = query.dtype == torch.bfloat16 and _interpreting()
+    grid = (q_blocks, num_seqs * num_kv_heads, num_splits)
+    _tree_attention_kernel[grid](
+        query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens,
+        mask_arg, out, part_out, part_ml,
+        scale * _LOG2E,
+        query.stride(0), query.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_tables.stride(0), stride_mask,
+        out.stride(0), out.stride(1),
+        *(part_out.stride()[:3] if num_splits > 1 else (0, 0, 0)),
+        *(part_ml.stride()[:3] if num_splits > 1 else (0, 0, 0)),
+        NUM_KV_HEADS=num_kv_heads, GROUP=group,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, IS_CAUSAL=tree_mask is None,
+        IEEE_DOT=query.dtype == torch.float32 or upcast_bf16,
+        UPCAST_BF16=upcast_bf16,
+        num_warps=num_warps, num_stages=2,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(total_q, num_heads)](
+            part_out, part_ml, out,
+            *part_out.stride()[:3], *part_ml.stride()[:3],
+            out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+        )
+    return out
+
+
+# --- tree masks ---------------------------------------------------------------
+
+
+def tree_mask_from_parents(parents: torch.Tensor, cu_seqlens_q: torch.Tensor) -> torch.Tensor:
+    """Ancestor-or-self bitmask ``[total_q, ceil(max_q / 32)]`` int32 from parent indices.
+
+    ``parents[row]`` is the parent's index *within the row's sequence* (``-1`` for
+    the root) and must be smaller than the row's own index (topological order).
+    Runs on the tensors' device, ``max depth`` vectorised steps.
+    """
+    device = parents.device
+    cu = cu_seqlens_q.to(device=device, dtype=torch.long)
+    total_q = parents.shape[0]
+    lens = cu[1:] - cu[:-1]
+    max_q = int(lens.max()) if lens.numel() else 0
+    num_words = max(1, -(-max_q // 32))
+    seq_of_row = torch.repeat_interleave(torch.arange(lens.numel(), device=device), lens)
+    start = cu[:-1][seq_of_row]
+    local = torch.arange(total_q, device=device) - start
+    parents = parents.to(torch.long)
+    if bool(((parents >= local) | (parents < -1)).any()):
+        raise ValueError("tree rows must be in topological order: parent index < own index")
+    visible = torch.zeros((total_q, num_words * 32), dtype=torch.bool, device=device)
+    rows = torch.arange(total_q, device=device)
+    cur = local.clone()
+    while bool((cur >= 0).any()):
+        alive = cur >= 0
+        visible[rows[alive], cur[alive]] = True
+        cur = torch.where(alive, parents[(start + cur).clamp(min=0)], cur)
+    bits = visible.view(total_q, num_words, 32).to(torch.long) << torch.arange(32, device=device)
+    words = bits.sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def tree_mask_from_template(parents: Sequence[int], num_seqs: int) -> torch.Tensor:
+    """The bitmask of ``num_seqs`` sequences that share one tree (a TR-Jacobi template)."""
+    t = len(parents)
+    cu = torch.arange(0, (num_seqs + 1) * t, t, dtype=torch.int32)
+    return tree_mask_from_parents(torch.tensor(list(parents) * num_seqs), cu)
+
+
+def tree_mask_to_dense(tree_mask: torch.Tensor, cu_seqlens_q: torch.Tensor) -> list[torch.Tensor]:
+    """Per sequence, the ``[q_len, q_len]`` bool visibility among its query rows."""
+    dense = []
+    bits = torch.arange(32, device=tree_mask.device)
+    unpacked = ((tree_mask.to(torch.long)[..., None] >> bits) & 1).bool().flatten(1)
+    for b in range(cu_seqlens_q.numel() - 1):
+        lo, hi = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        dense.append(unpacked[lo:hi, : hi - lo])
+    return dense
+
+
+# --- reference -----------------------------------------------------------------
+
+
+def gather_paged_kv(
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> torch.Tensor:
+    """The first ``seq_len`` rows ``[seq_len, num_kv_heads, head_dim]`` of one sequence."""
+    block_size = cache.shape[1]
+    pos = torch.arange(seq_len, device=cache.device)
+    blocks = block_table.long()[pos // block_size]
+    return cache[blocks, pos % block_size]
+
+
+def tree_attention_reference(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tree_mask: torch.Tensor | None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Plain-PyTorch ``tree_attention`` (fp32 math, one sequence at a time)."""
+    total_q, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = torch.empty_like(query)
+    dense = tree_mask_to_dense(tree_mask, cu_seqlens_q) if tree_mask is not None else None
+    for b in range(seq_lens.numel()):
+        lo, hi = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        q_len, seq_len = hi - lo, int(seq_lens[b])
+        if q_len == 0:
+            continue
+        prefix_len = seq_len - q_len
+        k = gather_paged_kv(key_cache, block_tables[b], seq_len).float()
+        v = gather_paged_kv(value_cache, block_tables[b], seq_len).float()
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        visible = torch.ones((q_len, seq_len), dtype=torch.bool, device=query.device)
+        if dense is not None:
+            visible[:, prefix_len:] = dense[b]
+        else:
+            visible[:, prefix_len:] = torch.ones(
+                q_len, q_len, dtype=torch.bool, device=query.device
+            ).tril()
+        q = query[lo:hi].float()
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = scores.softmax(-1)
+        out[lo:hi] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
+    return out

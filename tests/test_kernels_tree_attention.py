@@ -1,0 +1,174 @@
+"""Tree attention kernel vs its PyTorch reference (Triton interpreter on CPU, small shapes)."""
+
+import random
+
+import pytest
+import torch
+
+from kernels.paged_cache import PagedKVCache
+from kernels.tree_attention import (
+    tree_attention,
+    tree_attention_reference,
+    tree_mask_from_parents,
+    tree_mask_from_template,
+    tree_mask_to_dense,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    # Half types: the kernel rounds probabilities to the input dtype before P @ V,
+    # a relative error of eps/2 per term. fp32: exp2 vs exp and summation order.
+    return max(2 * torch.finfo(dtype).eps, 1e-5)
+
+
+def random_parents(n: int, rng: random.Random) -> list[int]:
+    return [-1] + [rng.randrange(i) for i in range(1, n)]
+
+
+def build_batch(prefix_lens, trees, num_heads, num_kv_heads, head_dim, dtype, block_size, seed=0):
+    """A paged cache holding each sequence's prefix + tree K/V, scattered over the pool."""
+    gen = torch.Generator().manual_seed(seed)
+    q_lens = [len(t) for t in trees]
+    total = [p + q for p, q in zip(prefix_lens, q_lens)]
+    num_blocks = sum(-(-t // block_size) for t in total) + 3
+    cache = PagedKVCache(1, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    for b in range(len(trees)):
+        cache.add_sequence(b)
+    # Grow the sequences a few tokens at a time, round robin, so that their blocks interleave.
+    remaining = list(total)
+    while any(remaining):
+        for b in range(len(trees)):
+            step = min(remaining[b], 3)
+            if step:
+                cache.append_slots(b, step)
+                remaining[b] -= step
+    cache.key_cache.copy_(torch.randn(cache.key_cache.shape, generator=gen).to(dtype))
+    cache.value_cache.copy_(torch.randn(cache.value_cache.shape, generator=gen).to(dtype))
+    query = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    parents = torch.tensor([p for t in trees for p in t], device=DEVICE)
+    mask = tree_mask_from_parents(parents, cu)
+    seqs = list(range(len(trees)))
+    return dict(
+        query=query, key_cache=cache.key_cache[0], value_cache=cache.value_cache[0],
+        block_tables=cache.block_tables(seqs), cu_seqlens_q=cu, seq_lens=cache.seq_lens(seqs),
+        tree_mask=mask,
+    ), max(q_lens), max(total)
+
+
+def check(args, max_q, max_len, num_splits=None, causal=False):
+    if causal:
+        args = dict(args, tree_mask=None)
+    dtype = args["query"].dtype
+    out = tree_attention(**args, max_query_len=max_q, max_seq_len=max_len, num_splits=num_splits)
+    ref = tree_attention_reference(**args)
+    tol = tolerance(dtype)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+# (num_heads, num_kv_heads, head_dim, dtype): every GQA ratio, head size and dtype at least once.
+CONFIGS = [
+    (4, 4, 64, torch.float32),
+    (6, 2, 64, torch.float16),
+    (8, 2, 128, torch.bfloat16),
+    (3, 1, 128, torch.float32),
+]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,dtype", CONFIGS)
+def test_ragged_batch_of_trees(num_heads, num_kv_heads, head_dim, dtype):
+    rng = random.Random(num_heads * 100 + head_dim)
+    # A one-node tree (plain decode), a bushy tree, a deep chain; prefixes end mid-block.
+    trees = [[-1], random_parents(9, rng), [-1, 0, 1, 2, 3, 4, 5]]
+    args, max_q, max_len = build_batch([5, 13, 2], trees, num_heads, num_kv_heads, head_dim,
+                                       dtype, block_size=4)
+    check(args, max_q, max_len)
+
+
+def test_tree_deeper_than_block_size_and_split_k():
+    # Depth 7 chain over blocks of 2 tokens; the prefix spans several key tiles so
+    # that three splits each get a piece (and the last split holds the whole tree).
+    trees = [[-1, 0, 1, 2, 3, 4, 5, 6], [-1, 0, 0, 1]]
+    args, max_q, max_len = build_batch([300, 41], trees, 4, 2, 64, torch.float32, block_size=2)
+    check(args, max_q, max_len, num_splits=3)
+
+
+def test_wide_tree_spans_several_mask_words():
+    rng = random.Random(7)
+    trees = [random_parents(70, rng), [-1, 0]]
+    args, max_q, max_len = build_batch([6, 9], trees, 4, 1, 64, torch.float16, block_size=8)
+    assert args["tree_mask"].shape[1] == 3
+    check(args, max_q, max_len, num_splits=2)
+
+
+def test_causal_mode_equals_chain_tree():
+    trees = [[-1, 0, 1, 2, 3], [-1]]
+    args, max_q, max_len = build_batch([3, 4], trees, 4, 4, 64, torch.float32, block_size=4)
+    check(args, max_q, max_len, causal=True)
+    out_chain = tree_attention(**args, max_query_len=max_q, max_seq_len=max_len)
+    out_causal = tree_attention(**dict(args, tree_mask=None), max_query_len=max_q, max_seq_len=max_len)
+    torch.testing.assert_close(out_chain, out_causal, atol=0, rtol=0)
+
+
+def test_reference_sees_exactly_prefix_and_ancestors():
+    """The reference itself: perturbing a non-ancestor's K/V leaves a node's output unchanged."""
+    trees = [[-1, 0, 0, 1, 2]]  # node 3's ancestors: 1, 0 (root); node 2 and 4 are not
+    args, _, _ = build_batch([5], trees, 2, 2, 64, torch.float32, block_size=4)
+    before = tree_attention_reference(**args)
+    slot_of_node4 = 5 + 4
+    table = args["block_tables"][0].long()
+    k = args["key_cache"]
+    k[table[slot_of_node4 // 4], slot_of_node4 % 4] += 5.0
+    after = tree_attention_reference(**args)
+    torch.testing.assert_close(after[:4], before[:4], atol=0, rtol=0)
+    assert not torch.allclose(after[4], before[4])
+
+
+def test_mask_builder_matches_ancestor_walk():
+    rng = random.Random(3)
+    trees = [random_parents(n, rng) for n in (1, 5, 40, 33)]
+    cu = torch.tensor([0] + [len(t) for t in trees]).cumsum(0).to(torch.int32)
+    mask = tree_mask_from_parents(torch.tensor([p for t in trees for p in t]), cu)
+    for parents, dense in zip(trees, tree_mask_to_dense(mask, cu)):
+        n = len(parents)
+        want = torch.zeros(n, n, dtype=torch.bool)
+        for i in range(n):
+            j = i
+            while j >= 0:
+                want[i, j] = True
+                j = parents[j]
+        assert torch.equal(dense, want)
+    assert torch.equal(tree_mask_from_template([-1, 0, 0], 2),
+                       tree_mask_from_parents(torch.tensor([-1, 0, 0] * 2),
+                                              torch.tensor([0, 3, 6], dtype=torch.int32)))
+    with pytest.raises(ValueError):
+        tree_mask_from_parents(torch.tensor([-1, 2, 0]), torch.tensor([0, 3], dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(128, 32, 8), (64, 9, 3)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_long_prefixes_split_k(head_dim, num_heads, num_kv_heads, dtype):
+    rng = random.Random(head_dim)
+    trees = [random_parents(n, rng) for n in (1, 17, 65, 40)]
+    args, max_q, max_len = build_batch([3000, 517, 1201, 64], trees, num_heads, num_kv_heads,
+                                       head_dim, dtype, block_size=16)
+    for splits in (None, 1, 7):
+        check(args, max_q, max_len, num_splits=splits)
+
+
+def test_causal_tree_attention_over_empty_prefix_is_sdpa_prefill():
+    from kernels.prefill import prefill_attention
+
+    trees = [[-1, 0, 1, 2, 3, 4]]
+    args, max_q, max_len = build_batch([0], trees, 6, 2, 64, torch.float32, block_size=4)
+    table = args["block_tables"][0].long()
+    pos = torch.arange(6, device=DEVICE)
+    key = args["key_cache"][table[pos // 4], pos % 4]
+    value = args["value_cache"][table[pos // 4], pos % 4]
+    want = prefill_attention(args["query"], key, value)
+    got = tree_attention(**dict(args, tree_mask=None), max_query_len=max_q, max_seq_len=max_len)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
