@@ -123,6 +123,7 @@ def prepare_base(dtype: str = "float32", root: Path | None = None, force: bool =
             raise UsageError(f"cannot read {source}: {type(exc).__name__}: {exc}") from None
         # The de-quantized weights are plain floats: a leftover quantization config
         # would make later loads look for a GGUF that is not there.
+        model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)

@@ -1,0 +1,1 @@
+"""Benchmarks: Spec-Bench harness, load generator, kernel benchmarks."""

@@ -1,0 +1,347 @@
+"""The reference runner: a transformers causal LM decoded step by step with TR-Jacobi.
+
+One step feeds the last accepted token (root) plus the tree's draft nodes, each at
+position prefix + depth, under a mask that lets a node see the prefix, its ancestors and
+itself. The model's own next token at every node decides the longest accepted path
+(`proposers.verify`); its KV rows are moved to contiguous slots and the rest is simply
+left to be overwritten. `ar` is the same loop with a root-only tree, `jacobi` a chain
+template, `pld` a retrieval chain without noise, `tr-jacobi` the full tree.
+
+On CUDA the draft steps run as captured CUDA graphs over a static cache (the host is too
+slow to launch an eager step of a small model; architecture.md), one graph per step size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from proposers.candidates import CandidateTable
+from proposers.detok import TextStream
+from proposers.reference.cache import StaticKVCache
+from proposers.templates import TreeTemplate, chain, load_template
+from proposers.tree import TreeSpec, compile_tree
+from proposers.verify import accept, sample_targets
+
+METHODS = ("ar", "jacobi", "tr-jacobi", "pld")
+DEFAULT_TEMPLATES = {"jacobi": "chain-5", "tr-jacobi": "paper-68", "pld": "retrieval-10"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class GenerationConfig:
+    method: str = "tr-jacobi"
+    max_new_tokens: int = 128
+    template: str | None = None  # bundled name or JSON path; default per method
+    stop: Sequence[str] = ()
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+    max_ngram: int = 3  # retrieval n-gram length (paper: 3)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.method == "ar" and self.template:
+            raise ValueError("method 'ar' verifies no drafts and takes no template")
+
+
+@dataclass(slots=True)
+class StepOutput:
+    token_ids: list[int]  # new tokens (trimmed at EOS / stop string / max tokens)
+    text: str  # newly final text
+    num_drafted: int  # draft nodes verified this step
+    accepted_depth: int  # drafts accepted this step
+    finish_reason: str | None = None  # "stop" | "length" on the last step
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    num_steps: int
+    mat: float
+    tokens_per_s: float
+    method: str
+    finish_reason: str
+    prompt_tokens: int
+    elapsed_s: float
+    accepted_per_depth: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "text": self.text, "token_ids": self.token_ids, "num_steps": self.num_steps,
+            "mat": round(self.mat, 4), "tokens_per_s": round(self.tokens_per_s, 3),
+            "method": self.method, "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens, "elapsed_s": round(self.elapsed_s, 4),
+        }
+
+
+class ReferenceRunner:
+    def __init__(self, model, tokenizer, device: torch.device, *, use_cuda_graphs: bool | None = None,
+                 graph_capacity: int = 4096):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.config = model.config
+        self.dtype = next(model.parameters()).dtype
+        self.max_context = int(getattr(self.config, "max_position_embeddings", 2048))
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.use_cuda_graphs = device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        self.graph_capacity = min(graph_capacity, self.max_context + 128)
+        self._trees: dict[str, TreeSpec] = {}
+        self._graphs: dict[int, _GraphStep] = {}
+        self._graph_cache: StaticKVCache | None = None
+
+    @classmethod
+    def load(cls, model_path: str | Path, device: str = "cpu", dtype: str = "float32",
+             attn_implementation: str = "sdpa", **kwargs) -> ReferenceRunner:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        tok = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+        ).to(dev)
+        return cls(model, tok, dev, **kwargs)
+
+    # ---- prompts ---------------------------------------------------------------------
+
+    def encode_chat(self, messages: list[dict] | str) -> list[int]:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # ---- trees -----------------------------------------------------------------------
+
+    def tree_for(self, cfg: GenerationConfig) -> TreeSpec:
+        key = f"{cfg.method}:{cfg.template}"
+        if key not in self._trees:
+            if cfg.method == "ar":
+                template = TreeTemplate("ar", top_k=1, max_depth=1, paths=())
+            else:
+                template = load_template(cfg.template or DEFAULT_TEMPLATES[cfg.method])
+            self._trees[key] = compile_tree(template)
+        return self._trees[key]
+
+    # ---- decoding --------------------------------------------------------------------
+
+    def generate(self, prompt_ids: Sequence[int], cfg: GenerationConfig) -> GenerationResult:
+        start = time.perf_counter()
+        tokens: list[int] = []
+        text: list[str] = []
+        steps = 0
+        finish = "length"
+        tree = self.tree_for(cfg)
+        per_depth = [0] * (tree.max_depth + 1)
+        for out in self.stream(prompt_ids, cfg):
+            steps += 1
+            tokens += out.token_ids
+            text.append(out.text)
+            per_depth[out.accepted_depth] += 1
+            finish = out.finish_reason or finish
+        self._sync()
+        elapsed = time.perf_counter() - start
+        return GenerationResult(
+            text="".join(text), token_ids=tokens, num_steps=steps,
+            mat=len(tokens) / max(steps, 1), tokens_per_s=len(tokens) / max(elapsed, 1e-9),
+            method=cfg.method, finish_reason=finish, prompt_tokens=len(prompt_ids),
+            elapsed_s=elapsed, accepted_per_depth=per_depth,
+        )
+
+    @torch.inference_mode()
+    def stream(self, prompt_ids: Sequence[int], cfg: GenerationConfig) -> Iterator[StepOutput]:
+        """Decode step by step; closing the generator cancels generation."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        tree = self.tree_for(cfg)
+        need = len(prompt_ids) + cfg.max_new_tokens
+        if need > self.max_context:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({cfg.max_new_tokens}) = "
+                f"{need} exceeds the model's context of {self.max_context} tokens"
+            )
+        gen = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else 0)
+        table = CandidateTable(tree, gen, max_ngram=cfg.max_ngram, fill_noise=cfg.method != "pld")
+        capacity = need + tree.num_nodes + 1
+        cache = self._cache_for(capacity)
+        texts = TextStream(self.tokenizer, cfg.stop)
+
+        context = torch.tensor(list(prompt_ids), dtype=torch.long)
+        prefix = len(prompt_ids) - 1  # tokens in the cache; the last prompt token is the root
+        if prefix:
+            self._prefill(cache, context[:-1])
+        root = int(context[-1])
+        table.set_retrieval(context)
+        emitted = 0
+        while True:
+            node_tokens, keep = table.node_tokens(root, context)
+            step_tree = tree.subtree(keep)
+            target, topk = self._step(cache, step_tree, node_tokens, prefix, cfg, gen)
+            acc = accept(step_tree, node_tokens, target)
+            if acc.num_accepted:
+                path = torch.tensor(acc.path, device=self.device)
+                cache.compact(prefix + path, prefix + 1 + torch.arange(acc.num_accepted, device=self.device))
+            chain_nodes = step_tree.feedback_chain(acc.node)
+            table.set_feedback(topk[chain_nodes] if chain_nodes else topk[:0])
+
+            new, finish = self._trim(acc.tokens, emitted, cfg)
+            pushed = texts.push(new)
+            if pushed.stopped:
+                new, finish = new[: pushed.num_tokens], "stop"
+            emitted += len(new)
+            text = pushed.text + (texts.flush() if finish else "")
+            yield StepOutput(new, text, step_tree.num_nodes, acc.num_accepted, finish)
+            if finish:
+                return
+            prefix += acc.num_accepted + 1
+            root = acc.tokens[-1]
+            context = torch.cat([context, torch.tensor(acc.tokens)])
+            table.set_retrieval(context)
+
+    def _trim(self, tokens: list[int], emitted: int, cfg: GenerationConfig):
+        if not cfg.ignore_eos:
+            for i, tok in enumerate(tokens):
+                if tok in self.eos_ids:
+                    return tokens[:i], "stop"
+        room = cfg.max_new_tokens - emitted
+        if len(tokens) >= room:
+            return tokens[:room], "length"
+        return tokens, None
+
+    # ---- forward passes --------------------------------------------------------------
+
+    def _cache_for(self, capacity: int) -> StaticKVCache:
+        if self.use_cuda_graphs:
+            if capacity > self.graph_capacity:
+                raise ValueError(
+                    f"request needs {capacity} cache slots; the CUDA-graph cache holds "
+                    f"{self.graph_capacity} (raise graph_capacity)"
+                )
+            if self._graph_cache is None:
+                self._graph_cache = StaticKVCache.for_model(
+                    self.config, self.graph_capacity, self.dtype, self.device)
+            return self._graph_cache
+        return StaticKVCache.for_model(self.config, capacity, self.dtype, self.device)
+
+    def _forward(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
+            attention_mask=mask[None, None], past_key_values=cache, use_cache=True,
+        )
+        return out.logits[0]
+
+    def _prefill(self, cache: StaticKVCache, ids: torch.Tensor) -> None:
+        n = ids.numel()
+        dev = self.device
+        cache.slots = torch.arange(n, device=dev)
+        cache.kv_len = n
+        mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+        self._forward(cache, ids.to(dev), cache.slots, mask)
+
+    def _step(self, cache: StaticKVCache, tree: TreeSpec, node_tokens: torch.Tensor,
+              prefix: int, cfg: GenerationConfig, gen: torch.Generator):
+        """One verification forward. Returns per-node targets and top-K ids (on CPU)."""
+        k = tree.template.top_k
+        if self.use_cuda_graphs and cfg.temperature == 0:
+            graph = self._graphs.get(node_tokens.numel())
+            if graph is None:
+                graph = self._graphs[node_tokens.numel()] = _GraphStep(self, cache, node_tokens.numel())
+            return graph.run(tree, node_tokens, prefix, k)
+        dev = self.device
+        q = node_tokens.numel()
+        cache.slots = prefix + torch.arange(q, device=dev)
+        cache.kv_len = prefix + q
+        mask = torch.ones(q, prefix + q, dtype=torch.bool, device=dev)
+        mask[:, prefix:] = tree.ancestors.to(dev)
+        logits = self._forward(cache, node_tokens.to(dev), tree.positions(prefix).to(dev), mask)
+        topk = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).indices.cpu()
+        target = sample_targets(logits.cpu() if cfg.temperature > 0 else logits,
+                                cfg.temperature, cfg.top_p, gen)
+        return target.cpu(), topk
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class _GraphStep:
+    """A CUDA graph of one greedy step of fixed size over the full static cache.
+
+    Inputs (tokens, positions, write slots, mask) live in static buffers refreshed before
+    each replay; argmax and top-K run inside the graph so one small copy leaves the GPU.
+    """
+
+    TOPK = 16
+
+    def __init__(self, runner: ReferenceRunner, cache: StaticKVCache, q: int):
+        dev = runner.device
+        self.runner, self.cache, self.q = runner, cache, q
+        self.ids = torch.zeros(q, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(q, dtype=torch.long, device=dev)
+        self.slots = torch.arange(q, device=dev)
+        self.mask = torch.zeros(q, cache.capacity, dtype=torch.bool, device=dev)
+        self.col = torch.arange(cache.capacity, device=dev)
+        cache.kv_len = None
+        cache.slots = self.slots
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside capture (allocator, lazy init)
+                self._body()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.target, self.topk = self._body()
+
+    def _body(self):
+        logits = self.runner._forward(self.cache, self.ids, self.pos, self.mask)
+        k = min(self.TOPK, logits.shape[-1])
+        return logits.argmax(-1), torch.topk(logits, k, dim=-1).indices
+
+    def run(self, tree: TreeSpec, node_tokens: torch.Tensor, prefix: int, k: int):
+        dev = self.runner.device
+        q = self.q
+        self.ids.copy_(node_tokens, non_blocking=True)
+        self.pos.copy_(tree.positions(prefix), non_blocking=True)
+        self.slots.copy_(torch.arange(prefix, prefix + q), non_blocking=True)
+        rel = (self.col - prefix).clamp(0, q - 1)
+        anc = tree.ancestors.to(dev, non_blocking=True)
+        self.mask.copy_((self.col < prefix) | (anc[:, rel] & (self.col >= prefix) & (self.col < prefix + q)))
+        self.cache.kv_len = None
+        self.cache.slots = self.slots
+        self.graph.replay()
+        both = torch.cat([self.target.unsqueeze(-1), self.topk[:, :k]], dim=-1).cpu()
+        return both[:, 0], both[:, 1:]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(src, "eos_token_id", None)
+        if eos is None:
+            continue
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return ids

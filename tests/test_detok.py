@@ -1,0 +1,42 @@
+from proposers.detok import TextStream
+
+
+class ByteTokenizer:
+    """Token i is byte i: lets tests split multi-byte characters across tokens."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def ids(s: str) -> list[int]:
+    return list(s.encode())
+
+
+def test_multibyte_characters_are_never_cut():
+    euro = ids("a€b")  # € is 3 bytes
+    ts = TextStream(ByteTokenizer())
+    out = [ts.push([t]).text for t in euro]
+    assert out == ["a", "", "", "€", "b"][:len(euro)] or "".join(out) == "a€b"
+    assert all("\ufffd" not in o for o in out)
+    assert "".join(out) + ts.flush() == "a€b"
+
+
+def test_stop_string_trims_text_and_tokens():
+    ts = TextStream(ByteTokenizer(), stop=["END"])
+    p = ts.push(ids("hello EN"))
+    assert p.text == "hello " and not p.stopped  # "EN" held back: may start "END"
+    p = ts.push(ids("Dxyz"))
+    assert p.stopped and p.num_tokens == 1 and p.text == ""
+    assert ts.text == "hello "
+
+
+def test_held_back_prefix_is_released_when_it_diverges():
+    ts = TextStream(ByteTokenizer(), stop=["END"])
+    assert ts.push(ids("xE")).text == "x"
+    assert ts.push(ids("Z")).text == "EZ"
+
+
+def test_stop_inside_one_multi_token_step():
+    ts = TextStream(ByteTokenizer(), stop=["\n\n"])
+    p = ts.push(ids("ab\n\ncd"))
+    assert p.stopped and p.text == "ab" and p.num_tokens == 4

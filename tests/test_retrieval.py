@@ -1,0 +1,34 @@
+import torch
+
+from proposers.retrieval import ngram_lookup
+
+
+def t(*xs):
+    return torch.tensor(xs)
+
+
+def test_most_recent_match_wins():
+    ctx = t(1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3)
+    assert ngram_lookup(ctx, 3).tolist() == [7, 8, 5]
+
+
+def test_continuation_is_cut_at_the_context_end_and_max_tokens():
+    ctx = t(4, 5, 6, 7, 4, 5)
+    assert ngram_lookup(ctx, 10, max_ngram=2).tolist() == [6, 7, 4, 5]
+    assert ngram_lookup(ctx, 2, max_ngram=2).tolist() == [6, 7]
+
+
+def test_falls_back_to_shorter_ngrams():
+    ctx = t(1, 2, 8, 3, 5, 6, 3)  # "5 6 3" and "6 3" never occurred before; "3" did
+    assert ngram_lookup(ctx, 2).tolist() == [5, 6]
+
+
+def test_no_match_and_tiny_contexts():
+    assert ngram_lookup(t(1, 2, 3), 4).numel() == 0
+    assert ngram_lookup(t(1), 4).numel() == 0
+    assert ngram_lookup(t(1, 2, 3, 4), 4, min_ngram=2).numel() == 0
+
+
+def test_suffix_never_matches_itself():
+    ctx = t(5, 5, 5)
+    assert ngram_lookup(ctx, 3, max_ngram=2).tolist() == [5]
