@@ -1,0 +1,1 @@
+"""Engine adapters behind `server.engines.base.Engine`."""

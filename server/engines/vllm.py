@@ -1,0 +1,166 @@
+"""vLLM's async engine (`AsyncLLM`, V1) as a server engine.
+
+vLLM batches concurrent requests itself, so the admission width defaults to 8. Decoding is
+plain unless `speculative_config` is given: that dict goes to vLLM unchanged, which is
+where the TR-Jacobi plugin (issue 6) plugs in, e.g.
+`{"method": "custom_class", "model": "proposers.vllm.TRJacobiProposer",
+"num_speculative_tokens": N}`. vLLM chooses the method for the whole engine, so a request
+may name only that one method.
+
+Speculative metrics come from vLLM's own per-iteration counters (a stat logger feeding our
+Prometheus registry), not from the output deltas: vLLM may merge several steps into one
+delta when the consumer lags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from server.engines.base import (
+    Engine,
+    EngineDeadError,
+    EngineError,
+    EngineStep,
+    SamplingSpec,
+)
+from server.metrics import Metrics
+
+log = logging.getLogger("msn.server")
+
+# Small CPU defaults; override any of them with `vllm_engine_args`.
+CPU_ENGINE_DEFAULTS: dict[str, Any] = {
+    "enforce_eager": True,
+    "max_num_seqs": 8,
+    "disable_log_stats": True,
+}
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+    reports_step_metrics = False
+
+    def __init__(self, model_path: str | Path, *, dtype: str = "float32",
+                 engine_args: dict[str, Any] | None = None,
+                 speculative_config: dict[str, Any] | None = None,
+                 method_name: str | None = None, metrics: Metrics | None = None,
+                 max_running: int = 8):
+        self.model_path = Path(model_path)
+        self.model_name = self.model_path.name
+        self.dtype = dtype
+        self.engine_args = {**CPU_ENGINE_DEFAULTS, **(engine_args or {})}
+        self.speculative_config = speculative_config
+        # The label requests use in `method`; "ar" is plain decoding.
+        method = method_name or ("ar" if speculative_config is None else "tr-jacobi")
+        self.methods = (method,)
+        self.default_method = method
+        self.default_max_running = max_running
+        self.metrics = metrics
+        self.max_context = 0
+        self._llm: Any = None
+        self._tokenizer: Any = None
+
+    def attach_metrics(self, metrics: Metrics) -> None:
+        """The app's registry; must be set before start() to export spec-decode stats."""
+        self.metrics = metrics
+
+    @property
+    def ready(self) -> bool:
+        if self._llm is None or self.dead_reason is not None:
+            return False
+        if self._llm.errored:
+            self.mark_dead(f"vLLM engine died: {self._llm.dead_error}")
+            return False
+        return True
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(model=str(self.model_path), tokenizer=str(self.model_path),
+                               dtype=self.dtype, speculative_config=self.speculative_config,
+                               **self.engine_args)
+        loggers = [_stat_logger_factory(self.metrics, self.default_method)] \
+            if self.metrics is not None else None
+        # Engine construction blocks for 30-90 s on CPU (it spawns the engine-core
+        # process); off the event loop so /health stays responsive meanwhile.
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=loggers)
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.max_context = int(llm.model_config.max_model_len)
+        self._llm = llm
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            await asyncio.to_thread(llm.shutdown)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return list(self._tokenizer.encode(prompt, add_special_tokens=False))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return list(self._tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       sampling: SamplingSpec) -> AsyncIterator[EngineStep]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
+
+        if not self.ready:
+            raise EngineDeadError(self.dead_reason or "vLLM engine is not running")
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+            top_p=sampling.top_p, seed=sampling.seed, stop=list(sampling.stop) or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        finished = False
+        try:
+            async for output in self._llm.generate(
+                    TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id):
+                completion = output.outputs[0]
+                finish = completion.finish_reason if output.finished else None
+                if finish not in (None, "stop", "length"):
+                    raise EngineError(f"vLLM finished the request with {finish!r}")
+                finished = output.finished
+                tokens = list(completion.token_ids)
+                yield EngineStep(token_ids=tokens, text=completion.text, finish_reason=finish)
+                if finished:
+                    return
+        except VLLMEngineDead as exc:
+            self.mark_dead(f"vLLM engine died: {exc}")
+            raise EngineDeadError(self.dead_reason) from exc
+        finally:
+            if not finished and self._llm is not None:
+                # vLLM aborts on cancellation itself; this covers a consumer that simply
+                # stopped iterating. A task, because this may run inside a cancelled one.
+                asyncio.get_running_loop().create_task(self._llm.abort(request_id))
+
+
+def _stat_logger_factory(metrics: Metrics, method: str):
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SpecDecodeMetricsLogger(StatLoggerBase):
+        """Feeds vLLM's per-iteration speculative counters into our registry."""
+
+        def __init__(self, vllm_config: Any, engine_index: int = 0):
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any,
+                   mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+            spec = getattr(scheduler_stats, "spec_decoding_stats", None)
+            if spec is None or spec.num_drafts == 0:
+                return
+            metrics.observe_spec_aggregate(
+                method, spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens,
+                list(spec.num_accepted_tokens_per_pos), list(spec.num_draft_tokens_per_pos))
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SpecDecodeMetricsLogger
