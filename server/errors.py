@@ -64,9 +64,20 @@ def error_json_bytes(status: int, message: str, code: str | None = None) -> byte
     return json.dumps(body).encode()
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
 def _param_of(loc: tuple) -> str | None:
-    # loc is ("body", "messages", 0, "content"): drop the "body" root, join the rest.
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query") else []
+    # loc is ("body", "messages", 0, "content"): drop the "body" root; stop at pydantic's
+    # union member tags ("str", "list[constrained-str]"), which are not request fields.
+    if not loc or loc[0] not in ("body", "query"):
+        return None
+    parts = []
+    for part in loc[1:]:
+        text = str(part)
+        if text in _UNION_TAGS or "[" in text or "-" in text:
+            break
+        parts.append(text)
     return ".".join(parts) or None
 
 
