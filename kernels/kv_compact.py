@@ -30,7 +30,10 @@ def _kv_compact_kernel(
     seq = tl.program_id(0)
     layer = tl.program_id(1).to(tl.int64)
     is_value = tl.program_id(2)
-    base = tl.where(is_value == 1, value_cache_ptr, key_cache_ptr) + layer * stride_layer
+    if is_value == 1:
+        base = value_cache_ptr + layer * stride_layer
+    else:
+        base = key_cache_ptr + layer * stride_layer
     e = tl.arange(0, BLOCK)
     e_ok = e < ROW
     for i in range(max_moves):
