@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -200,23 +201,44 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(num_programs: int, max_seq_len: int, num_sms: int, block_n: int) -> int:
-    """Split the key range only as far as it takes to give every SM about two programs.
+    """Split the key range until there are about four programs per SM.
 
-    Each split costs a partial write and read of the outputs of its rows, so it
-    is never split below ``4 * block_n`` keys a piece.
+    Several programs per SM keep enough loads in flight and shorten the tail of
+    the last wave. Each split costs a partial write and read of the outputs of
+    its rows, so no piece gets fewer than ``4 * block_n`` keys.
     """
-    want = -(-2 * num_sms // max(num_programs, 1))
+    want = -(-4 * num_sms // max(num_programs, 1))
     most = max(1, max_seq_len // (4 * block_n))
     return max(1, min(want, most, 64))
 
 
-def _tile_config(max_query_len: int, group: int, head_dim: int, dtype: torch.dtype):
-    # The rows of a tile are tokens x heads of one kv group; 16 is tl.dot's minimum.
+@dataclass(frozen=True, slots=True)
+class TileConfig:
+    """Launch shape of the attention kernel: ``block_m`` rows (tokens x group heads), ``block_n`` keys."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_tile_config(max_query_len: int, group: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
+    """Launch shape picked from a sweep on an H200 (benchmarks/results/kernels-h200-sweep.json).
+
+    The rows of a tile are tokens x heads of one kv group (16 is tl.dot's
+    minimum); more rows re-read each K/V tile less often, until the fp32
+    accumulator crowds the registers. Decode-like tiles (16 rows) do so little
+    math per key that only wide key tiles keep enough bytes in flight; bigger
+    row tiles prefer 64 keys and a third pipeline stage. 4 warps beat 8 in
+    every swept case.
+    """
     block_m = max(16, min(128 if head_dim <= 64 else 64, triton.next_power_of_2(max_query_len * group)))
     block_m = max(block_m, triton.next_power_of_2(group))
-    block_n = 64 if head_dim > 64 or dtype == torch.float32 else 128
-    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
-    return block_m, block_m // group, block_n, num_warps
+    if dtype == torch.float32:  # twice the bytes per key: keep tiles (and shared memory) small
+        return TileConfig(block_m, 64, num_warps=4, num_stages=2)
+    if block_m <= 16:
+        return TileConfig(block_m, 128, num_warps=4, num_stages=2)
+    return TileConfig(block_m, 64, num_warps=4, num_stages=3)
 
 
 def tree_attention(
@@ -232,6 +254,7 @@ def tree_attention(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    tile: TileConfig | None = None,
 ) -> torch.Tensor:
     """Attention of packed tree queries over paged prefixes plus their own tree.
 
@@ -241,7 +264,8 @@ def tree_attention(
     ``[num_seqs]`` int32 (prefix + query rows, all already in the cache);
     ``tree_mask`` ``[total_q, num_words]`` int32 ancestor-or-self bits, or None for
     causal. ``max_query_len``/``max_seq_len`` are host-side upper bounds that size
-    the grid (static under CUDA graphs). Returns ``[total_q, num_heads, head_dim]``.
+    the grid (static under CUDA graphs); ``tile`` overrides the launch shape
+    (benchmark sweeps). Returns ``[total_q, num_heads, head_dim]``.
     """
     assert query.dim() == 3 and key_cache.dim() == 4 and key_cache.shape == value_cache.shape
     total_q, num_heads, head_dim = query.shape
@@ -266,7 +290,10 @@ def tree_attention(
         return out
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
 
-    block_m, block_q, block_n, num_warps = _tile_config(max_query_len, group, head_dim, query.dtype)
+    tile = tile or default_tile_config(max_query_len, group, head_dim, query.dtype)
+    block_m, block_n = tile.block_m, tile.block_n
+    assert block_m >= group, (block_m, group)
+    block_q = block_m // group
     q_blocks = triton.cdiv(max_query_len, block_q)
     if num_splits is None:
         num_splits = choose_num_splits(
@@ -304,7 +331,7 @@ def tree_attention(
         NUM_SPLITS=num_splits, IS_CAUSAL=tree_mask is None,
         IEEE_DOT=query.dtype == torch.float32 or upcast_bf16,
         UPCAST_BF16=upcast_bf16,
-        num_warps=num_warps, num_stages=2,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(total_q, num_heads)](
@@ -393,7 +420,7 @@ def tree_attention_reference(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch ``tree_attention`` (fp32 math, one sequence at a time)."""
-    total_q, num_heads, head_dim = query.shape
+    num_heads, head_dim = query.shape[1:]
     num_kv_heads = key_cache.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     out = torch.empty_like(query)

@@ -10,29 +10,10 @@ import copy
 import pytest
 import torch
 
-from kernels.transformers_backend import PagedTreeCache, use_paged_attention
+from benchmarks.kernels.paged_runner import PagedReferenceRunner
+from kernels.transformers_backend import PagedTreeCache
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class PagedRunner:
-    """A ``ReferenceRunner`` whose cache and attention come from ``kernels`` (issue 4, req 4)."""
-
-    def __new__(cls, model, tokenizer, backend: str, **kwargs):
-        from proposers.reference.runner import ReferenceRunner
-
-        make_cache = use_paged_attention(model, backend)
-
-        class _Runner(ReferenceRunner):
-            def _cache_for(self, capacity: int):
-                if self.use_cuda_graphs:
-                    if self._graph_cache is None:
-                        self._graph_cache = make_cache(self.config, self.graph_capacity,
-                                                       self.dtype, self.device)
-                    return self._graph_cache
-                return make_cache(self.config, capacity, self.dtype, self.device)
-
-        return _Runner(model, tokenizer, DEVICE, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +38,8 @@ def test_tr_jacobi_on_paged_kernels_equals_sdpa_greedy(tiny_model_and_tokenizer,
 
     model, tok = tiny_model_and_tokenizer
     plain = ReferenceRunner(model, tok, DEVICE, use_cuda_graphs=False)
-    paged = PagedRunner(copy.deepcopy(model), tok, backend, use_cuda_graphs=False)
+    paged = PagedReferenceRunner(copy.deepcopy(model), tok, DEVICE, attn_backend=backend,
+                                 use_cuda_graphs=False)
     prompt = plain.encode("The quick brown fox jumps over the lazy dog. The quick brown")
     ar = plain.generate(prompt, GenerationConfig(method="ar", max_new_tokens=16, ignore_eos=True))
     # The interpreter is slow: one method through the Triton kernels, both through the references.

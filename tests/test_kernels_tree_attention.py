@@ -51,11 +51,11 @@ def build_batch(prefix_lens, trees, num_heads, num_kv_heads, head_dim, dtype, bl
     parents = torch.tensor([p for t in trees for p in t], device=DEVICE)
     mask = tree_mask_from_parents(parents, cu)
     seqs = list(range(len(trees)))
-    return dict(
-        query=query, key_cache=cache.key_cache[0], value_cache=cache.value_cache[0],
-        block_tables=cache.block_tables(seqs), cu_seqlens_q=cu, seq_lens=cache.seq_lens(seqs),
-        tree_mask=mask,
-    ), max(q_lens), max(total)
+    return {
+        "query": query, "key_cache": cache.key_cache[0], "value_cache": cache.value_cache[0],
+        "block_tables": cache.block_tables(seqs), "cu_seqlens_q": cu, "seq_lens": cache.seq_lens(seqs),
+        "tree_mask": mask,
+    }, max(q_lens), max(total)
 
 
 def check(args, max_q, max_len, num_splits=None, causal=False):
