@@ -1,0 +1,170 @@
+"""TR-Jacobi drafts for vLLM: the `custom_class` speculative proposer.
+
+vLLM calls `propose(...)` once per step, after bookkeeping, with each batch row's newly
+accepted tokens and token history, and schedules the returned drafts for the next step.
+The TR-Jacobi runner (`runner.py`) first hands over what `propose` cannot get from vLLM:
+the request ids, each request's draft mode, and the target model's top-K at the previous
+step's draft positions (Jacobi feedback). Drafts come from the shared core: a template
+(`proposers.templates`) compiled to a tree (`proposers.tree`) and filled from the
+candidate table (`proposers.candidates`). The flattened BFS node list is what vLLM sees
+as the "draft tokens"; the tree shape goes to the runner through `plan_for(req_id)`.
+
+Without the runner (plain `CPUWorker`), the proposer still works: stateless prompt-lookup
+chains, verified by vLLM's own rejection sampler.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from proposers.candidates import CandidateTable
+from proposers.templates import chain, load_template
+from proposers.tree import TreeSpec, compile_tree
+from proposers.vllm.config import TRJacobiConfig
+from proposers.vllm.planner import NONE, CostPlanner
+from proposers.vllm.version import check_vllm_version
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DraftPlan:
+    """What was drafted for one request: the (pruned) tree and its node tokens."""
+
+    rung: str  # template name; statistics key
+    tree: TreeSpec
+    tokens: tuple[int, ...]  # nodes 1..n, BFS order (what vLLM schedules as drafts)
+
+    @property
+    def is_chain(self) -> bool:
+        return bool((self.tree.parent[1:] == torch.arange(self.tree.num_nodes)).all())
+
+
+@dataclass
+class BatchFeedback:
+    """Handed over by the runner right before `propose`, rows in input-batch order."""
+
+    req_ids: list[str]
+    modes: list[str]  # per row: tree / chain / retrieval / off
+    topk: dict[str, torch.Tensor] = field(default_factory=dict)  # [m, K] for depths 1..m
+
+
+@dataclass
+class RequestState:
+    feedback: torch.Tensor | None = None
+    plan: DraftPlan | None = None
+
+
+class TRJacobiProposer:
+    def __init__(self, vllm_config):
+        check_vllm_version()
+        self.config = TRJacobiConfig.from_vllm(vllm_config)
+        self.max_drafts = vllm_config.speculative_config.num_speculative_tokens
+        names = {self.config.chain_template, self.config.retrieval_template,
+                 *self.config.templates}
+        self.trees = {n: compile_tree(load_template(n)) for n in names}
+        generator = torch.Generator().manual_seed(self.config.seed)
+        self.tables = {
+            n: CandidateTable(t, generator, self.config.max_ngram, self.config.fill_noise)
+            for n, t in self.trees.items()
+        }
+        too_big = [n for n, t in self.trees.items() if t.num_nodes > self.max_drafts]
+        if too_big:
+            raise ValueError(
+                f"num_speculative_tokens={self.max_drafts} is smaller than template(s) "
+                f"{too_big}; use proposers.vllm.engine_kwargs() to size it"
+            )
+        self.feedback_k = max(t.template.top_k for t in self.trees.values())
+        rungs = [(n, "kernel" if self._is_chain(n) else "tree") for n in self.config.templates]
+        self.planner = CostPlanner(rungs, cost_aware=self.config.cost_aware)
+        self.states: dict[str, RequestState] = {}
+        self._chains: dict[int, TreeSpec] = {}
+        self.batch: BatchFeedback | None = None
+        self.num_proposals = 0
+        self.num_feedback_proposals = 0
+
+    def _is_chain(self, name: str) -> bool:
+        tree = self.trees[name]
+        return bool((tree.parent[1:] == torch.arange(tree.num_nodes)).all())
+
+    def chain_tree(self, length: int) -> TreeSpec:
+        """Chain shape for drafts we did not plan (e.g. vLLM's placeholders on resume)."""
+        if length not in self._chains:
+            self._chains[length] = compile_tree(chain(length))
+        return self._chains[length]
+
+    def load_model(self, model) -> None:
+        """The CPU runner calls this unconditionally; the target model is our drafter."""
+
+    # runner -> proposer
+    def set_target_feedback(self, batch: BatchFeedback) -> None:
+        self.batch = batch
+        for req_id, topk in batch.topk.items():
+            self.states.setdefault(req_id, RequestState()).feedback = topk
+
+    def release(self, req_ids) -> None:
+        """Free per-request state (finished or preempted requests)."""
+        for req_id in req_ids:
+            self.states.pop(req_id, None)
+
+    def plan_for(self, req_id: str) -> DraftPlan | None:
+        state = self.states.get(req_id)
+        return state.plan if state else None
+
+    # vLLM -> proposer
+    def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
+                token_ids_cpu: np.ndarray, **_: object) -> list[list[int]]:
+        batch, self.batch = self.batch, None
+        decoding = sum(1 for s in sampled_token_ids if s)
+        rung = None
+        if batch is not None and "tree" in batch.modes:
+            rung = self.planner.choose(decoding)
+        drafts: list[list[int]] = []
+        for row, sampled in enumerate(sampled_token_ids):
+            if not sampled:
+                drafts.append([])
+                continue
+            context = torch.from_numpy(token_ids_cpu[row, : num_tokens_no_spec[row]]).long()
+            if batch is None:
+                plan = self._draft(self.config.retrieval_template, context, None)
+                drafts.append(list(plan.tokens) if plan else [])
+                continue
+            req_id, mode = batch.req_ids[row], batch.modes[row]
+            state = self.states.setdefault(req_id, RequestState())
+            plan = self._plan(mode, rung, context, state.feedback)
+            state.plan = plan
+            state.feedback = None  # feedback is per step; a stale one would mislead
+            self.num_proposals += 1
+            drafts.append(list(plan.tokens) if plan else [])
+        return drafts
+
+    def _plan(self, mode: str, rung: str | None, context: torch.Tensor,
+              feedback: torch.Tensor | None) -> DraftPlan | None:
+        if mode == "off":
+            return None
+        if feedback is not None and feedback.numel():
+            self.num_feedback_proposals += 1
+        if mode == "tree":
+            return None if rung in (None, NONE) else self._draft(rung, context, feedback)
+        # chain / retrieval: the retrieval chain when the context repeats, else Jacobi.
+        plan = self._draft(self.config.retrieval_template, context, None)
+        if plan is None and mode == "chain":
+            plan = self._draft(self.config.chain_template, context, feedback)
+        return plan
+
+    def _draft(self, name: str, context: torch.Tensor,
+               feedback: torch.Tensor | None) -> DraftPlan | None:
+        table = self.tables[name]
+        table.reset()
+        if feedback is not None and feedback.numel():
+            table.set_feedback(feedback)
+        table.set_retrieval(context)
+        tokens, keep = table.node_tokens(int(context[-1]), context)
+        if tokens.numel() <= 1:
+            return None
+        tree = self.trees[name].subtree(keep)
+        return DraftPlan(name, tree, tuple(tokens[1:].tolist()))

@@ -1,0 +1,281 @@
+"""The TR-Jacobi worker and model runner: every override of vLLM internals lives here.
+
+vLLM 0.32's V1 runner verifies drafts as a chain and never shows a proposer the target's
+logits. `TRJacobiRunner` subclasses the CPU runner and overrides four private methods
+(vllm-integration.md sections 2-3; `tests/test_vllm_plugin.py` fails loudly if their
+signatures move):
+
+- `_update_states`: frees a request's proposer state when it finishes or is preempted.
+- `_prepare_inputs`: for requests whose drafts are a tree, rewrites RoPE positions to
+  prefix + depth and publishes the tree mask to the attention backend. The slot mapping
+  stays sequential: node i's KV lands in slot i of the request's draft region.
+- `_sample`: runs vLLM's sampler (chain rejection sampling for everything else), then for
+  tree requests replaces its result with tree acceptance (longest matching root-to-leaf
+  path + bonus), compacts the accepted path's KV into the slots of depths 1..a (vLLM then
+  rolls back the rest, since it only counts the returned tokens), and keeps the top-K at
+  the nodes below the accepted one as Jacobi feedback.
+- `propose_draft_token_ids`: hands feedback, request ids and modes to the proposer
+  before vLLM calls its `propose`, and feeds measured step costs to the planner.
+
+`TRJacobiWorker` installs the runner (the CPU worker builds its runner inline in
+`init_device`) and the tree-attention backend before the model is built.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from proposers.tree import TreeSpec
+from proposers.verify import accept
+from proposers.vllm.proposer import BatchFeedback, TRJacobiProposer
+from proposers.vllm.tree_attention import (
+    RUNTIME,
+    TreeCPUAttentionImpl,
+    build_tree_step,
+    compact_kv,
+    register_tree_backend,
+)
+from proposers.vllm.version import check_vllm_version
+
+SAMPLING_EPS = 1e-5
+EXTRA_ARGS_KEY = "trjacobi"  # SamplingParams(extra_args={"trjacobi": "off"}) per request
+
+
+@dataclass
+class _DraftedRow:
+    """A request that carries drafts this step."""
+
+    req_idx: int
+    req_id: str
+    query_start: int
+    tree: TreeSpec  # chain-shaped unless the drafts are a tree we planned
+    rung: str | None  # the proposer's template, None for drafts we did not plan
+    is_tree: bool
+
+
+class TRJacobiRunner(CPUModelRunner):
+    def __init__(self, vllm_config, device):
+        check_vllm_version()
+        super().__init__(vllm_config, device)
+        if not isinstance(getattr(self, "drafter", None), TRJacobiProposer):
+            raise TypeError(
+                "TRJacobiWorker needs speculative_config.method='custom_class' with "
+                "model='proposers.vllm.TRJacobiProposer'; use proposers.vllm.engine_kwargs()"
+            )
+        self.trj: TRJacobiProposer = self.drafter
+        self.tree_mode = self.trj.config.mode == "tree"
+        RUNTIME.shadow_enabled = self.tree_mode
+        self._rows: list[_DraftedRow] = []
+        self._feedback: dict[str, torch.Tensor] = {}
+        self._step_start = 0.0
+        self._step_path = "kernel"
+        self.tree_steps = 0
+        self.compactions = 0
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        if not self.tree_mode:
+            return
+        impls = [getattr(layer, "impl", None)
+                 for layer in self.compilation_config.static_forward_context.values()]
+        impls = [i for i in impls if i is not None]
+        wrong = [type(i).__name__ for i in impls if not isinstance(i, TreeCPUAttentionImpl)]
+        if not impls or wrong:
+            raise RuntimeError(
+                "TR-Jacobi tree mode needs the tree-attention CPU backend, but the model's "
+                f"attention layers use {sorted(set(wrong)) or 'nothing'}; the backend must be "
+                "registered before the model is built (MSN_TRJACOBI_TREE_ATTN=1)"
+            )
+        for impl in impls:
+            impl.check_tree_support()
+
+    # -- request lifecycle ---------------------------------------------------------
+    def _update_states(self, scheduler_output):
+        self.trj.release(scheduler_output.finished_req_ids)
+        self.trj.release(scheduler_output.preempted_req_ids or ())
+        return super()._update_states(scheduler_output)
+
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        self._step_start = time.perf_counter()
+        return super().execute_model(scheduler_output, intermediate_tensors)
+
+    def request_mode(self, req_id: str) -> str:
+        """tree for plain greedy requests; sampled or processed ones get chains, which
+        vLLM's rejection sampler verifies losslessly with all its logits processing."""
+        mode = self.trj.config.mode
+        params = self.requests[req_id].sampling_params
+        if params is None:
+            return "off"
+        override = (params.extra_args or {}).get(EXTRA_ARGS_KEY)
+        if override in ("off", "chain", "retrieval", "tree"):
+            mode = override if override != "tree" or self.tree_mode else mode
+        if mode == "tree" and not _plain_greedy(params):
+            mode = "chain"
+        return mode
+
+    # -- step inputs ---------------------------------------------------------------
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        self._rows = []
+        RUNTIME.step = None
+        num_reqs = self.input_batch.num_reqs
+        qsl = self.query_start_loc.np[: num_reqs + 1].tolist()
+        trees: dict[int, torch.Tensor] = {}
+        for req_id, drafts in scheduler_output.scheduled_spec_decode_tokens.items():
+            if not drafts:
+                continue
+            req_idx = self.input_batch.req_id_to_index[req_id]
+            n = len(drafts)
+            plan = self.trj.plan_for(req_id)
+            planned = (
+                plan is not None and num_scheduled_tokens[req_idx] == n + 1
+                and tuple(drafts) == plan.tokens[:n]
+            )
+            if planned:
+                tree = plan.tree if n == plan.tree.num_nodes else plan.tree.subtree(
+                    torch.arange(n + 1))
+            else:
+                tree = self.trj.chain_tree(n)
+            is_tree = planned and not _is_chain(tree)
+            row = _DraftedRow(req_idx, req_id, qsl[req_idx], tree,
+                              plan.rung if planned else None, is_tree)
+            self._rows.append(row)
+            if is_tree:
+                s = row.query_start
+                self.positions[s: s + n + 1] = self.positions[s] + tree.depth
+                trees[req_idx] = tree.ancestors
+        if trees:
+            if len(self.input_batch.block_table.block_tables) != 1:
+                raise NotImplementedError("TR-Jacobi trees support one KV cache group")
+            table = self.input_batch.block_table[0]
+            step = build_tree_step(
+                qsl, self.input_batch.num_computed_tokens_cpu[:num_reqs].tolist(),
+                table.block_table.cpu[:num_reqs], table.block_size, trees,
+            )
+            # Our key gather must agree with vLLM's own slot mapping for the new tokens.
+            slots = table.slot_mapping.cpu[: qsl[-1]].long()
+            got = step.key_slots.gather(
+                1, (torch.tensor(self.input_batch.num_computed_tokens_cpu[:num_reqs],
+                                 dtype=torch.long)[:, None]
+                    + step.query_index - torch.tensor(qsl[:-1])[:, None]).clamp(min=0)
+            )
+            if not torch.equal(got[step.query_valid], slots[step.query_index[step.query_valid]]):
+                raise RuntimeError("TR-Jacobi tree step: key slots disagree with vLLM's slot "
+                                   "mapping (block table layout changed?)")
+            RUNTIME.step = step
+            self.tree_steps += 1
+        self._step_path = "tree" if trees else "kernel"
+        return out
+
+    # -- verification --------------------------------------------------------------
+    def _sample(self, logits, spec_decode_metadata):
+        rows, self._rows = self._rows, []
+        feedback: dict[str, torch.Tensor] = {}
+        plans = {}
+        if spec_decode_metadata is not None and rows:
+            num_sampled = np.asarray(spec_decode_metadata.num_draft_tokens) + 1
+            offsets = np.concatenate([[0], np.cumsum(num_sampled)])
+            # Before vLLM's sampler runs: it may process logits in place.
+            for row in rows:
+                lo = int(offsets[row.req_idx])
+                block = logits[lo: lo + row.tree.num_nodes + 1]
+                plans[row.req_id] = (block.argmax(-1), block.topk(self.trj.feedback_k, -1).indices)
+        output = super()._sample(logits, spec_decode_metadata)
+        step = RUNTIME.step
+        RUNTIME.step = None
+        if not plans:
+            self._feedback = feedback
+            return output
+        sampled = output.sampled_token_ids
+        src_rows: list[int] = []
+        dst_rows: list[int] = []
+        for row in rows:
+            target, topk = plans[row.req_id]
+            n = row.tree.num_nodes
+            if row.is_tree:
+                drafts = self.input_ids.cpu[row.query_start: row.query_start + n + 1].long()
+                result = accept(row.tree, drafts, target)
+                node, num_accepted = result.node, result.num_accepted
+                sampled[row.req_idx].fill_(-1)
+                sampled[row.req_idx, : num_accepted + 1] = torch.tensor(result.tokens,
+                                                                      dtype=sampled.dtype)
+                for depth, idx in enumerate(result.path, start=1):
+                    if idx != depth:
+                        src_rows.append(row.query_start + idx)
+                        dst_rows.append(row.query_start + depth)
+            else:
+                num_accepted = int((sampled[row.req_idx] != -1).sum()) - 1
+                node = max(num_accepted, 0)
+            chain = row.tree.feedback_chain(node)
+            feedback[row.req_id] = topk[chain] if chain else topk[:0]
+            if row.rung is not None:
+                self.trj.planner.record_request(row.rung, n, max(num_accepted, 0))
+        if src_rows:
+            assert step is not None
+            slot_mapping = self.input_batch.block_table[0].slot_mapping.cpu
+            dst_slots = slot_mapping[torch.tensor(dst_rows)]
+            compact_kv(step, torch.tensor(src_rows), dst_slots)
+            self.compactions += 1
+        self._feedback = feedback
+        return output
+
+    # -- drafting ------------------------------------------------------------------
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+        seconds = time.perf_counter() - self._step_start
+        self.trj.planner.record_step(self._step_path,
+                                     scheduler_output.total_num_scheduled_tokens, seconds)
+        req_ids = list(self.input_batch.req_ids)
+        modes = [self.request_mode(r) for r in req_ids]
+        self.trj.set_target_feedback(BatchFeedback(req_ids, modes, self._feedback))
+        self._feedback = {}
+        return super().propose_draft_token_ids(scheduler_output, sampled_token_ids,
+                                               *args, **kwargs)
+
+    def trjacobi_stats(self) -> dict:
+        return {
+            "tree_steps": self.tree_steps,
+            "compactions": self.compactions,
+            "proposals": self.trj.num_proposals,
+            "feedback_proposals": self.trj.num_feedback_proposals,
+            "rungs": dict(self.trj.planner.history),
+        }
+
+
+def _is_chain(tree: TreeSpec) -> bool:
+    return bool((tree.parent[1:] == torch.arange(tree.num_nodes)).all())
+
+
+def _plain_greedy(params) -> bool:
+    """Greedy with nothing that changes the argmax of raw logits (tree acceptance uses it)."""
+    return (
+        params.temperature < SAMPLING_EPS
+        and params.repetition_penalty == 1.0
+        and params.presence_penalty == 0.0
+        and params.frequency_penalty == 0.0
+        and not params.logit_bias
+        and not params.allowed_token_ids
+        and not params.bad_words
+        and params.min_tokens == 0
+        and params.logprobs is None
+        and params.structured_outputs is None
+    )
+
+
+class TRJacobiWorker(CPUWorker):
+    def init_device(self):
+        check_vllm_version()
+        from proposers.vllm.config import TRJacobiConfig
+
+        if TRJacobiConfig.from_vllm(self.vllm_config).mode == "tree":
+            register_tree_backend()  # before the model (and its attention) is built
+        super().init_device()
+        self.model_runner = TRJacobiRunner(self.vllm_config, torch.device("cpu"))
+
+    def trjacobi_stats(self) -> dict:
+        return self.model_runner.trjacobi_stats()

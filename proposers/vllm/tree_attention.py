@@ -1,0 +1,183 @@
+"""CPU attention with a tree mask, as an override of vLLM's `CPU_ATTN` backend.
+
+vLLM's CPU kernel (`ops.cpu_attention_with_kv_cache`) knows only causal masks and keeps
+K/V in an ISA-specific packed layout (vllm-integration.md section 5), so tree steps cannot
+use it. Every step that has no tree goes to the stock kernel unchanged (plain decode and
+chain drafts cost what they cost in plain vLLM). While a TR-Jacobi runner is active, each
+layer also mirrors its K/V into a plain shadow cache (`[slots, 2, kv_heads, head]`, same
+slot numbering), and tree steps run PyTorch SDPA over that shadow with the mask the
+runner built: the prefix, plus ancestor-or-self inside a request's tree, plus causal for
+non-tree rows. KV compaction goes through `do_kv_cache_update`, so it rewrites both the
+packed cache (in the kernel's own layout) and the shadow.
+
+The per-step tree description travels runner -> backend through `TreeStep`, a module
+global of the worker process, because `CommonAttentionMetadata` has no slot for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+)
+
+BACKEND_PATH = "proposers.vllm.tree_attention.TreeCPUAttentionBackend"
+
+
+@dataclass
+class TreeStep:
+    """One tree step's attention layout, shared by all layers.
+
+    Requests are padded to `[R, Q]` queries and `[R, L]` keys. `query_index[r, q]` is the
+    flat token row of query q of request r (padding repeats a valid row; its output is
+    dropped). `key_slots[r, l]` is the cache slot of request r's position l. `mask[r, q,
+    l]` says whether that query attends to that key.
+    """
+
+    query_index: torch.Tensor  # [R, Q] long
+    query_valid: torch.Tensor  # [R, Q] bool
+    key_slots: torch.Tensor  # [R, L] long
+    mask: torch.Tensor  # [R, Q, L] bool
+    stash: list | None = field(default_factory=list)  # (impl, layer, key, value, kv_cache)
+
+
+class _Runtime:
+    shadow_enabled = False  # set by the TR-Jacobi runner; off = exactly the stock backend
+    step: TreeStep | None = None
+
+
+RUNTIME = _Runtime()
+
+
+def register_tree_backend() -> None:
+    """Point `CPU_ATTN` at our subclass (idempotent; before any model is built)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if AttentionBackendEnum.CPU_ATTN.get_path() != BACKEND_PATH:
+        register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+
+
+def tree_backend_registered() -> bool:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum.CPU_ATTN.get_path() == BACKEND_PATH
+
+
+class TreeCPUAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_impl_cls() -> type[TreeCPUAttentionImpl]:
+        return TreeCPUAttentionImpl
+
+
+class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
+    _shadow: torch.Tensor | None = None
+
+    def _decoder(self) -> bool:
+        return self.attn_type == AttentionType.DECODER
+
+    def shadow_of(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        num_blocks, num_kv_heads, block_size, two_head = kv_cache.shape
+        shape = (num_blocks * block_size, 2, num_kv_heads, two_head // 2)
+        if self._shadow is None or self._shadow.shape != shape:
+            self._shadow = torch.zeros(shape, dtype=kv_cache.dtype)
+        return self._shadow
+
+    def check_tree_support(self) -> None:
+        unsupported = {
+            "sliding window": self.sliding_window != -1,
+            "ALiBi": self.alibi_slopes is not None,
+            "logits soft-cap": bool(self.logits_soft_cap),
+            "attention sinks": self.sinks is not None,
+            "quantized KV cache": self.is_fp8_kv_cache,
+        }
+        bad = [name for name, on in unsupported.items() if on]
+        if bad and self._decoder():
+            raise NotImplementedError(
+                f"TR-Jacobi tree attention on CPU does not support {', '.join(bad)}"
+            )
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if not (RUNTIME.shadow_enabled and self._decoder()):
+            return
+        n = slot_mapping.shape[0]
+        shadow = self.shadow_of(kv_cache)
+        shadow[slot_mapping[:n].long(), 0] = key[:n]
+        shadow[slot_mapping[:n].long(), 1] = value[:n]
+        step = RUNTIME.step
+        if step is not None and step.stash is not None:
+            step.stash.append((self, layer, key[:n], value[:n], kv_cache))
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        step = RUNTIME.step
+        if step is None or attn_metadata is None or not self._decoder():
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata,
+                                   output, output_scale, output_block_scale)
+        kv = self.shadow_of(kv_cache)[step.key_slots]  # [R, L, 2, Hkv, D]
+        k = kv[:, :, 0].transpose(1, 2)
+        v = kv[:, :, 1].transpose(1, 2)
+        q = query[step.query_index].transpose(1, 2)  # [R, H, Q, D]
+        out = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=step.mask.unsqueeze(1),
+            scale=self.scale, enable_gqa=True,
+        )
+        out = out.transpose(1, 2)[step.query_valid]  # [T, H, D]
+        output[step.query_index[step.query_valid]] = out.to(output.dtype)
+        return output
+
+
+def build_tree_step(
+    query_start_loc: list[int],
+    num_computed: list[int],
+    block_rows: torch.Tensor,
+    block_size: int,
+    trees: dict[int, torch.Tensor],
+) -> TreeStep:
+    """The padded layout of one step.
+
+    `block_rows[r]` is request r's block table row; `trees[r]` the `[n+1, n+1]`
+    ancestor-or-self matrix of request r's query (root + n nodes), for tree requests only.
+    Other requests attend causally.
+    """
+    num_reqs = len(num_computed)
+    q_lens = [query_start_loc[r + 1] - query_start_loc[r] for r in range(num_reqs)]
+    seq_lens = [num_computed[r] + q_lens[r] for r in range(num_reqs)]
+    q_max, l_max = max(q_lens), max(seq_lens)
+    query_index = torch.zeros(num_reqs, q_max, dtype=torch.long)
+    query_valid = torch.zeros(num_reqs, q_max, dtype=torch.bool)
+    key_slots = torch.zeros(num_reqs, l_max, dtype=torch.long)
+    mask = torch.zeros(num_reqs, q_max, l_max, dtype=torch.bool)
+    pos = torch.arange(l_max)
+    for r in range(num_reqs):
+        ql, nc, sl = q_lens[r], num_computed[r], seq_lens[r]
+        start = query_start_loc[r]
+        query_index[r, :ql] = torch.arange(start, start + ql)
+        query_index[r, ql:] = start
+        query_valid[r, :ql] = True
+        p = pos[:sl]
+        key_slots[r, :sl] = block_rows[r, p // block_size].long() * block_size + p % block_size
+        mask[r, :, :nc] = True
+        inner = trees.get(r)
+        if inner is None:
+            inner = torch.ones(ql, ql, dtype=torch.bool).tril()
+        mask[r, :ql, nc:sl] = inner
+        mask[r, ql:, 0] = True  # padding rows: any key, so SDPA stays finite
+    return TreeStep(query_index, query_valid, key_slots, mask)
+
+
+def compact_kv(step: TreeStep, src_rows: torch.Tensor, dst_slots: torch.Tensor) -> None:
+    """Rewrite the KV of flat token rows `src_rows` into `dst_slots`, in every layer.
+
+    Sources are the K/V each layer computed this step (already RoPE'd at the node's depth
+    position, which equals the destination position), written through the layer's own
+    `do_kv_cache_update`, i.e. the kernel's layout plus the shadow.
+    """
+    stash, step.stash = step.stash, None  # the rewrite itself must not be stashed
+    for impl, layer, key, value, kv_cache in stash or ():
+        impl.do_kv_cache_update(layer, key[src_rows], value[src_rows], kv_cache, dst_slots)
