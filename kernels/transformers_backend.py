@@ -141,7 +141,8 @@ class PagedTreeCache:
         q = self.slots.numel()
         slots = self.slots.to(self.device).long()
         seq_lens = (slots[-1:] + 1).to(torch.int32)
-        cu = torch.tensor([0, q], dtype=torch.int32, device=self.device)
+        # Built on the device: this runs inside CUDA-graph capture, where host copies are illegal.
+        cu = torch.arange(2, dtype=torch.int32, device=self.device) * q
         max_seq_len = self.kv_len if self.kv_len is not None else self.capacity
         if attention_mask is None:
             return _StepMeta(cu, seq_lens, None, q, max_seq_len, prefill=False)

@@ -70,3 +70,54 @@ def test_cache_packs_the_runner_mask_into_the_tree_bitmask():
     table = cache.block_table[0].long().cpu()
     pos = torch.tensor([0, 5, 13])
     assert cache.physical_slots(pos).cpu().tolist() == (table[pos // 4] * 4 + pos % 4).tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_paged_attention_step_replays_in_a_cuda_graph():
+    """The runner captures whole steps: the backend must do no host work that a replay skips."""
+    from types import SimpleNamespace
+
+    from kernels.transformers_backend import paged_tree_attention_forward
+
+    dev, dtype, q, capacity = torch.device("cuda"), torch.bfloat16, 5, 256
+    cache = PagedTreeCache(1, 2, 64, capacity=capacity, dtype=dtype, device=dev)
+    cache.paged.key_cache.normal_()
+    cache.paged.value_cache.normal_()
+    ancestors = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0],
+                              [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]], dtype=torch.bool, device=dev)
+    slots = torch.zeros(q, dtype=torch.long, device=dev)
+    mask = torch.zeros(q, capacity, dtype=torch.bool, device=dev)
+    query = torch.empty(1, 6, q, 64, dtype=dtype, device=dev)
+    key = torch.empty(1, 2, q, 64, dtype=dtype, device=dev)
+    value = torch.empty(1, 2, q, 64, dtype=dtype, device=dev)
+    module = SimpleNamespace(layer_idx=0)
+
+    def set_inputs(prefix: int) -> None:
+        slots.copy_(prefix + torch.arange(q, device=dev))
+        col = torch.arange(capacity, device=dev)
+        rel = (col - prefix).clamp(0, q - 1)
+        mask.copy_((col < prefix) | (ancestors[:, rel] & (col >= prefix) & (col < prefix + q)))
+        for t in (query, key, value):
+            t.normal_()
+
+    def step() -> torch.Tensor:
+        cache.update(key, value, 0)
+        return paged_tree_attention_forward(module, query, key, value, mask[None, None],
+                                            scaling=0.125)[0]
+
+    cache.kv_len, cache.slots = None, slots
+    set_inputs(37)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for prefix in (3, 100, 200):
+        set_inputs(prefix)
+        graph.replay()
+        replayed = out.clone()
+        torch.testing.assert_close(replayed, step(), atol=0, rtol=0)

@@ -284,6 +284,28 @@ def sweep(args, device) -> list[dict]:
     return rows
 
 
+def add_read_ceiling(rows: list[dict]) -> None:
+    """The fastest K/V read rate any method reached in this run, as a second ceiling.
+
+    A copy both reads and writes, and on the H200 here it moves fewer bytes per
+    second (2.8 TB/s, read + written) than an attention kernel that only reads
+    (SDPA on contiguous K/V reached 4.5 TB/s), so ``pct_of_bound`` can pass 100%.
+    Only cases whose rotated inputs are several times the L2 count.
+    """
+    rates = [
+        r["bytes_read_written"] / (r[m] * 1e-6) / 1e9
+        for r in rows if r["copies"] * r["bytes_read_written"] >= 4 * L2_BYTES
+        for m in ("ours", "sdpa", "flex") if r.get(m)
+    ]
+    ceiling = max(rates) if rates else float("nan")
+    for r in rows:
+        r["read_ceiling_gbps"] = ceiling
+        r["pct_of_read_ceiling"] = 100.0 * r["achieved_gbps"] / ceiling
+        compute_us = r["compute_bound_us"]
+        r["read_roofline_us"] = max(r["bytes_read_written"] / (ceiling * 1e9) * 1e6, compute_us)
+        r["pct_of_read_roofline"] = 100.0 * r["read_roofline_us"] / r["ours"]
+
+
 def _us(v: float | None) -> str:
     return f"{v:9.1f}" if v else f"{'-':>9}"
 
@@ -305,13 +327,13 @@ def plot(rows: list[dict], path: Path) -> None:
         ax = axes[0][col]
         for b in sorted({r["batch"] for r in mine}):
             for t in sorted({r["tree_size"] for r in mine}):
-                pts = sorted((r["prefix_len"], r["pct_of_bound"]) for r in mine
+                pts = sorted((r["prefix_len"], r["pct_of_read_ceiling"]) for r in mine
                              if r["batch"] == b and r["tree_size"] == t)
                 ax.plot(*zip(*pts), marker="o", label=f"batch {b}, tree {t}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prefix length")
-        ax.set_ylabel("% of copy-bandwidth bound")
-        ax.set_title(f"{model}: our kernel vs the bandwidth bound")
+        ax.set_ylabel("% of read ceiling (fastest K/V read in the run)")
+        ax.set_title(f"{model}: our kernel's K/V read rate")
         ax.axhline(80, color="grey", ls="--", lw=0.8)
         ax.legend(fontsize=7)
         ax = axes[1][col]
@@ -343,7 +365,12 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop starting new cases after this")
     ap.add_argument("--bf16-tflops", type=float, default=790.0,
                     help="dense bf16 matmul rate measured on this H200 (KINDS.md), for compute_bound_us")
+    ap.add_argument("--recompute", type=Path,
+                    help="only recompute derived fields and the plot of an existing result JSON")
     args = ap.parse_args()
+    if args.recompute:
+        finish(json.loads(args.recompute.read_text()), args.recompute)
+        return
     t_start = time.time()
     device = torch.device("cuda")
     args.copy_gbps = copy_bandwidth_gbps(device)
@@ -386,16 +413,23 @@ def main() -> None:
     for r in rows:
         r["copy_bandwidth_gbps"] = max(args.copy_gbps, end_gbps)
         add_bounds(r, r["copy_bandwidth_gbps"], args.bf16_tflops)
-    args.out.write_text(json.dumps(rows, indent=1))
+    finish(rows, args.out)
+    print(f"done in {time.time() - t_start:.0f}s; wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def finish(rows: list[dict], out: Path) -> None:
+    add_read_ceiling(rows)
+    out.write_text(json.dumps(rows, indent=1))
+    print(f"read ceiling (fastest K/V read of any method) {rows[0]['read_ceiling_gbps']:.0f} GB/s")
     for r in rows:
         print(f"{r['model']:<13}{r['batch']:>3}{r['prefix_len']:>7}{r['tree_size']:>4} "
-              f"{r['achieved_gbps']:7.0f} GB/s {r['pct_of_bound']:6.1f}% of bandwidth bound, "
-              f"{r['pct_of_roofline']:6.1f}% of roofline", flush=True)
-    plot(rows, args.out.with_suffix(".png"))
+              f"{r['achieved_gbps']:7.0f} GB/s {r['pct_of_bound']:6.1f}% of copy bound "
+              f"{r['pct_of_read_ceiling']:6.1f}% of read ceiling "
+              f"{r['pct_of_read_roofline']:6.1f}% of read/compute roofline", flush=True)
+    plot(rows, out.with_suffix(".png"))
     errs = {k: r[k] for r in rows for k in ("sdpa_error", "flex_error") if k in r}
     if errs:
         print("peer errors:", errs)
-    print(f"done in {time.time() - t_start:.0f}s; wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
