@@ -1,0 +1,1 @@
+"""HTTP load generator for the OpenAI-compatible server (loopback only)."""

