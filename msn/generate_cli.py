@@ -21,6 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--template", default=None,
                    help="tree template name or JSON path (default per method)")
+    p.add_argument("--attn-backend", default="sdpa", choices=("sdpa", "paged-triton", "paged-torch"),
+                   help="attention: transformers SDPA over a static cache, or our paged "
+                        "cache with the Triton tree kernel (or its PyTorch reference)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -52,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
             method=args.method, max_new_tokens=args.max_new_tokens, template=args.template,
             stop=args.stop, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         )
-        runner = ReferenceRunner.load(path, device=args.device, dtype=args.dtype)
+        runner = ReferenceRunner.load(path, device=args.device, dtype=args.dtype,
+                                      attn_backend=args.attn_backend)
         runner.tree_for(cfg)  # validate the template before any decoding
         ids = runner.encode(args.prompt) if args.raw else runner.encode_chat(args.prompt)
         result = runner.generate(ids, cfg)

