@@ -124,3 +124,10 @@ def test_collator_is_reproducible_per_seed(tokenizer):
     a = MSNCollator(pad_token_id=2, seed=1)(features)["input_ids"]
     b = MSNCollator(pad_token_id=2, seed=1)(features)["input_ids"]
     assert torch.equal(a, b)
+
+
+def test_open_ended_last_turn_has_no_end_marker(tokenizer):
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "cut off"}]
+    enc = encode_chat(tokenizer, messages, open_ended=True)
+    assert decoded_responses(tokenizer, enc) == ["cut off"]
+    assert enc.input_ids[-1] != tokenizer.convert_tokens_to_ids("<|im_end|>")

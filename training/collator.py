@@ -32,11 +32,14 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
                                          add_generation_prompt=generation_prompt)
 
 
-def response_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def response_char_spans(tokenizer, messages: list[dict], open_ended: bool = False
+                        ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of each assistant turn in it.
 
     A turn's span is what rendering it adds after the generation prompt, so it covers
-    the content and the end-of-turn marker but not the role header.
+    the content and the end-of-turn marker but not the role header. With `open_ended`
+    the text stops right after the last assistant turn's content: for an answer cut at
+    the token limit, training on the end marker would teach the model to stop mid-thought.
     """
     text = _render(tokenizer, messages, generation_prompt=False)
     spans = []
@@ -51,12 +54,19 @@ def response_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tupl
             raise ValueError("chat template is not prefix-stable; cannot locate assistant turns")
         if len(through) > len(before):
             spans.append((len(before), len(through)))
+    if open_ended and spans and messages[-1].get("role") == "assistant":
+        start = text.find(messages[-1]["content"], spans[-1][0])
+        if start < 0:
+            raise ValueError("cannot find the last assistant turn's content in the template")
+        end = start + len(messages[-1]["content"])
+        text, spans[-1] = text[:end], (spans[-1][0], end)
     return text, spans
 
 
-def encode_chat(tokenizer, messages: list[dict], max_length: int | None = None) -> EncodedChat:
+def encode_chat(tokenizer, messages: list[dict], max_length: int | None = None,
+                open_ended: bool = False) -> EncodedChat:
     """Tokenise a conversation with the chat template; mark assistant-turn tokens."""
-    text, spans = response_char_spans(tokenizer, messages)
+    text, spans = response_char_spans(tokenizer, messages, open_ended)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     mask = []

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Issue 3, GPU part 2 (after h200_train.sh on the same machine): MAT / speedup of
+# ar, jacobi and tr-jacobi with the reference runner for (a) base, (b) SFT (L = 0),
+# (c) the MSN model as shipped (base + the extracted artifact, merged); held-out quality
+# of (b) and (c); then the L ablation on fewer questions.
+set -euo pipefail
+W=${W:-/tmp/msn/t3}
+OUT=${OUT:-$W/out}
+DEVICES=(${DEVICES:-0 1})
+DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-bfloat16}
+PER_GROUP=${PER_GROUP:-10}; ABL_PER_GROUP=${ABL_PER_GROUP:-5}; NEW=${NEW:-128}
+PY=${PY:-python3}
+mkdir -p "$OUT/bench"
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+BASE=${BASE:-$($PY -c "from msn.models import resolve_model; print(resolve_model('base'))")}
+MERGE_DTYPE=float32
+$PY -c "
+from pathlib import Path
+from training.artifact import merge_artifact
+merge_artifact(Path('$BASE'), Path('$W/artifact'), Path('$W/msn'), '$MERGE_DTYPE')"
+stamp "merged artifact"
+
+bench() {  # name model per_group
+  $PY -m benchmarks.reference.bench_methods --model "$2" --device "$DEVICE" --dtype "$DTYPE" \
+    --methods ar,jacobi,tr-jacobi --per-group "$3" --max-new-tokens "$NEW" --name "$1" \
+    --out-dir "$OUT/bench" --no-plot > "$W/bench_$1.log" 2>&1 || true
+  stamp "bench $1: $(grep -h overall "$W/bench_$1.log" || echo failed)"
+}
+# Main-table models run alone on their GPU (speedups are timings); ablation runs after.
+( export CUDA_VISIBLE_DEVICES=${DEVICES[0]}
+  bench base "$BASE" "$PER_GROUP"; bench msn "$W/msn" "$PER_GROUP"
+  bench L8 "$W/L8" "$ABL_PER_GROUP" ) &
+g0=$!
+( export CUDA_VISIBLE_DEVICES=${DEVICES[$(( ${#DEVICES[@]} - 1 ))]}
+  bench sft "$W/L0" "$PER_GROUP"
+  $PY -m training.quality --data "$W/data.jsonl" --model base="$BASE" --model sft="$W/L0" \
+    --model msn="$W/msn" --reference base --device "$DEVICE" --out "$OUT/quality.json" \
+    > "$W/quality.log" 2>&1 || tail -20 "$W/quality.log"
+  stamp "quality: $(cat "$W/quality.log" | grep -E '^(base|sft|msn) ' | tr '\n' ' ')"
+  bench L3 "$W/L3" "$ABL_PER_GROUP"; bench L5full "$W/L5" "$ABL_PER_GROUP" ) &
+g1=$!
+wait $g0 $g1 || true
+cat "$W"/bench_*.log "$W/quality.log" > "$OUT/eval.log" 2>/dev/null || true
+ls -la "$OUT" "$OUT/bench"
+stamp "done"
