@@ -49,6 +49,8 @@ def _add_train(subparsers) -> None:
     g.add_argument("--logging-steps", type=int, default=10)
     g.add_argument("--save-steps", type=int, default=500)
     g.add_argument("--limit", type=int, default=None, help="use the first N examples only")
+    g.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
+                   help="stop (and save) at the first step past this wall-clock time")
     p.set_defaults(func=run_train)
 
 
@@ -162,7 +164,7 @@ def run_train(args) -> int:
             seed=args.seed, bf16=False if args.fp32 else None,
             gradient_checkpointing=args.gradient_checkpointing, resume=args.resume,
             logging_steps=args.logging_steps, save_steps=args.save_steps,
-            limit_examples=args.limit)
+            limit_examples=args.limit, max_time_s=args.max_time)
         train(config)
     except ValueError as exc:
         raise UsageError(str(exc)) from None

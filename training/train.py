@@ -52,6 +52,9 @@ class TrainConfig:
     logging_steps: int = 10
     save_steps: int = 500
     limit_examples: int | None = None
+    # Wall-clock cap: training stops (and saves) at the first step past it, so a run on a
+    # leased machine ends with a usable model instead of being killed mid-way.
+    max_time_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("full", "lora", "linear"):
@@ -142,6 +145,20 @@ def _loss_logger(path: Path):
     return LossLog()
 
 
+def _time_limit(seconds: float):
+    from transformers import TrainerCallback
+
+    class TimeLimit(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.perf_counter() - self.start > seconds:
+                control.should_training_stop = True
+
+    return TimeLimit()
+
+
 def build_model(config: TrainConfig, use_cuda: bool):
     import torch
     from transformers import AutoModelForCausalLM
@@ -227,8 +244,11 @@ def train(config: TrainConfig, log=print) -> TrainResult:
         report_to=[],
         dataloader_num_workers=0,  # the noise generator lives in this process
     )
+    callbacks = [_loss_logger(out / LOSS_LOG)]
+    if config.max_time_s:
+        callbacks.append(_time_limit(config.max_time_s))
     trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(items),
-                      data_collator=collator, callbacks=[_loss_logger(out / LOSS_LOG)])
+                      data_collator=collator, callbacks=callbacks)
     if use_cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -244,6 +264,9 @@ def train(config: TrainConfig, log=print) -> TrainResult:
     trainer.save_model(str(out))  # full: HF checkpoint; LoRA: adapter_config + weights
     tokenizer.save_pretrained(str(out))
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    if trainer.state.global_step < trainer.state.max_steps:
+        log(f"stopped by the time limit at step {trainer.state.global_step} of "
+            f"{trainer.state.max_steps}")
     result = TrainResult(out, trainer.state.global_step, float(output.training_loss),
                          losses, runtime, len(items), tokens, peak)
     meta = {"config": {**asdict(config), "data": str(config.data),

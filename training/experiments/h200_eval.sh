@@ -21,8 +21,12 @@ from training.artifact import merge_artifact
 merge_artifact(Path('$BASE'), Path('$W/artifact'), Path('$W/msn'), '$MERGE_DTYPE')"
 stamp "merged artifact"
 
+# Every step gets what is left of DEADLINE (s), so the results so far still come back.
+DEADLINE=${DEADLINE:-540}
+left() { echo $(( DEADLINE - 15 - ($(date +%s) - T0) )); }
 bench() {  # name model per_group
-  $PY -m benchmarks.reference.bench_methods --model "$2" --device "$DEVICE" --dtype "$DTYPE" \
+  [ "$(left)" -gt 20 ] || { stamp "bench $1 skipped: out of time"; return; }
+  timeout "$(left)" $PY -m benchmarks.reference.bench_methods --model "$2" --device "$DEVICE" --dtype "$DTYPE" \
     --methods ar,jacobi,tr-jacobi --per-group "$3" --max-new-tokens "$NEW" --name "$1" \
     --out-dir "$OUT/bench" --no-plot > "$W/bench_$1.log" 2>&1 || true
   stamp "bench $1: $(grep -h overall "$W/bench_$1.log" || echo failed)"
@@ -34,7 +38,7 @@ bench() {  # name model per_group
 g0=$!
 ( export CUDA_VISIBLE_DEVICES=${DEVICES[$(( ${#DEVICES[@]} - 1 ))]}
   bench sft "$W/L0" "$PER_GROUP"
-  $PY -m training.quality --data "$W/data.jsonl" --model base="$BASE" --model sft="$W/L0" \
+  timeout "$(left)" $PY -m training.quality --data "$W/data.jsonl" --model base="$BASE" --model sft="$W/L0" \
     --model msn="$W/msn" --reference base --device "$DEVICE" --out "$OUT/quality.json" \
     > "$W/quality.log" 2>&1 || tail -20 "$W/quality.log"
   stamp "quality: $(cat "$W/quality.log" | grep -E '^(base|sft|msn) ' | tr '\n' ' ')"
@@ -42,5 +46,6 @@ g0=$!
 g1=$!
 wait $g0 $g1 || true
 cat "$W"/bench_*.log "$W/quality.log" > "$OUT/eval.log" 2>/dev/null || true
-ls -la "$OUT" "$OUT/bench"
+tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -r "$OUT/bench"  # at most 8 files come back
+ls -la "$OUT"
 stamp "done"

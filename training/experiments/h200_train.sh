@@ -12,7 +12,7 @@ DEVICES=(${DEVICES:-0 1})
 N=${#DEVICES[@]}
 MAGPIE=${MAGPIE:-6000}; TASKS=${TASKS:-8500}; GEN_BATCH=${GEN_BATCH:-1024}
 NEW_TOKENS=${NEW_TOKENS:-192}; EPOCHS=${EPOCHS:-2}; TRAIN_BATCH=${TRAIN_BATCH:-64}
-MAX_LEN=${MAX_LEN:-576}; LR=${LR:-2e-4}; SPANS=${SPANS:-4}; RANK=${RANK:-24}
+MAX_LEN=${MAX_LEN:-576}; LR=${LR:-2e-4}; SPANS=${SPANS:-4}; RANK=${RANK:-32}
 EXTRA_BUILD=${EXTRA_BUILD:-}; EXTRA_TRAIN=${EXTRA_TRAIN:-}
 PY=${PY:-python3}
 T0=$(date +%s)
@@ -37,6 +37,10 @@ $PY -m msn.cli data merge "$W"/shard*.jsonl --output "$W/data.jsonl"
 stamp "data built"
 
 # L = 0 is plain SFT on the same data, the baseline (b); L = 5 is the MSN model (c).
+# Training gets what is left of DEADLINE (s) after a reserve for extraction and copying.
+DEADLINE=${DEADLINE:-540}
+TRAIN_TIME=$(( DEADLINE - 45 - ($(date +%s) - T0) ))
+stamp "training for at most ${TRAIN_TIME}s"
 pids=()
 k=0
 for L in 0 5 3 8; do
@@ -44,20 +48,22 @@ for L in 0 5 3 8; do
   CUDA_VISIBLE_DEVICES=$dev $PY -m msn.cli train --data "$W/data.jsonl" --model "$BASE" \
     --method linear --span-length "$L" --num-spans "$SPANS" --epochs "$EPOCHS" --lr "$LR" \
     --batch-size "$TRAIN_BATCH" --max-length "$MAX_LEN" --save-steps 100000 \
-    --logging-steps 20 --seed 0 --output "$W/L$L" $EXTRA_TRAIN > "$W/train_L$L.log" 2>&1 &
+    --logging-steps 20 --seed 0 --max-time "$TRAIN_TIME" --output "$W/L$L" $EXTRA_TRAIN > "$W/train_L$L.log" 2>&1 &
   pids+=($!)
   k=$((k + 1))
 done
 for p in "${pids[@]}"; do wait "$p" || { tail -n 40 "$W"/train_L*.log; exit 1; }; done
 stamp "trained"
-for L in 0 3 5 8; do grep -h "saved" "$W/train_L$L.log"; done
+for L in 0 3 5 8; do grep -h -E "saved|stopped|examples," "$W/train_L$L.log"; done
 
 $PY -m msn.cli artifact extract --base "$BASE" --tuned "$W/L5" --output "$W/artifact" \
   --rank "$RANK"
 stamp "artifact extracted"
 
+# At most 8 files of 16 MiB come back from the device: the adapter travels in parts.
 mkdir -p "$OUT/artifact" "$OUT/logs"
-cp "$W/artifact"/* "$OUT/artifact/"
+cp "$W/artifact/adapter_config.json" "$W/artifact/msn-extract.json" "$OUT/artifact/"
+split -b 15000000 -d "$W/artifact/adapter_model.safetensors" "$OUT/artifact/adapter.part"
 gzip -c "$W/data.jsonl" > "$OUT/data.jsonl.gz"
 tar czf "$OUT/logs/train.tgz" -C "$W" $(cd "$W" && ls build*.log train_L*.log) \
   $(cd "$W" && ls L*/msn-train.json L*/train_log.jsonl)
