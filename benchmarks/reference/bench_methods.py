@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> dict:
     if unknown or "ar" not in methods:
         sys.exit(f"--methods must include ar and only {METHODS}; got {methods}")
     templates = dict(t.split("=", 1) for t in args.template)
-    path = resolve_model(args.model, dtype="float32" if args.device == "cpu" else args.dtype)
+    path = resolve_model(args.model)  # float32 checkpoint; the runner casts to --dtype
     runner = ReferenceRunner.load(path, device=args.device, dtype=args.dtype)
     questions = load_questions(args.per_group)
     cfgs = {m: GenerationConfig(method=m, max_new_tokens=args.max_new_tokens,

@@ -113,6 +113,10 @@ class ReferenceRunner:
         self._trees: dict[str, TreeSpec] = {}
         self._graphs: dict[int, _GraphStep] = {}
         self._graph_cache: StaticKVCache | None = None
+        # Slots above graph_capacity that only graph warm-up and capture write to: a graph
+        # may be captured in the middle of a request, and its dry runs must not overwrite
+        # that request's KV rows.
+        self.graph_scratch = 256
 
     @classmethod
     def load(cls, model_path: str | Path, device: str = "cpu", dtype: str = "float32",
@@ -251,7 +255,7 @@ class ReferenceRunner:
                 )
             if self._graph_cache is None:
                 self._graph_cache = self._make_cache(
-                    self.config, self.graph_capacity, self.dtype, self.device)
+                    self.config, self.graph_capacity + self.graph_scratch, self.dtype, self.device)
             return self._graph_cache
         return self._make_cache(self.config, capacity, self.dtype, self.device)
 
@@ -311,7 +315,10 @@ class _GraphStep:
         self.runner, self.cache, self.q = runner, cache, q
         self.ids = torch.zeros(q, dtype=torch.long, device=dev)
         self.pos = torch.zeros(q, dtype=torch.long, device=dev)
-        self.slots = torch.arange(q, device=dev)
+        if q > runner.graph_scratch:
+            raise ValueError(f"step of {q} tokens exceeds the graph scratch of {runner.graph_scratch}")
+        # Dry runs write to the scratch slots at the top of the cache (see graph_scratch).
+        self.slots = torch.arange(cache.capacity - q, cache.capacity, device=dev)
         self.mask = torch.zeros(q, cache.capacity, dtype=torch.bool, device=dev)
         self.col = torch.arange(cache.capacity, device=dev)
         cache.kv_len = None
