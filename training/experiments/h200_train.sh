@@ -43,7 +43,7 @@ TRAIN_TIME=$(( DEADLINE - 45 - ($(date +%s) - T0) ))
 stamp "training for at most ${TRAIN_TIME}s"
 pids=()
 k=0
-for L in 0 5 3 8; do
+for L in ${LS:-0 5 3 8}; do
   dev=${DEVICES[$((k % N))]}
   CUDA_VISIBLE_DEVICES=$dev $PY -m msn.cli train --data "$W/data.jsonl" --model "$BASE" \
     --method linear --span-length "$L" --num-spans "$SPANS" --epochs "$EPOCHS" --lr "$LR" \
@@ -54,7 +54,7 @@ for L in 0 5 3 8; do
 done
 for p in "${pids[@]}"; do wait "$p" || { tail -n 40 "$W"/train_L*.log; exit 1; }; done
 stamp "trained"
-for L in 0 3 5 8; do grep -h -E "saved|stopped|examples," "$W/train_L$L.log"; done
+for L in ${LS:-0 5 3 8}; do grep -h -E "saved|stopped|examples," "$W/train_L$L.log"; done
 
 $PY -m msn.cli artifact extract --base "$BASE" --tuned "$W/L5" --output "$W/artifact" \
   --rank "$RANK"
