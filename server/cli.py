@@ -44,6 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="allow this browser origin (repeatable); CORS is off by default")
     p.add_argument("--speculative-config", type=_json_dict,
                    help="vllm engine: JSON speculative_config passed to vLLM")
+    p.add_argument("--vllm-speculation", choices=["tr-jacobi", "none"],
+                   help="vllm engine: our TR-Jacobi plugin (default) or plain vLLM; an "
+                        "explicit --speculative-config wins")
     p.add_argument("--vllm-engine-args", type=_json_dict,
                    help="vllm engine: JSON dict of extra AsyncEngineArgs")
     p.add_argument("--log-prompts", action="store_const", const=True,
@@ -66,7 +69,7 @@ _SETTING_FLAGS = (
     "engine", "model", "dtype", "device", "served_model_name", "host", "port", "max_running",
     "max_queue", "request_timeout_s", "max_body_bytes", "graceful_shutdown_s",
     "default_method", "api_key_file", "cors_allow_origins", "speculative_config",
-    "vllm_engine_args", "log_prompts", "log_level",
+    "vllm_speculation", "vllm_engine_args", "log_prompts", "log_level",
 )
 
 
@@ -99,9 +102,16 @@ def build_engine(settings):
         from server.engines.vllm import VLLMEngine, set_cpu_env_defaults
 
         set_cpu_env_defaults()
-        return VLLMEngine(model_path, dtype=settings.dtype,
-                          engine_args=settings.vllm_engine_args,
-                          speculative_config=settings.speculative_config,
+        engine_args = dict(settings.vllm_engine_args)
+        speculative = settings.speculative_config
+        if speculative is None and settings.vllm_speculation == "tr-jacobi":
+            from proposers.vllm import engine_kwargs
+
+            plugin = engine_kwargs(max_num_seqs=settings.max_running or 8)
+            speculative = plugin.pop("speculative_config")
+            engine_args = {**plugin, **engine_args}
+        return VLLMEngine(model_path, dtype=settings.dtype, engine_args=engine_args,
+                          speculative_config=speculative,
                           max_running=settings.max_running or 8)
     from server.engines.reference import ReferenceEngine
 

@@ -53,6 +53,9 @@ class ServerSettings(BaseSettings):
     # (issue 6) plugs in, e.g. {"method": "custom_class", "model": "...", ...}.
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict)
     speculative_config: dict[str, Any] | None = None
+    # vLLM engine: "tr-jacobi" enables our plugin (cost-aware trees) unless an explicit
+    # speculative_config is given; "none" serves plain vLLM.
+    vllm_speculation: Literal["tr-jacobi", "none"] = "tr-jacobi"
 
     @field_validator("api_keys", "cors_allow_origins", mode="before")
     @classmethod

