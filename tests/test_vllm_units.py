@@ -126,3 +126,121 @@ def test_general_plugin_entry_point(tmp_path, monkeypatch):
         assert cpu.get_path() == BACKEND_PATH
     finally:
         cpu.clear_override()
+
+
+# ---------------------------------------------------------------- oracle tree (b2)
+# A toy one-layer RoPE attention model decoded through the runner's own pieces: the
+# paged slot layout and tree mask of `build_tree_step`, depth positions, `accept`, and
+# `compact_kv`. The oracle tree puts the true continuation in the third branch with a
+# decoy sibling at depth 2, so every step's accepted path needs a KV move. Turning off
+# compaction, depth positions or the tree mask must each break token identity.
+from proposers.templates import TreeTemplate  # noqa: E402
+from proposers.tree import compile_tree  # noqa: E402
+from proposers.verify import accept  # noqa: E402
+from proposers.vllm.tree_attention import compact_kv  # noqa: E402
+
+ORACLE = TreeTemplate("oracle", 3, 3, ((0,), (1,), (2,), (0, 0), (2, 0), (2, 1), (2, 1, 0)))
+TRUE_PATH = (3, 6, 7)  # nodes of depth 1, 2, 3 holding the true continuation
+
+
+class _ToyModel:
+    V, D, BLOCK = 48, 32, 4
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.emb = torch.randn(self.V, self.D, generator=g)
+        self.wq, self.wk, self.wv = (torch.randn(self.D, self.D, generator=g) for _ in range(3))
+        self.out = torch.randn(self.D, self.V, generator=g)
+
+    def rope(self, x, pos):
+        half = self.D // 2
+        freq = 1.0 / (10.0 ** (torch.arange(half, dtype=torch.float64) / half))
+        ang = pos.double()[:, None] * freq[None]
+        cos, sin = ang.cos().float(), ang.sin().float()
+        a, b = x[:, :half], x[:, half:]
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+
+    def qkv(self, tokens, pos):
+        h = self.emb[tokens]
+        return self.rope(h @ self.wq, pos), self.rope(h @ self.wk, pos), h @ self.wv
+
+    def logits(self, tokens, q, k, v, mask):
+        att = ((q @ k.T) / self.D ** 0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+        return (self.emb[tokens] + att @ v) @ self.out
+
+    def reference(self, prompt, n):
+        tokens = list(prompt)
+        while len(tokens) < len(prompt) + n:
+            t = torch.tensor(tokens)
+            q, k, v = self.qkv(t, torch.arange(len(t)))
+            mask = torch.ones(len(t), len(t), dtype=torch.bool).tril()
+            tokens.append(int(self.logits(t, q, k, v, mask)[-1].argmax()))
+        return tokens[len(prompt):]
+
+
+class _CacheWriter:
+    """Stands in for the attention impl: `compact_kv` rewrites through it."""
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        kv_cache[slot_mapping.long(), 0] = key
+        kv_cache[slot_mapping.long(), 1] = value
+
+
+def _tree_decode(model, prompt, reference, *, compaction=True, depth_positions=True,
+                 tree_mask=True):
+    tree = compile_tree(ORACLE)
+    n_new = len(reference)
+    block_rows = torch.tensor([[5, 2, 7, 0, 3, 6, 1, 4, 8, 9]])
+    cache = torch.zeros(10 * model.BLOCK, 2, model.D)
+    writer = _CacheWriter()
+    # Prefill (causal, sequential positions) writes the prompt's KV except the root.
+    tokens = list(prompt)
+    moves = 0
+    while len(tokens) - len(prompt) < n_new:
+        done = len(tokens) - len(prompt)
+        truth = (reference + [0, 0, 0])[done: done + 3]
+        nodes = [0] * (tree.num_nodes + 1)
+        nodes[0] = tokens[-1]
+        for node, tok in zip(TRUE_PATH, truth):
+            nodes[node] = tok
+        decoy = lambda t: (t + 1 + len(tokens)) % model.V  # noqa: E731
+        nodes[1], nodes[2], nodes[4], nodes[5] = (decoy(truth[0]), decoy(truth[0] + 1),
+                                                 decoy(truth[1]), decoy(truth[1]))
+        num_computed = len(tokens) - 1
+        if num_computed == len(prompt) - 1:  # first step: prompt prefill, causal
+            ctx = torch.tensor(tokens[:-1])
+            step = build_tree_step([0, len(ctx)], [0], block_rows, model.BLOCK, {})
+            _, k, v = model.qkv(ctx, torch.arange(len(ctx)))
+            slots = step.key_slots[0, : len(ctx)]
+            cache[slots, 0], cache[slots, 1] = k, v
+        q_tokens = torch.tensor(nodes)
+        n = len(nodes)
+        trees = {0: tree.ancestors} if tree_mask else {}
+        step = build_tree_step([0, n], [num_computed], block_rows, model.BLOCK, trees)
+        pos = num_computed + (tree.depth if depth_positions else torch.arange(n))
+        q, k, v = model.qkv(q_tokens, pos)
+        slots = step.key_slots[0, num_computed: num_computed + n]
+        cache[slots, 0], cache[slots, 1] = k, v
+        kv = cache[step.key_slots[0]]
+        logits = model.logits(q_tokens, q, kv[:, 0], kv[:, 1], step.mask[0, :n])
+        result = accept(tree, q_tokens, logits.argmax(-1))
+        tokens += result.tokens
+        src = [idx for d, idx in enumerate(result.path, start=1) if idx != d]
+        dst = [num_computed + d for d, idx in enumerate(result.path, start=1) if idx != d]
+        if src and compaction:
+            step.stash = [(writer, None, k, v, cache)]
+            compact_kv(step, torch.tensor(src), step.key_slots[0, torch.tensor(dst)])
+            moves += 1
+    return tokens[len(prompt): len(prompt) + n_new], moves
+
+
+def test_oracle_tree_identical_and_ablations_break_it():
+    model = _ToyModel()
+    prompt = [3, 17, 9, 40, 22, 5, 31, 12, 7, 19, 2]
+    reference = model.reference(prompt, 16)
+    out, moves = _tree_decode(model, prompt, reference)
+    assert out == reference
+    assert moves >= 4  # every step accepted through the third branch: KV moved each time
+    for ablation in ("compaction", "depth_positions", "tree_mask"):
+        broken, _ = _tree_decode(model, prompt, reference, **{ablation: False})
+        assert broken != reference, f"turning off {ablation} did not change the output"

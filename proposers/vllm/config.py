@@ -16,13 +16,21 @@ PROPOSER_PATH = "proposers.vllm.TRJacobiProposer"
 WORKER_PATH = "proposers.vllm.runner.TRJacobiWorker"
 CONFIG_KEY = "trjacobi"
 MODES = ("tree", "chain", "retrieval", "off")
+SAMPLED_MODES = ("off", "chain", "retrieval")
 
 
 @dataclass(frozen=True)
 class TRJacobiConfig:
-    """`mode`: tree = TR-Jacobi trees (greedy requests; sampled ones get chains);
+    """`mode`: tree = TR-Jacobi trees (plain greedy requests; other greedy ones get chains);
     chain = Jacobi chain with feedback, retrieval chain when the context repeats;
     retrieval = prompt lookup only; off = no drafts (plumbing only).
+
+    `sampled` is what requests with temperature > 0 get. The default "off" means no
+    speculation, because vLLM 0.32-cpu's chain verification of sampled requests is not
+    lossless: its own `ngram` speculation shows the same bias as our chains (chi-square
+    p=1e-19 vs plain vLLM, 400 seeded samples; see tests/test_vllm_plugin.py). "chain" or
+    "retrieval" force speculation for sampled requests anyway (biased on this vLLM).
+    A request can also choose with `SamplingParams(extra_args={"trjacobi": mode})`.
 
     `templates` is the ladder of tree templates, smallest first. With `cost_aware`, each
     step picks the rung (or no speculation) with the best expected tokens per second from
@@ -30,6 +38,7 @@ class TRJacobiConfig:
     """
 
     mode: str = "tree"
+    sampled: str = "off"
     templates: tuple[str, ...] = ("tree-8", "tree-16", "tree-32", "paper-68")
     chain_template: str = "chain-5"
     retrieval_template: str = "retrieval-10"
@@ -41,6 +50,9 @@ class TRJacobiConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"trjacobi mode must be one of {MODES}, got {self.mode!r}")
+        if self.sampled not in SAMPLED_MODES:
+            raise ValueError(
+                f"trjacobi sampled must be one of {SAMPLED_MODES}, got {self.sampled!r}")
         if not self.templates:
             raise ValueError("trjacobi templates: give at least one template")
         object.__setattr__(self, "templates", tuple(self.templates))

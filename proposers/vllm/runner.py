@@ -23,6 +23,7 @@ signatures move):
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -42,6 +43,8 @@ from proposers.vllm.tree_attention import (
     register_tree_backend,
 )
 from proposers.vllm.version import check_vllm_version
+
+logger = logging.getLogger(__name__)
 
 SAMPLING_EPS = 1e-5
 EXTRA_ARGS_KEY = "trjacobi"  # SamplingParams(extra_args={"trjacobi": "off"}) per request
@@ -77,6 +80,10 @@ class TRJacobiRunner(CPUModelRunner):
         self._step_path = "kernel"
         self.tree_steps = 0
         self.compactions = 0
+        # Sampled requests served without speculation (config `sampled="off"`).
+        self.sampled_unspeculated = 0
+        self._unspeculated: set[str] = set()
+        self._warned_sampled = False
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
@@ -98,6 +105,7 @@ class TRJacobiRunner(CPUModelRunner):
     # -- request lifecycle ---------------------------------------------------------
     def _update_states(self, scheduler_output):
         self.trj.release(scheduler_output.finished_req_ids)
+        self._unspeculated.difference_update(scheduler_output.finished_req_ids)
         self.trj.release(scheduler_output.preempted_req_ids or ())
         return super()._update_states(scheduler_output)
 
@@ -106,8 +114,14 @@ class TRJacobiRunner(CPUModelRunner):
         return super().execute_model(scheduler_output, intermediate_tensors)
 
     def request_mode(self, req_id: str) -> str:
-        """tree for plain greedy requests; sampled or processed ones get chains, which
-        vLLM's rejection sampler verifies losslessly with all its logits processing."""
+        """tree for plain greedy requests; greedy ones with logits processing get chains
+        (vLLM's rejection sampler verifies greedy chains exactly, processors included).
+
+        Sampled requests (temperature > 0) get `config.sampled`, by default no
+        speculation: vLLM 0.32-cpu's rejection sampling of chains does not preserve the
+        sampled distribution (its own ngram speculation fails the same chi-square test),
+        so speculation would serve a biased distribution. A request may still ask for
+        chains with `extra_args={"trjacobi": "chain"}` (or set `sampled="chain"`)."""
         mode = self.trj.config.mode
         params = self.requests[req_id].sampling_params
         if params is None:
@@ -115,9 +129,32 @@ class TRJacobiRunner(CPUModelRunner):
         override = (params.extra_args or {}).get(EXTRA_ARGS_KEY)
         if override in ("off", "chain", "retrieval", "tree"):
             mode = override if override != "tree" or self.tree_mode else mode
-        if mode == "tree" and not _plain_greedy(params):
+        if params.temperature >= SAMPLING_EPS:
+            if override is None:
+                mode = self.trj.config.sampled
+            elif mode == "tree":
+                mode = "chain"
+            if mode == "off":
+                self._count_unspeculated(req_id)
+        elif mode == "tree" and not _plain_greedy(params):
             mode = "chain"
         return mode
+
+    def _count_unspeculated(self, req_id: str) -> None:
+        if req_id in self._unspeculated:
+            return
+        self._unspeculated.add(req_id)
+        self.sampled_unspeculated += 1
+        if not self._warned_sampled:
+            self._warned_sampled = True
+            logger.warning(
+                "TR-Jacobi: sampled requests (temperature > 0) run without speculation: "
+                "vLLM %s's rejection sampling of draft chains is not lossless on this "
+                "build (its own ngram speculation fails the same test). Counted in "
+                "trjacobi_stats()['sampled_unspeculated']; force chains with "
+                "additional_config trjacobi.sampled='chain' (biased).",
+                _vllm_version(),
+            )
 
     # -- step inputs ---------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
@@ -243,8 +280,15 @@ class TRJacobiRunner(CPUModelRunner):
             "compactions": self.compactions,
             "proposals": self.trj.num_proposals,
             "feedback_proposals": self.trj.num_feedback_proposals,
+            "sampled_unspeculated": self.sampled_unspeculated,
             "rungs": dict(self.trj.planner.history),
         }
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "?")
 
 
 def _is_chain(tree: TreeSpec) -> bool:
