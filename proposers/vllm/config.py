@@ -25,12 +25,11 @@ class TRJacobiConfig:
     chain = Jacobi chain with feedback, retrieval chain when the context repeats;
     retrieval = prompt lookup only; off = no drafts (plumbing only).
 
-    `sampled` is what requests with temperature > 0 get. The default "off" means no
-    speculation, because vLLM 0.32-cpu's chain verification of sampled requests is not
-    lossless: its own `ngram` speculation shows the same bias as our chains (chi-square
-    p=1e-19 vs plain vLLM, 400 seeded samples; see tests/test_vllm_plugin.py). "chain" or
-    "retrieval" force speculation for sampled requests anyway (biased on this vLLM).
-    A request can also choose with `SamplingParams(extra_args={"trjacobi": mode})`.
+    `sampled` is what requests with temperature > 0 get: "off" (default) = no
+    speculation, "chain" / "retrieval" = draft chains verified by vLLM's rejection
+    sampler (lossless only with the TR-Jacobi worker, which replaces a broken vLLM
+    0.32-cpu kernel, `runner.fix_cpu_expand_kernel`). A request can also choose with
+    `SamplingParams(extra_args={"trjacobi": mode})`.
 
     `templates` is the ladder of tree templates, smallest first. With `cost_aware`, each
     step picks the rung (or no speculation) with the best expected tokens per second from

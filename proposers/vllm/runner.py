@@ -19,6 +19,14 @@ signatures move):
 
 `TRJacobiWorker` installs the runner (the CPU worker builds its runner inline in
 `init_device`) and the tree-attention backend before the model is built.
+
+It also replaces one broken CPU kernel of vLLM 0.32.0 (`fix_cpu_expand_kernel`): the C++
+stand-in for the rejection sampler's `expand_kernel` converts its float output to a new
+int64 tensor, writes there and never copies back, so the per-draft-token temperatures
+(and top-k/top-p) of sampled requests are uninitialised memory. Any speculation of a
+sampled request (vLLM's own ngram included) then verifies against logits divided by
+garbage temperatures, often negative ones that turn the least likely token into the
+most likely one.
 """
 
 from __future__ import annotations
@@ -311,9 +319,38 @@ def _plain_greedy(params) -> bool:
     )
 
 
+EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
+
+
+def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to,
+                       MAX_NUM_TOKENS=None):  # noqa: N803 (the Triton kernel's names)
+    """What `rejection_sampler.expand_kernel` computes: request i's value (with
+    `replace_from` replaced by `replace_to`) for each of its tokens, in `output`'s dtype."""
+    cu = cu_num_tokens.long()
+    counts = torch.diff(cu, prepend=cu.new_zeros(1))
+    vals = torch.where(input_val == replace_from,
+                       torch.full_like(input_val, replace_to), input_val)
+    n = int(cu[-1]) if cu.numel() else 0
+    output[:n] = torch.repeat_interleave(vals.to(output.dtype), counts, dim=0)
+
+
+def fix_cpu_expand_kernel() -> bool:
+    """Register `expand_kernel_impl` over vLLM 0.32-cpu's broken C++ override (see the
+    module docstring). Returns whether vLLM uses kernel overrides here at all."""
+    from vllm.triton_utils import HAS_TRITON
+
+    if HAS_TRITON:
+        return False  # real Triton kernels, nothing to fix
+    from vllm.triton_utils.dispatcher import register_kernels
+
+    register_kernels({EXPAND_KERNEL: expand_kernel_impl})
+    return True
+
+
 class TRJacobiWorker(CPUWorker):
     def init_device(self):
         check_vllm_version()
+        fix_cpu_expand_kernel()  # after the platform's overrides (WorkerWrapperBase)
         from proposers.vllm.config import TRJacobiConfig
 
         if TRJacobiConfig.from_vllm(self.vllm_config).mode == "tree":
