@@ -284,3 +284,33 @@ def test_sampled_requests_default_to_no_speculation(caplog):
     assert r.mode("s") == "chain" and r.sampled_unspeculated == 0
     with pytest.raises(ValueError, match="sampled"):
         TRJacobiConfig(sampled="tree")
+
+
+def test_fixed_cpu_expand_kernel_feeds_the_rejection_sampler_real_temperatures():
+    """vLLM 0.32-cpu's C++ `expand_kernel` stand-in leaves its output unwritten, so the
+    rejection sampler divided sampled requests' draft logits by garbage temperatures
+    (the cause of the biased sampled distribution with any speculation, ngram included).
+    The worker registers `expand_kernel_impl` instead; this checks it through vLLM's own
+    `apply_sampling_constraints`, as the rejection sampler calls it."""
+    import types
+
+    from vllm.platforms import current_platform
+    from vllm.v1.sample import rejection_sampler as rs
+
+    from proposers.vllm.runner import fix_cpu_expand_kernel
+
+    current_platform.register_triton_kernel_overrides()  # what every vLLM worker does
+    if not fix_cpu_expand_kernel():
+        pytest.skip("vLLM runs real Triton kernels here")
+    num_draft = [3, 0, 2, 4]
+    cu = torch.tensor(num_draft).cumsum(0).to(torch.int32)
+    temps = torch.tensor([0.5, 1.0, 2.0, rs.GREEDY_TEMPERATURE], dtype=torch.float32)
+    expanded = rs.expand_batch_to_tokens(temps, cu, 9, replace_from=rs.GREEDY_TEMPERATURE,
+                                         replace_to=1)
+    assert expanded.tolist() == [0.5] * 3 + [2.0] * 2 + [1.0] * 4
+    top_k = rs.expand_batch_to_tokens(torch.tensor([5, 7, 0, 9]), cu, 9)
+    assert top_k.tolist() == [5] * 3 + [0] * 2 + [9] * 4
+    logits = torch.randn(9, 16)
+    meta = types.SimpleNamespace(all_greedy=False, temperature=temps, top_k=None, top_p=None)
+    out = rs.apply_sampling_constraints(logits.clone(), cu, meta)
+    torch.testing.assert_close(out, logits / expanded[:, None])
