@@ -99,8 +99,8 @@ def test_span_starts_are_uniform_over_response_segments():
     rows = 22_000
     ids = torch.arange(seq_len).repeat(rows, 1)
     response = response.repeat(rows, 1)
-    noisy, noised = apply_msn_noise(ids, response, None, NoiseConfig(span_length=5),
-                                    torch.Generator().manual_seed(1234))
+    _, noised = apply_msn_noise(ids, response, None, NoiseConfig(span_length=5),
+                                torch.Generator().manual_seed(1234))
     assert (noised.sum(-1) == 5).all()
     starts = noised.float().argmax(-1)
     expected = list(range(4, 12)) + list(range(20, 23))

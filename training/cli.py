@@ -151,8 +151,8 @@ def run_train(args) -> int:
         raise UsageError(f"--data {data} is not a file")
     from training.data import assert_not_benchmark
 
-    assert_not_benchmark(data)
     try:
+        assert_not_benchmark(data)
         noise = NoiseConfig(span_length=args.span_length, num_spans=args.num_spans,
                             probability=args.noise_prob, source=args.noise_source)
         config = TrainConfig(
@@ -179,9 +179,9 @@ def run_data_build(args) -> int:
         raise UsageError(f"--output {out} must end in .jsonl")
     try:
         shard = tuple(int(x) for x in args.shard.split("/"))
-        assert len(shard) == 2
+        assert len(shard) == 2 and 0 <= shard[0] < shard[1]
     except (ValueError, AssertionError):
-        raise UsageError(f"--shard must look like 0/2, got {args.shard!r}") from None
+        raise UsageError(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}") from None
     try:
         config = BuildConfig(
             output=out, model_path=_model_path(args.model), num_magpie=args.num_magpie,

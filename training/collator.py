@@ -73,7 +73,7 @@ def encode_chat(tokenizer, messages: list[dict], max_length: int | None = None,
     for start, end in enc["offset_mapping"]:
         # A token belongs to a response when it starts inside an assistant span; tokens
         # with empty offsets (some special tokens) fall back to their end position.
-        anchor = start if end > start else end
+        anchor = min(end, start)
         mask.append(any(a <= anchor < b for a, b in spans))
     if max_length is not None:
         ids, mask = ids[:max_length], mask[:max_length]
