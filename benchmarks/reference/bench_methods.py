@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> dict:
     for cfg in cfgs.values():
         runner.generate(warm, GenerationConfig(method=cfg.method, template=cfg.template,
                                                max_new_tokens=min(24, args.max_new_tokens)))
+    load_before = os.getloadavg()
     records = []
     for q in tqdm(questions, desc="prompts", file=sys.stderr):
         ids = runner.encode_chat(q["turns"][0])
@@ -70,20 +72,26 @@ def run(args: argparse.Namespace) -> dict:
             div = explain(runner, ids, outs["ar"].token_ids, out.token_ids) if m != "ar" else None
             records.append({
                 "question_id": q["question_id"], "group": q["group"], "method": m,
-                "tokens": len(out.token_ids), "steps": out.num_steps,
+                "tokens": len(out.token_ids), "generated": out.num_generated,
+                "steps": out.num_steps,
                 "seconds": out.elapsed_s, "prompt_tokens": out.prompt_tokens,
                 "agrees": div is None, "divergence": div.to_json() if div else None,
             })
-    return summarize(records, methods, args, runner)
+    result = summarize(records, methods, args, runner)
+    # Other work on the machine slows every method alike (they run interleaved per
+    # prompt), but absolute tok/s are only comparable at similar load.
+    result["loadavg_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+    return result
 
 
 def summarize(records: list[dict], methods: list[str], args, runner) -> dict:
     def agg(rows):
         tokens = sum(r["tokens"] for r in rows)
+        generated = sum(r["generated"] for r in rows)  # MAT counts a final EOS too
         steps = sum(r["steps"] for r in rows)
         secs = sum(r["seconds"] for r in rows)
         return {"tokens": tokens, "steps": steps, "seconds": round(secs, 4),
-                "mat": round(tokens / max(steps, 1), 4), "tokens_per_s": round(tokens / max(secs, 1e-9), 3),
+                "mat": round(generated / max(steps, 1), 4), "tokens_per_s": round(tokens / max(secs, 1e-9), 3),
                 "agreement": round(sum(r["agrees"] for r in rows) / max(len(rows), 1), 4)}
 
     table = {}

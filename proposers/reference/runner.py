@@ -65,6 +65,7 @@ class StepOutput:
     accepted_depth: int  # drafts accepted this step
     draft_depth: int  # deepest draft verified this step (0 = no drafts; pruning shrinks it)
     finish_reason: str | None = None  # "stop" | "length" on the last step
+    eos: bool = False  # the model emitted EOS here (not in token_ids; it counts for MAT)
 
 
 @dataclass(slots=True)
@@ -78,6 +79,7 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     elapsed_s: float
+    num_generated: int = 0  # token_ids plus a final EOS: the tokens MAT counts
     accepted_per_depth: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -166,12 +168,13 @@ class ReferenceRunner:
         start = time.perf_counter()
         tokens: list[int] = []
         text: list[str] = []
-        steps = 0
+        steps = generated = 0
         finish = "length"
         tree = self.tree_for(cfg)
         per_depth = [0] * (tree.max_depth + 1)
         for out in self.stream(prompt_ids, cfg):
             steps += 1
+            generated += len(out.token_ids) + out.eos
             tokens += out.token_ids
             text.append(out.text)
             per_depth[out.accepted_depth] += 1
@@ -180,9 +183,9 @@ class ReferenceRunner:
         elapsed = time.perf_counter() - start
         return GenerationResult(
             text="".join(text), token_ids=tokens, num_steps=steps,
-            mat=len(tokens) / max(steps, 1), tokens_per_s=len(tokens) / max(elapsed, 1e-9),
+            mat=generated / max(steps, 1), tokens_per_s=len(tokens) / max(elapsed, 1e-9),
             method=cfg.method, finish_reason=finish, prompt_tokens=len(prompt_ids),
-            elapsed_s=elapsed, accepted_per_depth=per_depth,
+            elapsed_s=elapsed, num_generated=generated, accepted_per_depth=per_depth,
         )
 
     @torch.inference_mode()
@@ -222,13 +225,16 @@ class ReferenceRunner:
             table.set_feedback(topk[chain_nodes] if chain_nodes else topk[:0])
 
             new, finish = self._trim(acc.tokens, emitted, cfg)
+            eos = finish == "eos"
+            finish = "stop" if eos else finish
             pushed = texts.push(new)
             if pushed.stopped:
                 new, finish = new[: pushed.num_tokens], "stop"
             emitted += len(new)
             text = pushed.text + (texts.flush() if finish else "")
             draft_depth = int(step_tree.depth.max())
-            yield StepOutput(new, text, step_tree.num_nodes, acc.num_accepted, draft_depth, finish)
+            yield StepOutput(new, text, step_tree.num_nodes, acc.num_accepted, draft_depth, finish,
+                             eos and not pushed.stopped)
             if finish:
                 return
             prefix += acc.num_accepted + 1
@@ -240,7 +246,7 @@ class ReferenceRunner:
         if not cfg.ignore_eos:
             for i, tok in enumerate(tokens):
                 if tok in self.eos_ids:
-                    return tokens[:i], "stop"
+                    return tokens[:i], "eos"
         room = cfg.max_new_tokens - emitted
         if len(tokens) >= room:
             return tokens[:room], "length"
