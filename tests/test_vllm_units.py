@@ -134,10 +134,10 @@ def test_general_plugin_entry_point(tmp_path, monkeypatch):
 # `compact_kv`. The oracle tree puts the true continuation in the third branch with a
 # decoy sibling at depth 2, so every step's accepted path needs a KV move. Turning off
 # compaction, depth positions or the tree mask must each break token identity.
-from proposers.templates import TreeTemplate  # noqa: E402
-from proposers.tree import compile_tree  # noqa: E402
-from proposers.verify import accept  # noqa: E402
-from proposers.vllm.tree_attention import compact_kv  # noqa: E402
+from proposers.templates import TreeTemplate
+from proposers.tree import compile_tree
+from proposers.verify import accept
+from proposers.vllm.tree_attention import compact_kv
 
 ORACLE = TreeTemplate("oracle", 3, 3, ((0,), (1,), (2,), (0, 0), (2, 0), (2, 1), (2, 1, 0)))
 TRUE_PATH = (3, 6, 7)  # nodes of depth 1, 2, 3 holding the true continuation
@@ -203,9 +203,9 @@ def _tree_decode(model, prompt, reference, *, compaction=True, depth_positions=T
         nodes[0] = tokens[-1]
         for node, tok in zip(TRUE_PATH, truth):
             nodes[node] = tok
-        decoy = lambda t: (t + 1 + len(tokens)) % model.V  # noqa: E731
-        nodes[1], nodes[2], nodes[4], nodes[5] = (decoy(truth[0]), decoy(truth[0] + 1),
-                                                 decoy(truth[1]), decoy(truth[1]))
+        shift = 1 + len(tokens)  # decoys: never the true token at their depth
+        nodes[1], nodes[2] = (truth[0] + shift) % model.V, (truth[0] + 1 + shift) % model.V
+        nodes[4], nodes[5] = (truth[1] + shift) % model.V, (truth[1] + shift) % model.V
         num_computed = len(tokens) - 1
         if num_computed == len(prompt) - 1:  # first step: prompt prefill, causal
             ctx = torch.tensor(tokens[:-1])

@@ -26,9 +26,10 @@ class TRJacobiConfig:
     retrieval = prompt lookup only; off = no drafts (plumbing only).
 
     `sampled` is what requests with temperature > 0 get: "off" (default) = no
-    speculation, "chain" / "retrieval" = draft chains verified by vLLM's rejection
-    sampler (lossless only with the TR-Jacobi worker, which replaces a broken vLLM
-    0.32-cpu kernel, `runner.fix_cpu_expand_kernel`). A request can also choose with
+    speculation (the cost-aware planner does not cover chains yet), "chain" /
+    "retrieval" = draft chains verified by vLLM's rejection sampler: lossless with the
+    TR-Jacobi worker, which replaces a broken vLLM 0.32-cpu kernel
+    (`runner.fix_cpu_expand_kernel`; measured in tests/test_vllm_plugin.py). A request can also choose with
     `SamplingParams(extra_args={"trjacobi": mode})`.
 
     `templates` is the ladder of tree templates, smallest first. With `cost_aware`, each

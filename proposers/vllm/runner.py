@@ -126,10 +126,11 @@ class TRJacobiRunner(CPUModelRunner):
         (vLLM's rejection sampler verifies greedy chains exactly, processors included).
 
         Sampled requests (temperature > 0) get `config.sampled`, by default no
-        speculation: vLLM 0.32-cpu's rejection sampling of chains does not preserve the
-        sampled distribution (its own ngram speculation fails the same chi-square test),
-        so speculation would serve a biased distribution. A request may still ask for
-        chains with `extra_args={"trjacobi": "chain"}` (or set `sampled="chain"`)."""
+        speculation: chains verified by vLLM's rejection sampler are lossless (with
+        `fix_cpu_expand_kernel`; tests/test_vllm_plugin.py), but the cost-aware planner
+        does not cover them yet, and on CPU an unplanned chain can make a step slower
+        than plain decoding. A request may ask for chains with
+        `extra_args={"trjacobi": "chain"}`, or the whole engine with `sampled="chain"`."""
         mode = self.trj.config.mode
         params = self.requests[req_id].sampling_params
         if params is None:
@@ -156,12 +157,11 @@ class TRJacobiRunner(CPUModelRunner):
         if not self._warned_sampled:
             self._warned_sampled = True
             logger.warning(
-                "TR-Jacobi: sampled requests (temperature > 0) run without speculation: "
-                "vLLM %s's rejection sampling of draft chains is not lossless on this "
-                "build (its own ngram speculation fails the same test). Counted in "
-                "trjacobi_stats()['sampled_unspeculated']; force chains with "
-                "additional_config trjacobi.sampled='chain' (biased).",
-                _vllm_version(),
+                "TR-Jacobi: sampled requests (temperature > 0) run without speculation "
+                "(config sampled='off'; chains are lossless but not cost-planned yet). "
+                "Counted in trjacobi_stats()['sampled_unspeculated']; enable chains with "
+                "additional_config trjacobi.sampled='chain' or per request with "
+                "extra_args={'trjacobi': 'chain'}."
             )
 
     # -- step inputs ---------------------------------------------------------------
@@ -293,12 +293,6 @@ class TRJacobiRunner(CPUModelRunner):
         }
 
 
-def _vllm_version() -> str:
-    import vllm
-
-    return getattr(vllm, "__version__", "?")
-
-
 def _is_chain(tree: TreeSpec) -> bool:
     return bool((tree.parent[1:] == torch.arange(tree.num_nodes)).all())
 
@@ -323,7 +317,7 @@ EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
 
 
 def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to,
-                       MAX_NUM_TOKENS=None):  # noqa: N803 (the Triton kernel's names)
+                       MAX_NUM_TOKENS=None):
     """What `rejection_sampler.expand_kernel` computes: request i's value (with
     `replace_from` replaced by `replace_to`) for each of its tokens, in `output`'s dtype."""
     cu = cu_num_tokens.long()
