@@ -136,7 +136,9 @@ class TRJacobiRunner(CPUModelRunner):
         if params is None:
             return "off"
         override = (params.extra_args or {}).get(EXTRA_ARGS_KEY)
-        if override in ("off", "chain", "retrieval", "tree"):
+        if override not in ("off", "chain", "retrieval", "tree"):
+            override = None  # unknown values: the engine's defaults
+        if override is not None:
             mode = override if override != "tree" or self.tree_mode else mode
         if params.temperature >= SAMPLING_EPS:
             if override is None:
