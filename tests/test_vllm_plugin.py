@@ -10,7 +10,8 @@ file as a script: plain vLLM, then vLLM with the plugin. Results come back as JS
   speculation, chain), so some requests are in prefill while others verify trees;
 - 400 sampled continuations of one repetitive prompt (temperature 1, fixed seeds) for a
   chi-square test against plain vLLM: the plugin's default for sampled requests (no
-  speculation) must pass; forced chains fail on vLLM 0.32-cpu (xfail, evidence below).
+  speculation) and forced draft chains must both pass (forced chains need the plugin's
+  fix of a vLLM 0.32-cpu kernel bug, evidence below).
 
 Then the tests read the plugin's own counters (tree steps, KV compactions, accepted
 tokens, sampled requests served without speculation) and vLLM's preemption counter, to
