@@ -46,18 +46,22 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
 
     from msn.models import resolve_model
-    from proposers.reference.runner import GenerationConfig, ReferenceRunner
-    from proposers.templates import TemplateError
+    from proposers.reference.runner import DEFAULT_TEMPLATES, GenerationConfig, ReferenceRunner
+    from proposers.templates import TemplateError, load_template
 
-    path = resolve_model(args.model, dtype=args.dtype)
     try:
         cfg = GenerationConfig(
             method=args.method, max_new_tokens=args.max_new_tokens, template=args.template,
             stop=args.stop, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         )
+        if cfg.method != "ar":  # a bad template fails before the model loads
+            load_template(cfg.template or DEFAULT_TEMPLATES[cfg.method])
+    except (ValueError, TemplateError) as exc:
+        raise UsageError(str(exc)) from None
+    path = resolve_model(args.model, dtype=args.dtype)
+    try:
         runner = ReferenceRunner.load(path, device=args.device, dtype=args.dtype,
                                       attn_backend=args.attn_backend)
-        runner.tree_for(cfg)  # validate the template before any decoding
         ids = runner.encode(args.prompt) if args.raw else runner.encode_chat(args.prompt)
         result = runner.generate(ids, cfg)
     except (ValueError, TemplateError) as exc:

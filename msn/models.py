@@ -79,6 +79,19 @@ def check_checkpoint(path: Path) -> str:
     return model_type
 
 
+def _check_gguf(path: Path) -> None:
+    """Read the GGUF header and tensor index (memory-mapped, fast) before the slow
+    conversion, so a corrupt file fails at once with one line."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise UsageError("reading the default model needs the package gguf: pip install gguf") from None
+    try:
+        GGUFReader(path)
+    except Exception as exc:  # the reader raises many types on a corrupt file
+        raise UsageError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+
+
 def prepared_path(name: str, dtype: str, root: Path | None = None) -> Path:
     return (root or cache_dir()) / "models" / f"{name}-{dtype}"
 
@@ -114,6 +127,7 @@ def prepare_base(dtype: str = "float32", root: Path | None = None, force: bool =
     if force and target.exists():
         shutil.rmtree(target)
     source = gguf_path()
+    _check_gguf(source)
 
     def write(tmp: Path) -> None:
         import torch

@@ -29,7 +29,7 @@ def test_generate_json_last_line(capsys, base_model_path):
     assert rc == 0
     result = json.loads(out.strip().splitlines()[-1])
     assert set(result) >= {"text", "token_ids", "num_steps", "mat", "tokens_per_s", "method"}
-    assert result["method"] == "tr-jacobi" and len(result["token_ids"]) == 12
+    assert result["method"] == "tr-jacobi" and 0 < len(result["token_ids"]) <= 12
     assert "MAT" in err and "tok/s" in err
 
 
@@ -81,7 +81,8 @@ def test_corrupt_gguf_leaves_no_half_written_cache(capsys, tmp_path, monkeypatch
     monkeypatch.setenv("MSN_GGUF_PATH", str(bad))
     rc, _, err = run_cli(capsys, "models", "prepare", "--cache-dir", str(tmp_path / "cache"))
     assert rc == 2 and "cannot read" in err and len(err.strip().splitlines()) == 1
-    assert not any((tmp_path / "cache" / "models").iterdir())
+    models_dir = tmp_path / "cache" / "models"
+    assert not models_dir.exists() or not any(models_dir.iterdir())
 
 
 def test_missing_package_is_a_clear_error(capsys, tmp_path, monkeypatch):
