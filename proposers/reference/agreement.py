@@ -47,7 +47,7 @@ def explain(runner, prompt_ids: Sequence[int], ar_ids: Sequence[int],
     if pos is None:
         return None
     ids = torch.tensor([list(prompt_ids) + list(ar_ids[:pos])], device=runner.device)
-    logits = runner.model(input_ids=ids).logits[0, -1].float()
+    logits = runner.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
     top2 = torch.topk(logits, 2).values
     margin = float(top2[0] - top2[1])
     tol = NEAR_TIE[runner.dtype] if tolerance is None else tolerance

@@ -268,10 +268,11 @@ class ReferenceRunner:
         return self._make_cache(self.config, capacity, self.dtype, self.device)
 
     def _forward(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
-                 mask: torch.Tensor) -> torch.Tensor:
+                 mask: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         out = self.model(
             input_ids=ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
             attention_mask=mask[None, None], past_key_values=cache, use_cache=True,
+            logits_to_keep=logits_to_keep,
         )
         return out.logits[0]
 
@@ -281,7 +282,8 @@ class ReferenceRunner:
         cache.slots = torch.arange(n, device=dev)
         cache.kv_len = n
         mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-        self._forward(cache, ids.to(dev), cache.slots, mask)
+        # Only the KV rows matter: skip the LM head over the prompt (prompt x vocab logits).
+        self._forward(cache, ids.to(dev), cache.slots, mask, logits_to_keep=1)
 
     def _step(self, cache: StaticKVCache, tree: TreeSpec, node_tokens: torch.Tensor,
               prefix: int, cfg: GenerationConfig, gen: torch.Generator):
