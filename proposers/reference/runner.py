@@ -23,7 +23,7 @@ import torch
 from proposers.candidates import CandidateTable
 from proposers.detok import TextStream
 from proposers.reference.cache import StaticKVCache
-from proposers.templates import TreeTemplate, chain, load_template
+from proposers.templates import TreeTemplate, load_template
 from proposers.tree import TreeSpec, compile_tree
 from proposers.verify import accept, sample_targets
 
