@@ -29,7 +29,9 @@ def test_generate_json_last_line(capsys, base_model_path):
     assert rc == 0
     result = json.loads(out.strip().splitlines()[-1])
     assert set(result) >= {"text", "token_ids", "num_steps", "mat", "tokens_per_s", "method"}
-    assert result["method"] == "tr-jacobi" and 0 < len(result["token_ids"]) <= 12
+    assert result["method"] == "tr-jacobi"
+    # 12 tokens unless the model ended its answer (EOS) first.
+    assert len(result["token_ids"]) == 12 or result["finish_reason"] == "stop"
     assert "MAT" in err and "tok/s" in err
 
 
