@@ -159,6 +159,10 @@ class ReferenceRunner:
                 template = TreeTemplate("ar", top_k=1, max_depth=1, paths=())
             else:
                 template = load_template(cfg.template or DEFAULT_TEMPLATES[cfg.method])
+            if self.use_cuda_graphs and template.top_k > _GraphStep.TOPK:
+                # The graph keeps a fixed top-K; wider columns would silently become noise.
+                raise ValueError(f"template {template.name!r} has top_k {template.top_k}; "
+                                 f"CUDA-graph steps support up to {_GraphStep.TOPK}")
             self._trees[key] = compile_tree(template)
         return self._trees[key]
 
