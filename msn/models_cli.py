@@ -37,7 +37,7 @@ def _prepare(args: argparse.Namespace) -> int:
         raise UsageError(f"--model must be base, msn or all, got {args.model!r}")
     if args.msn and "msn" not in names:
         names.append("msn")
-    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    log = lambda msg: print(msg, file=sys.stderr)
     for name in names:
         fn = models.prepare_base if name == "base" else models.prepare_msn
         path = fn(args.dtype, root, force=args.force, log=log)

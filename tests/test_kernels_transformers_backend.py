@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 
-from proposers.reference.runner import ReferenceRunner
 from kernels.transformers_backend import PagedTreeCache
+from proposers.reference.runner import ReferenceRunner
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -34,7 +34,7 @@ def tiny_model_and_tokenizer(base_model_path):
 
 @pytest.mark.parametrize("backend", ["paged-triton", "paged-torch"])
 def test_tr_jacobi_on_paged_kernels_equals_sdpa_greedy(tiny_model_and_tokenizer, backend):
-    from proposers.reference.runner import GenerationConfig, ReferenceRunner
+    from proposers.reference.runner import GenerationConfig
 
     model, tok = tiny_model_and_tokenizer
     plain = ReferenceRunner(model, tok, DEVICE, use_cuda_graphs=False)

@@ -43,31 +43,37 @@ def test_schema_lists_every_route(fuzz_server):
             "GET /health", "GET /ready", "GET /metrics"} <= labels
 
 
+def _fuzz_check(operation, mode, failures: list[str], statuses: set[int]):
+    """One hypothesis test per operation (a factory, so the closure binds this operation)."""
+
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def check(case):
+        if mode is GenerationMode.POSITIVE and isinstance(case.body, dict):
+            # A random model id is a 404 before anything else is looked at; name the
+            # served model so the generated sampling fields reach the engine.
+            case.body["model"] = FAKE_MODEL
+        response = case.call(timeout=30)
+        statuses.add(response.status_code)
+        if response.status_code >= 500:
+            failures.append(f"{case.method} {case.path} -> {response.status_code}: "
+                            f"{response.text[:300]} body={case.body!r}")
+        case.validate_response(response, checks=[not_a_server_error])
+        content_type = (response.headers.get("content-type") or [""])[0]
+        if response.status_code >= 400 and content_type.startswith("application/json"):
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    return check
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_no_server_errors(fuzz_server, mode):
     operations = _operations(fuzz_server.url)
     failures: list[str] = []
     statuses: dict[str, set[int]] = {}
     for operation in operations:
-
-        @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy(generation_mode=mode))
-        def check(case, label=operation.label):
-            if mode is GenerationMode.POSITIVE and isinstance(case.body, dict):
-                # A random model id is a 404 before anything else is looked at; name the
-                # served model so the generated sampling fields reach the engine.
-                case.body["model"] = FAKE_MODEL
-            response = case.call(timeout=30)
-            statuses.setdefault(label, set()).add(response.status_code)
-            if response.status_code >= 500:
-                failures.append(f"{case.method} {case.path} -> {response.status_code}: "
-                                f"{response.text[:300]} body={case.body!r}")
-            case.validate_response(response, checks=[not_a_server_error])
-            content_type = (response.headers.get("content-type") or [""])[0]
-            if response.status_code >= 400 and content_type.startswith("application/json"):
-                assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-
+        check = _fuzz_check(operation, mode, failures, statuses.setdefault(operation.label, set()))
         try:
             check()
         except Unsatisfiable:

@@ -3,7 +3,12 @@ import json
 import pytest
 
 from proposers.templates import (
-    RETRIEVAL, TemplateError, TreeTemplate, available, chain, load_template,
+    RETRIEVAL,
+    TemplateError,
+    TreeTemplate,
+    available,
+    chain,
+    load_template,
 )
 
 

@@ -67,9 +67,9 @@ def test_full_finetune_checkpoint_and_resume(base_model, tiny_data, tmp_path):
     from training.train import TrainConfig, train
 
     out = tmp_path / "full"
-    common = dict(data=tiny_data, output_dir=out, model_path=base_model, method="full",
-                  noise=NoiseConfig(span_length=2, num_spans=2), learning_rate=1e-5,
-                  batch_size=2, max_length=40, logging_steps=1, save_steps=1)
+    common = {"data": tiny_data, "output_dir": out, "model_path": base_model, "method": "full",
+              "noise": NoiseConfig(span_length=2, num_spans=2), "learning_rate": 1e-5,
+              "batch_size": 2, "max_length": 40, "logging_steps": 1, "save_steps": 1}
     first = train(TrainConfig(max_steps=1, **common), log=lambda *_: None)
     assert first.steps == 1 and (out / "checkpoint-1").is_dir()
     resumed = train(TrainConfig(max_steps=2, resume="auto", **common), log=lambda *_: None)

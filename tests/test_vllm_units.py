@@ -116,6 +116,10 @@ def test_general_plugin_entry_point(tmp_path, monkeypatch):
     plugins = load_plugins_by_group("vllm.general_plugins")
     assert "msn_trjacobi" in plugins
     cpu = AttentionBackendEnum.CPU_ATTN
+    # The override is process-global: an engine built earlier in this pytest process
+    # (the plugin tests) may have installed it already.
+    previous = cpu.get_path()
+    cpu.clear_override()
     try:
         monkeypatch.delenv(ENV_TREE_ATTN, raising=False)
         plugins["msn_trjacobi"]()
@@ -126,6 +130,10 @@ def test_general_plugin_entry_point(tmp_path, monkeypatch):
         assert cpu.get_path() == BACKEND_PATH
     finally:
         cpu.clear_override()
+        if previous == BACKEND_PATH:
+            from proposers.vllm.tree_attention import register_tree_backend
+
+            register_tree_backend()
 
 
 # ---------------------------------------------------------------- oracle tree (b2)

@@ -164,15 +164,15 @@ CODE_TASKS = (
     "Implement `{sig}` in Python. Its documentation says: {doc}\nInclude a short example.",
     "Explain step by step what this Python function does:\n\n```python\n{src}\n```",
     "Write two unit tests with pytest for this function:\n\n```python\n{src}\n```",
-    "Suggest how to make this Python code clearer, and show the improved version:\n\n"
-    "```python\n{src}\n```",
+    ("Suggest how to make this Python code clearer, and show the improved version:\n\n"
+    "```python\n{src}\n```"),
 )
 PROSE_TASKS = {
     "summarize": ("Summarize the following text in a few sentences.\n\n{text}",
                   "Give a one-paragraph summary of this passage:\n\n{text}",
                   "Write a short TL;DR for the following:\n\n{text}"),
-    "qa": ("Read the passage and answer: what is its main point, and which details "
-           "support it?\n\n{text}",
+    "qa": (("Read the passage and answer: what is its main point, and which details "
+           "support it?\n\n{text}"),
            "{text}\n\nBased only on the text above, what problem does it solve and how?",
            "Answer using the passage: who would use what it describes, and why?\n\n{text}"),
     "rewrite": ("Rewrite the following text in plain, simple English:\n\n{text}",
@@ -181,11 +181,11 @@ PROSE_TASKS = {
                   "Translate the first sentence of this text into German:\n\n{text}"),
 }
 MATH_TASKS = (
-    "{a} people each buy {b} notebooks at ${c} each. How much do they spend in total? "
-    "Explain your reasoning.",
+    ("{a} people each buy {b} notebooks at ${c} each. How much do they spend in total? "
+    "Explain your reasoning."),
     "A train travels {a} km in {b} hours. What is its average speed? Show your steps.",
-    "Sam has {a} marbles, gives away {b} and then buys {c} more. How many does Sam "
-    "have now? Think step by step.",
+    ("Sam has {a} marbles, gives away {b} and then buys {c} more. How many does Sam "
+    "have now? Think step by step."),
     "A rectangle is {a} cm long and {b} cm wide. What are its area and perimeter?",
     "What is {a} multiplied by {b}, minus {c}? Show your work.",
 )

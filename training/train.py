@@ -93,7 +93,7 @@ def load_chat_jsonl(path: Path, split: str | None = "train",
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
             if not isinstance(row.get("messages"), list):
-                raise ValueError(f"{path}:{lineno}: no 'messages' list")
+                raise ValueError(f"{path}:{lineno}: no 'messages' list")  # noqa: TRY004 - bad data
             if split is not None and row.get("split", split) != split:
                 continue
             rows.append(row)

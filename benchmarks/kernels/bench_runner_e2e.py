@@ -26,7 +26,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from proposers.reference.runner import ReferenceRunner
 from proposers.reference.runner import DTYPES, GenerationConfig, ReferenceRunner
 
 PROMPTS = [
