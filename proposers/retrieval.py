@@ -18,6 +18,14 @@ def ngram_lookup(
     `context` is a 1-D token tensor (prompt + output so far, ending with the newest
     token). Returns up to `max_tokens` tokens (possibly empty).
     """
+    return ngram_match(context, max_tokens, max_ngram, min_ngram)[0]
+
+
+def ngram_match(
+    context: torch.Tensor, max_tokens: int, max_ngram: int = 3, min_ngram: int = 1
+) -> tuple[torch.Tensor, int]:
+    """`ngram_lookup`, plus the length of the matched n-gram (0 when nothing matched):
+    a longer match predicts the continuation better (the vLLM planner's feature)."""
     n_ctx = context.numel()
     for n in range(min(max_ngram, n_ctx - 1), min_ngram - 1, -1):
         suffix = context[n_ctx - n :]
@@ -27,5 +35,5 @@ def ngram_lookup(
         hits = (windows == suffix).all(dim=1).nonzero().flatten()
         if hits.numel():
             start = int(hits[-1]) + n
-            return context[start : start + max_tokens]
-    return context.new_empty(0)
+            return context[start : start + max_tokens], n
+    return context.new_empty(0), 0

@@ -32,3 +32,14 @@ def test_no_match_and_tiny_contexts():
 def test_suffix_never_matches_itself():
     ctx = t(5, 5, 5)
     assert ngram_lookup(ctx, 3, max_ngram=2).tolist() == [5]
+
+
+def test_ngram_match_reports_the_matched_length():
+    from proposers.retrieval import ngram_match
+
+    ctx = torch.tensor([1, 2, 3, 9, 1, 2, 3])
+    tokens, n = ngram_match(ctx, 2)
+    assert (tokens.tolist(), n) == ([9, 1], 3)
+    tokens, n = ngram_match(torch.tensor([5, 7, 8, 7]), 4)
+    assert (tokens.tolist(), n) == ([8, 7], 1)
+    assert ngram_match(torch.tensor([1, 2, 3]), 4)[1] == 0

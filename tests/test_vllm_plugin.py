@@ -9,9 +9,10 @@ file as a script: plain vLLM, then vLLM with the plugin. Results come back as JS
   plugin run the same batch also holds the 17 requests again in mixed modes (tree, no
   speculation, chain), so some requests are in prefill while others verify trees;
 - 400 sampled continuations of one repetitive prompt (temperature 1, fixed seeds) for a
-  chi-square test against plain vLLM: the plugin's default for sampled requests (no
-  speculation) and forced draft chains must both pass (forced chains need the plugin's
-  fix of a vLLM 0.32-cpu kernel bug, evidence below).
+  chi-square test against plain vLLM: the plugin's default for sampled requests (planned
+  chains; a chain every step here, the planner being off) and forced draft chains must
+  both pass (drafted chains need the plugin's fix of a vLLM 0.32-cpu kernel bug,
+  evidence below).
 
 Then the tests read the plugin's own counters (tree steps, KV compactions, accepted
 tokens, sampled requests served without speculation) and vLLM's preemption counter, to
@@ -122,6 +123,8 @@ def run_engine(mode: str, out: Path) -> None:
                   for i in range(NUM_SAMPLES)]
         return [list(o.outputs[0].token_ids) for o in llm.generate([prefix] * NUM_SAMPLES, params)]
 
+    if mode == "plugin":
+        result["stats_greedy"] = llm.collective_rpc("trjacobi_stats")[0]
     result["sampled"] = sample()  # plugin: its default for sampled requests
     if mode == "plugin":
         result["stats_default"] = llm.collective_rpc("trjacobi_stats")[0]
@@ -197,14 +200,16 @@ def _assert_same_distribution(plain: list[list[int]], other: list[list[int]]) ->
 
 
 def test_sampling_is_lossless(runs):
-    """The plugin's default for sampled requests (no speculation) serves exactly plain
-    vLLM's distribution, and says so in its counters."""
+    """The plugin's default for sampled requests (cost-planned chains; with the planner
+    off, as here, a chain every step) serves exactly plain vLLM's distribution."""
     plain, plugin = runs
     _assert_same_distribution(plain["sampled"], plugin["sampled"])
     from proposers.vllm import TRJacobiConfig
 
-    off = TRJacobiConfig().sampled == "off"
-    assert plugin["stats_default"]["sampled_unspeculated"] == (NUM_SAMPLES if off else 0)
+    assert TRJacobiConfig().sampled == "auto"
+    assert plugin["stats_default"]["sampled_unspeculated"] == 0
+    drafted = plugin["stats_default"]["proposals"] - plugin["stats_greedy"]["proposals"]
+    assert drafted >= NUM_SAMPLES  # every sampled request drafted chains
 
 
 def test_sampling_forced_chains_speculate(runs):

@@ -72,27 +72,93 @@ def test_tree_step_mask_and_slots():
     assert step.query_index[step.query_valid].tolist() == list(range(6))
 
 
-def test_planner_turns_speculation_off_when_it_does_not_pay():
-    p = CostPlanner([("small", "tree"), ("big", "tree")])
+def _trained_planner(rungs, kernel, tree=None):
+    """A planner whose cost lines saw `kernel` / `tree` = [(tokens, seconds), ...]."""
+    p = CostPlanner(rungs, probe_every=10**9, tree_probe_every=10**9)
     for _ in range(50):
-        p.record_step("kernel", 8, 0.05)
-        p.record_step("kernel", 300, 1.0)
-        p.record_step("tree", 8 * 9, 0.20)
-    p.record_request("small", 8, 0)  # nothing accepted, 4x the cost: never worth it
-    choices = [p.choose(8) for _ in range(200)]
-    assert choices.count(NONE) > 190
+        for path, points in (("kernel", kernel), ("tree", tree or [])):
+            for tokens, seconds in points:
+                p.record_step(path, tokens, seconds)
+    return p
+
+
+def test_planner_turns_speculation_off_when_it_does_not_pay():
+    p = _trained_planner([("small", "tree"), ("big", "tree")],
+                         kernel=[(8, 0.05), (300, 1.0)], tree=[(8 * 9, 0.20)])
+    for f in range(4):
+        p.record_request("small", f, 8, 0)  # nothing accepted, 4x the cost
+        p.record_request("big", f, 30, 0)
+    choices = [c for _ in range(200) for c in p.plan([1] * 8)]
+    assert set(choices) == {NONE}
 
 
 def test_planner_speculates_when_acceptance_is_high():
-    p = CostPlanner([("small", "tree"), ("big", "tree")])
-    for _ in range(50):
-        p.record_step("kernel", 1, 0.05)
-        p.record_step("kernel", 300, 0.5)
-        p.record_step("tree", 9, 0.06)
-    p.record_request("small", 8, 3)
-    p.record_request("big", 30, 3)  # no more accepted for 4x the nodes
-    choices = [p.choose(1) for _ in range(100)]
-    assert choices.count("small") > 90
+    p = _trained_planner([("small", "tree"), ("big", "tree")],
+                         kernel=[(1, 0.05), (300, 0.5)], tree=[(9, 0.06)])
+    p.record_request("small", 3, 8, 3)
+    p.record_request("big", 3, 30, 3)  # no more accepted for 4x the nodes
+    assert all(p.plan([3]) == ["small"] for _ in range(100))
+
+
+def test_planner_drafts_only_for_requests_likely_to_accept():
+    # Step cost ~ 10 ms + 1 ms per token: a 10-token chain pays only if it gains ~1.3+
+    # tokens at batch 8. Feature 3 (a 3-gram retrieval hit) accepts 6, feature 1 accepts 0.2.
+    p = _trained_planner([("chain", "kernel"), ("tree-8", "tree")],
+                         kernel=[(8, 0.018), (80, 0.090)], tree=[(80, 0.2)])
+    p.record_request("chain", 3, 10, 6)
+    p.record_request("chain", 1, 5, 0.2)
+    p.record_request("tree-8", 3, 8, 5)
+    p.record_request("tree-8", 1, 8, 0.5)
+    features = [1, 3, 1, 1, 3, 1, 1, 1]
+    assert p.plan(features) == ["chain" if f == 3 else NONE for f in features]
+    assert p.history == {"chain": 2, NONE: 6}
+
+
+def test_planner_optimum_matches_brute_force():
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    rungs = [("chain", "kernel"), ("t8", "tree"), ("t16", "tree")]
+    for _ in range(60):
+        a, b = rng.uniform(0.005, 0.05), rng.uniform(1e-4, 2e-3)
+        ta, tb = a * rng.uniform(1, 3), b * rng.uniform(1, 3)
+        p = _trained_planner(rungs, kernel=[(1, a + b), (64, a + 64 * b)],
+                             tree=[(1, ta + tb), (64, ta + 64 * tb)])
+        for name, _ in rungs:
+            for f in range(3):
+                nodes = {"chain": rng.randint(1, 10), "t8": 8, "t16": 16}[name]
+                p.record_request(name, f, nodes, rng.uniform(0, min(nodes, 5)))
+        features = [rng.randrange(3) for _ in range(rng.randint(1, 4))]
+        got = p.rate(features, len(features), p.plan(features))
+        options = [NONE] + [n for n, _ in rungs]
+        best = max(p.rate(features, len(features), list(c))
+                   for c in itertools.product(options, repeat=len(features)))
+        assert got == pytest.approx(best, rel=1e-6)
+
+
+def test_planner_probes_untried_rungs_then_settles():
+    p = CostPlanner([("chain", "kernel"), ("tree-8", "tree")])
+    p.plan([2])  # no cost data yet: measure plain decoding first
+    assert p.history == {NONE: 1}
+    for _ in range(5):
+        p.record_step("kernel", 1, 0.01)
+    tried = set()
+    for _ in range(16):
+        for rung in p.plan([2]):
+            tried.add(rung)
+            if rung != NONE:
+                p.record_step("tree" if rung == "tree-8" else "kernel", 9, 0.02)
+                p.record_request(rung, 2, 8, 0)
+    assert tried == {NONE, "chain", "tree-8"}
+    # Both rungs now known to accept nothing: only the slow probes draft (one per 16 steps).
+    later = [r for _ in range(64) for r in p.plan([2])]
+    assert 2 <= 64 - later.count(NONE) <= 4
+
+
+def test_planner_without_cost_awareness_always_drafts_the_largest_rung():
+    p = CostPlanner([("chain", "kernel"), ("tree-8", "tree")], cost_aware=False)
+    assert p.plan([0, 3]) == ["tree-8", "tree-8"]
 
 
 def test_general_plugin_entry_point(tmp_path, monkeypatch):
@@ -254,9 +320,10 @@ def test_oracle_tree_identical_and_ablations_break_it():
         assert broken != reference, f"turning off {ablation} did not change the output"
 
 
-def test_sampled_requests_default_to_no_speculation(caplog):
-    """Temperature > 0: no drafts unless asked (vLLM 0.32-cpu chain verification of
-    sampled requests is biased, see test_vllm_plugin.py); logged once and counted."""
+def test_request_modes_and_sampled_defaults(caplog):
+    """Greedy plain requests get planned trees, greedy ones with logits processing
+    chains; sampled ones (temperature > 0) planned chains ("auto") by default, or what
+    the engine / request asks; "off" is logged once and counted."""
     import types
 
     from vllm import SamplingParams
@@ -278,15 +345,23 @@ def test_sampled_requests_default_to_no_speculation(caplog):
     r = runner()
     add(r, "g", temperature=0.0)
     add(r, "gp", temperature=0.0, repetition_penalty=1.2)
+    add(r, "g-auto", temperature=0.0, extra_args={"trjacobi": "auto"})
     add(r, "s1", temperature=0.8)
     add(r, "s2", temperature=1.0, top_p=0.9)
+    add(r, "s-tree", temperature=1.0, extra_args={"trjacobi": "tree"})
     add(r, "forced", temperature=1.0, extra_args={"trjacobi": "chain"})
+    add(r, "s-off", temperature=1.0, extra_args={"trjacobi": "off"})
     with caplog.at_level("WARNING", logger="proposers.vllm.runner"):
-        assert [r.mode(i) for i in ("g", "gp", "s1", "s2", "forced")] == [
-            "tree", "chain", "off", "off", "chain"]
-        assert r.mode("s1") == "off"  # every step asks again; counted once per request
-    assert r.sampled_unspeculated == 2
+        assert [r.mode(i) for i in ("g", "gp", "g-auto", "s1", "s2", "s-tree", "forced")] == [
+            "tree", "chain", "tree", "auto", "auto", "auto", "chain"]
+        assert r.sampled_unspeculated == 0
+        assert r.mode("s-off") == "off"
+        assert r.mode("s-off") == "off"  # every step asks again; counted once per request
+    assert r.sampled_unspeculated == 1
     assert sum("without speculation" in m for m in caplog.messages) == 1
+    r = runner(sampled="off")
+    add(r, "s", temperature=1.0)
+    assert r.mode("s") == "off" and r.sampled_unspeculated == 1
     r = runner(sampled="chain")
     add(r, "s", temperature=1.0)
     assert r.mode("s") == "chain" and r.sampled_unspeculated == 0
@@ -322,3 +397,51 @@ def test_fixed_cpu_expand_kernel_feeds_the_rejection_sampler_real_temperatures()
     meta = types.SimpleNamespace(all_greedy=False, temperature=temps, top_k=None, top_p=None)
     out = rs.apply_sampling_constraints(logits.clone(), cu, meta)
     torch.testing.assert_close(out, logits / expanded[:, None])
+
+
+def test_proposer_plans_per_request():
+    """The proposer asks the planner per request: a repetitive context (3-gram retrieval
+    hit) drafts, a fresh one does not; sampled ("auto") requests only ever draft chains."""
+    import types
+
+    import numpy as np
+
+    from proposers.vllm.config import TRJacobiConfig
+    from proposers.vllm.planner import SAMPLED
+    from proposers.vllm.proposer import BatchFeedback, TRJacobiProposer
+
+    def proposer(**cfg):
+        config = TRJacobiConfig(templates=("tree-8",), **cfg)
+        vllm_config = types.SimpleNamespace(
+            speculative_config=types.SimpleNamespace(
+                num_speculative_tokens=config.max_draft_tokens()),
+            additional_config={"trjacobi": config.to_dict()})
+        return TRJacobiProposer(vllm_config)
+
+    repetitive = [5, 6, 7, 8, 9, 5, 6, 7]  # ends with 5 6 7: a 3-gram hit, continues 8 9
+    fresh = [11, 12, 13, 14, 15, 16, 17, 18]  # no earlier match at all
+    tokens = np.array([repetitive, fresh, repetitive])
+
+    def propose(p, modes):
+        p.set_target_feedback(BatchFeedback(["a", "b", "c"], modes))
+        return p.propose([[1], [1], [1]], np.array([8, 8, 8]), tokens)
+
+    p = proposer()
+    for _ in range(50):
+        p.planner.record_step("kernel", 3, 0.030)
+        p.planner.record_step("kernel", 30, 0.057)
+        p.planner.record_step("tree", 30, 0.2)
+    for f in (0, 1, 2, 3):
+        p.planner.record_request("chain", f, 5, 4.5 if f == 3 else 0.0)
+        p.planner.record_request("tree-8", f, 8, 0.0)
+        p.planner.record_request("chain", f + SAMPLED, 5, 4.0 if f == 3 else 0.0)
+    p.planner.probe_every = 10**9
+    drafts = propose(p, ["tree", "tree", "auto"])
+    assert drafts[0][:2] == [8, 9] and drafts[1] == [] and drafts[2][:2] == [8, 9]
+    assert p.plan_for("a").rung == "chain" and p.plan_for("a").feature == 3
+    assert p.plan_for("c").feature == 3 + SAMPLED and p.plan_for("c").is_chain
+
+    p = proposer(cost_aware=False)  # always the largest rung a request may use
+    propose(p, ["tree", "tree", "auto"])
+    assert p.plan_for("a").rung == "tree-8"
+    assert p.plan_for("c").rung == "chain" and p.plan_for("c").is_chain

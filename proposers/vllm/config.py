@@ -16,7 +16,7 @@ PROPOSER_PATH = "proposers.vllm.TRJacobiProposer"
 WORKER_PATH = "proposers.vllm.runner.TRJacobiWorker"
 CONFIG_KEY = "trjacobi"
 MODES = ("tree", "chain", "retrieval", "off")
-SAMPLED_MODES = ("off", "chain", "retrieval")
+SAMPLED_MODES = ("auto", "off", "chain", "retrieval")
 
 
 @dataclass(frozen=True)
@@ -25,24 +25,29 @@ class TRJacobiConfig:
     chain = Jacobi chain with feedback, retrieval chain when the context repeats;
     retrieval = prompt lookup only; off = no drafts (plumbing only).
 
-    `sampled` is what requests with temperature > 0 get: "off" (default) = no
-    speculation (the cost-aware planner does not cover chains yet), "chain" /
-    "retrieval" = draft chains verified by vLLM's rejection sampler: lossless with the
-    TR-Jacobi worker, which replaces a broken vLLM 0.32-cpu kernel
-    (`runner.fix_cpu_expand_kernel`; measured in tests/test_vllm_plugin.py). A request can also choose with
+    `sampled` is what requests with temperature > 0 get: "auto" (default) = chains
+    (retrieval, else Jacobi) drafted when the cost-aware planner expects them to pay,
+    "chain" / "retrieval" = always draft chains, "off" = no speculation. Sampled chains
+    are verified by vLLM's rejection sampler: lossless with the TR-Jacobi worker, which
+    replaces a broken vLLM 0.32-cpu kernel (`runner.fix_cpu_expand_kernel`; measured in
+    tests/test_vllm_plugin.py). A request can also choose with
     `SamplingParams(extra_args={"trjacobi": mode})`.
 
-    `templates` is the ladder of tree templates, smallest first. With `cost_aware`, each
-    step picks the rung (or no speculation) with the best expected tokens per second from
-    measured step costs and acceptance; otherwise the largest rung is always used.
+    `templates` is the ladder of tree templates, smallest first; with `chain_rung` the
+    ladder starts with the chain (retrieval chain when the context repeats, else the
+    Jacobi chain), which runs on vLLM's own attention kernel. With `cost_aware`, each
+    step gives each request the rung (or no speculation) with the best expected tokens
+    per second for the whole step, from measured step costs and acceptance
+    (`planner.py`); otherwise every request drafts the largest rung.
     """
 
     mode: str = "tree"
-    sampled: str = "off"
+    sampled: str = "auto"
     templates: tuple[str, ...] = ("tree-8", "tree-16", "tree-32", "paper-68")
     chain_template: str = "chain-5"
     retrieval_template: str = "retrieval-10"
     cost_aware: bool = True
+    chain_rung: bool = True
     fill_noise: bool = False  # noise nodes pay off only for MSN-trained models
     max_ngram: int = 3
     seed: int = 0

@@ -1,27 +1,39 @@
-"""Cost-aware tree sizing: how much to speculate in the next step, or not at all.
+"""Cost-aware drafting: how much each request speculates in the next step, or not at all.
 
-On a 2-core CPU a verify step of 1+N tokens costs far more than a 1-token step
-(architecture.md: vLLM's own n-gram speculation runs at 0.75-0.83x), so a fixed tree
-loses wherever drafts are rarely accepted. Each step we pick the rung of a ladder
-(no speculation, then the configured templates, smallest first) with the best expected
-throughput:
+On a 2-core CPU a verify step of T tokens costs roughly a + b*T, and b is large
+(architecture.md: vLLM's own n-gram speculation runs at 0.75-0.83x of plain), so
+drafting pays only for requests whose drafts are likely to be accepted. Each step the
+planner gives every tree-mode request a rung of a ladder (no speculation, the Jacobi /
+retrieval chain, then the tree templates, smallest first) to maximise the step's
+expected throughput
 
-    rate(rung) = B * (1 + accepted(rung)) / cost(path(rung), B * (1 + nodes(rung)))
+    rate = (B + sum_i accepted(rung_i, f_i)) / cost(path, B + sum_i nodes(rung_i, f_i))
 
-`accepted` and `nodes` are exponential averages per rung of what the runner observed
-(accepted drafts and drafted nodes per request-step); `cost` is a line a + b*T fitted
-to measured step times per attention path ("kernel": the stock CPU kernel, which
-chain and plain steps use; "tree": the PyTorch tree path). Rungs never tried have no
-estimate; the planner probes the rung above the current one now and then (more often
-while it is speculating, since that is where a bigger tree may pay), so the estimates
-follow the workload at a small probing cost.
+where B is the number of decoding requests, `f_i` a cheap per-request feature (the
+length of the n-gram the retrieval lookup matched now, 0-3: retrieval hits are where
+drafts get accepted; offset by SAMPLED for sampled requests, which draft chains only), `accepted` / `nodes` exponential averages per (rung, feature) of
+what the runner observed, and `cost` a line fitted to measured step times per attention
+path ("kernel": vLLM's own CPU kernel, used by plain and chain steps; "tree": the
+PyTorch tree path, taken by the whole batch as soon as one request drafts a tree).
+The ratio is maximised exactly per path with Dinkelbach's method: for a guess `lam` of
+the rate, each request independently picks the rung maximising
+`accepted - lam * slope * nodes`; the resulting rate is the next guess.
+
+(rung, feature) pairs never tried, or not tried for a while, are probed on one request
+now and then (tree rungs more rarely, since a tree step moves the whole batch to the
+tree path), so the estimates follow the workload at a small cost.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 NONE = "none"
+KERNEL, TREE = "kernel", "tree"
+FAST_PROBE_EVERY = 4
+# Features of sampled requests are offset by this: their acceptance differs from greedy
+# ones, and they may only draft chains (vLLM's rejection sampler verifies chains).
+SAMPLED = 16
 
 
 @dataclass
@@ -43,15 +55,20 @@ class _Line:
         self.sxx = self.sxx * d + x * x
         self.sxy = self.sxy * d + x * y
 
-    def predict(self, x: float) -> float | None:
+    def coefficients(self) -> tuple[float, float] | None:
+        """(intercept, slope) in seconds and seconds per token, or None without data."""
         if self.w < 1.0:
             return None
         mx, my = self.sx / self.w, self.sy / self.w
         var = self.sxx / self.w - mx * mx
         if var < 1.0:  # all samples at one size: assume cost proportional to tokens
-            return my * max(x, 1.0) / max(mx, 1.0)
+            return 0.0, my / max(mx, 1.0)
         slope = max((self.sxy / self.w - mx * my) / var, 0.0)
-        return max(my + slope * (x - mx), 1e-6)
+        return max(my - slope * mx, 0.0), slope
+
+    def predict(self, x: float) -> float | None:
+        coef = self.coefficients()
+        return None if coef is None else max(coef[0] + coef[1] * x, 1e-6)
 
 
 @dataclass
@@ -64,84 +81,184 @@ class _Ema:
 
 
 @dataclass
+class _Estimate:
+    accepted: _Ema = field(default_factory=_Ema)
+    nodes: _Ema = field(default_factory=_Ema)
+    last_used: int = -(10**9)
+
+
+@dataclass(frozen=True)
 class Rung:
     name: str
-    path: str  # "kernel" or "tree"
-    accepted: _Ema
-    nodes: _Ema
-    last_used: int = -(10**9)
+    path: str  # KERNEL or TREE
 
 
 class CostPlanner:
     def __init__(self, rungs: list[tuple[str, str]], cost_aware: bool = True,
-                 probe_every: int = 24, idle_probe_every: int = 64):
+                 probe_every: int = 16, tree_probe_every: int = 64):
+        if not rungs:
+            raise ValueError("the planner needs at least one rung")
         self.cost_aware = cost_aware
-        self.rungs = [Rung(name, path, _Ema(), _Ema()) for name, path in rungs]
-        self.lines = {"kernel": _Line(), "tree": _Line()}
+        self.rungs = [Rung(name, path) for name, path in rungs]
+        self.lines = {KERNEL: _Line(), TREE: _Line()}
+        self.estimates: dict[tuple[str, int], _Estimate] = {}
         self.probe_every = probe_every
-        self.idle_probe_every = idle_probe_every
+        self.tree_probe_every = tree_probe_every
         self.step = 0
-        self.current = NONE if cost_aware else self.rungs[-1].name
-        self.history: dict[str, int] = {}  # rung -> steps chosen (reported by benchmarks)
+        self._last_tree_probe = 0
+        self.history: dict[str, int] = {}  # rung -> request-steps it was chosen for
 
+    # -- observations --------------------------------------------------------------
     def record_step(self, path: str, num_tokens: int, seconds: float) -> None:
         self.lines[path].add(float(num_tokens), seconds)
 
-    def record_request(self, rung: str, num_nodes: int, num_accepted: int) -> None:
-        for r in self.rungs:
-            if r.name == rung:
-                r.accepted.add(float(num_accepted))
-                r.nodes.add(float(num_nodes))
+    def record_request(self, rung: str, feature: int, num_nodes: int, num_accepted: int) -> None:
+        est = self._estimate(rung, feature)
+        est.accepted.add(float(num_accepted))
+        est.nodes.add(float(num_nodes))
 
-    def cost(self, path: str, num_tokens: float) -> float | None:
-        kernel = self.lines["kernel"].predict(num_tokens)
-        if path == "kernel" or kernel is None:
-            return kernel
-        return self.lines["tree"].predict(num_tokens)
+    def _estimate(self, rung: str, feature: int) -> _Estimate:
+        return self.estimates.setdefault((rung, feature), _Estimate())
 
-    def rate(self, rung: Rung, batch: int) -> float | None:
-        if rung.accepted.value is None:
-            return None
-        cost = self.cost(rung.path, batch * (1.0 + rung.nodes.value))
-        return None if cost is None else batch * (1.0 + rung.accepted.value) / cost
+    # -- decisions -----------------------------------------------------------------
+    def plan(self, features: list[int], batch: int | None = None) -> list[str]:
+        """A rung (or NONE) for each request in `features`, one step.
 
-    def choose(self, batch: int) -> str:
-        """The rung for the next step of `batch` decoding requests."""
+        `batch` is the number of decoding requests in the step (default: all of these);
+        requests outside `features` are counted as one token each.
+        """
         self.step += 1
-        if batch == 0:
-            return NONE
+        batch = len(features) if batch is None else batch
+        if not features:
+            return []
         if not self.cost_aware:
-            choice = self.rungs[-1].name
+            choice = [self._largest(f) for f in features]
         else:
-            choice = self._best(batch)
-            probe = self._probe(choice)
-            if probe is not None:
-                choice = probe
-        for r in self.rungs:
-            if r.name == choice:
-                r.last_used = self.step
-        self.current = choice
-        self.history[choice] = self.history.get(choice, 0) + 1
+            choice = self._best(features, batch)
+            self._probe(features, choice)
+        for f, name in zip(features, choice):
+            self.history[name] = self.history.get(name, 0) + 1
+            if name != NONE:
+                self._estimate(name, f).last_used = self.step
         return choice
 
-    def _best(self, batch: int) -> str:
-        plain = self.cost("kernel", batch)
-        best, best_rate = NONE, (batch / plain if plain else None)
-        if best_rate is None:
-            return NONE
-        for r in self.rungs:
-            rate = self.rate(r, batch)
-            if rate is not None and rate > best_rate:
-                best, best_rate = r.name, rate
+    def _largest(self, feature: int) -> str:
+        eligible = [r.name for r in self.rungs if _eligible(r, feature)]
+        return eligible[-1] if eligible else NONE
+
+    def _known(self, rung: Rung, feature: int) -> tuple[float, float] | None:
+        est = self.estimates.get((rung.name, feature))
+        if est is None or est.accepted.value is None:
+            return None
+        return est.accepted.value, est.nodes.value
+
+    def _best(self, features: list[int], batch: int) -> list[str]:
+        kernel = self.lines[KERNEL].coefficients()
+        if kernel is None:
+            return [NONE] * len(features)  # first steps: measure plain decoding first
+        kernel_rungs = [r for r in self.rungs if r.path == KERNEL]
+        candidates = [self._dinkelbach(features, batch, kernel_rungs, kernel)]
+        tree = self._coefficients(TREE)
+        if tree is not None:
+            # A tree step has at least one tree request: fix which (feature, rung) that
+            # is, and optimise the others freely on the tree path's cost line.
+            firsts = {f: i for i, f in reversed(list(enumerate(features)))}
+            for f, i in firsts.items():
+                rest = features[:i] + features[i + 1:]
+                for r in self.rungs:
+                    known = self._known(r, f) if r.path == TREE and _eligible(r, f) else None
+                    if known is None:
+                        continue
+                    others = self._dinkelbach(rest, batch, self.rungs, tree, fixed=known)
+                    candidates.append(others[:i] + [r.name] + others[i:])
+        best = [NONE] * len(features)
+        best_rate = self.rate(features, batch, best)
+        for choice in candidates:
+            rate = self.rate(features, batch, choice)
+            if rate is not None and rate > best_rate * 1.0001:
+                best, best_rate = choice, rate
         return best
 
-    def _probe(self, choice: str) -> str | None:
-        names = [NONE] + [r.name for r in self.rungs]
-        above = names.index(choice) + 1
-        if above >= len(names):
+    def _dinkelbach(self, features: list[int], batch: int, allowed: list[Rung],
+                    coef: tuple[float, float],
+                    fixed: tuple[float, float] = (0.0, 0.0)) -> list[str]:
+        """Rungs for `features` maximising (batch + accepted) / (a + b * (batch + nodes))
+        on one cost line, with `fixed` (accepted, nodes) already in the step."""
+        a, b = coef
+        options = {
+            f: [(NONE, 0.0, 0.0)] + [(r.name, *known) for r in allowed if _eligible(r, f)
+                                     and (known := self._known(r, f)) is not None]
+            for f in set(features)
+        }
+
+        def ratio(acc: float, nodes: float) -> float:
+            return (batch + fixed[0] + acc) / max(a + b * (batch + fixed[1] + nodes), 1e-12)
+
+        lam = ratio(0.0, 0.0)
+        pick = {f: opts[0] for f, opts in options.items()}
+        for _ in range(16):
+            new_pick = {f: max(opts, key=lambda o: o[1] - lam * b * o[2])
+                        for f, opts in options.items()}
+            new = ratio(sum(new_pick[f][1] for f in features),
+                        sum(new_pick[f][2] for f in features))
+            if new <= lam * (1 + 1e-12):
+                break
+            pick, lam = new_pick, new
+        return [pick[f][0] for f in features]
+
+    def rate(self, features: list[int], batch: int, choice: list[str]) -> float | None:
+        """Expected tokens per second of a step that drafts `choice`."""
+        by_name = {r.name: r for r in self.rungs}
+        acc = nodes = 0.0
+        path = KERNEL
+        for f, name in zip(features, choice):
+            if name == NONE:
+                continue
+            known = self._known(by_name[name], f)
+            if known is None:
+                return None
+            acc, nodes = acc + known[0], nodes + known[1]
+            if by_name[name].path == TREE:
+                path = TREE
+        coef = self._coefficients(path)
+        if coef is None:
             return None
-        every = self.idle_probe_every if choice == NONE else self.probe_every
-        rung = self.rungs[above - 1]
-        if self.step - rung.last_used >= every:
-            return rung.name
-        return None
+        return (batch + acc) / max(coef[0] + coef[1] * (batch + nodes), 1e-12)
+
+    def _coefficients(self, path: str) -> tuple[float, float] | None:
+        """The path's cost line. A tree step is never assumed cheaper than a kernel step
+        of the same size (a tree line fitted at few sizes can extrapolate below it)."""
+        kernel = self.lines[KERNEL].coefficients()
+        if path == KERNEL or kernel is None:
+            return kernel
+        tree = self.lines[TREE].coefficients()
+        return None if tree is None else (max(tree[0], kernel[0]), max(tree[1], kernel[1]))
+
+    def _probe(self, features: list[int], choice: list[str]) -> None:
+        """Now and then, try the stalest (rung, feature) of this batch on one request.
+
+        Pairs never tried are probed every few steps, so a fresh planner learns fast."""
+        untried = any(self._known(r, f) is None for f in set(features) for r in self.rungs
+                      if _eligible(r, f))
+        if self.step % (FAST_PROBE_EVERY if untried else self.probe_every):
+            return
+        tree_ok = untried or self.step - self._last_tree_probe >= self.tree_probe_every
+        uses_tree = any(r.path == TREE and r.name in choice for r in self.rungs)
+        stalest = None
+        for i, f in enumerate(features):
+            for r in self.rungs:
+                if not _eligible(r, f) or (r.path == TREE and not (tree_ok or uses_tree)):
+                    continue
+                age = self.step - self._estimate(r.name, f).last_used
+                if stalest is None or age > stalest[0]:
+                    stalest = (age, i, r)
+        if stalest is None or stalest[0] < FAST_PROBE_EVERY:
+            return
+        _, i, rung = stalest
+        choice[i] = rung.name
+        if rung.path == TREE and not uses_tree:
+            self._last_tree_probe = self.step
+
+
+def _eligible(rung: Rung, feature: int) -> bool:
+    return rung.path == KERNEL or feature < SAMPLED

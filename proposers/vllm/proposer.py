@@ -16,28 +16,34 @@ chains, verified by vLLM's own rejection sampler.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from proposers.candidates import CandidateTable
+from proposers.retrieval import ngram_match
 from proposers.templates import chain, load_template
 from proposers.tree import TreeSpec, compile_tree
 from proposers.vllm.config import TRJacobiConfig
-from proposers.vllm.planner import NONE, CostPlanner
+from proposers.vllm.planner import KERNEL, NONE, SAMPLED, TREE, CostPlanner
 from proposers.vllm.version import check_vllm_version
 
 logger = logging.getLogger(__name__)
+
+# The planner's chain rung: the retrieval chain when the context repeats, else Jacobi.
+CHAIN_RUNG = "chain"
+PLANNED_MODES = ("tree", "auto")  # auto: sampled requests, planned chains
 
 
 @dataclass(frozen=True)
 class DraftPlan:
     """What was drafted for one request: the (pruned) tree and its node tokens."""
 
-    rung: str  # template name; statistics key
+    rung: str  # planner rung (template name or CHAIN_RUNG); statistics key
     tree: TreeSpec
     tokens: tuple[int, ...]  # nodes 1..n, BFS order (what vLLM schedules as drafts)
+    feature: int = 0  # the planner's per-request feature when it was drafted
 
     @property
     def is_chain(self) -> bool:
@@ -49,7 +55,7 @@ class BatchFeedback:
     """Handed over by the runner right before `propose`, rows in input-batch order."""
 
     req_ids: list[str]
-    modes: list[str]  # per row: tree / chain / retrieval / off
+    modes: list[str]  # per row: tree / auto / chain / retrieval / off
     topk: dict[str, torch.Tensor] = field(default_factory=dict)  # [m, K] for depths 1..m
 
 
@@ -79,7 +85,8 @@ class TRJacobiProposer:
                 f"{too_big}; use proposers.vllm.engine_kwargs() to size it"
             )
         self.feedback_k = max(t.template.top_k for t in self.trees.values())
-        rungs = [(n, "kernel" if self._is_chain(n) else "tree") for n in self.config.templates]
+        rungs = [(CHAIN_RUNG, KERNEL)] if self.config.chain_rung else []
+        rungs += [(n, KERNEL if self._is_chain(n) else TREE) for n in self.config.templates]
         self.planner = CostPlanner(rungs, cost_aware=self.config.cost_aware)
         self.states: dict[str, RequestState] = {}
         self._chains: dict[int, TreeSpec] = {}
@@ -119,40 +126,59 @@ class TRJacobiProposer:
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, **_: object) -> list[list[int]]:
         batch, self.batch = self.batch, None
-        decoding = sum(1 for s in sampled_token_ids if s)
-        rung = None
-        if batch is not None and "tree" in batch.modes:
-            rung = self.planner.choose(decoding)
-        drafts: list[list[int]] = []
-        for row, sampled in enumerate(sampled_token_ids):
-            if not sampled:
-                drafts.append([])
-                continue
-            context = torch.from_numpy(token_ids_cpu[row, : num_tokens_no_spec[row]]).long()
-            if batch is None:
-                plan = self._draft(self.config.retrieval_template, context, None)
-                drafts.append(list(plan.tokens) if plan else [])
-                continue
+        rows = [row for row, sampled in enumerate(sampled_token_ids) if sampled]
+        contexts = {row: torch.from_numpy(token_ids_cpu[row, : num_tokens_no_spec[row]]).long()
+                    for row in rows}
+        drafts: list[list[int]] = [[] for _ in sampled_token_ids]
+        if batch is None:
+            for row in rows:
+                plan = self._draft(self.config.retrieval_template, contexts[row], None)
+                drafts[row] = list(plan.tokens) if plan else []
+            return drafts
+        # Planned requests (greedy trees, sampled "auto" chains): the planner picks each
+        # one's rung (or none) for this step.
+        planned = [row for row in rows if batch.modes[row] in PLANNED_MODES]
+        features = {row: ngram_match(contexts[row], 1, self.config.max_ngram)[1]
+                    + (SAMPLED if batch.modes[row] == "auto" else 0) for row in planned}
+        rungs = dict(zip(planned, self.planner.plan([features[r] for r in planned],
+                                                   batch=len(rows))))
+        for row in rows:
             req_id, mode = batch.req_ids[row], batch.modes[row]
             state = self.states.setdefault(req_id, RequestState())
-            plan = self._plan(mode, rung, context, state.feedback)
+            context = contexts[row]
+            if mode == "off":
+                plan = None
+            elif mode in PLANNED_MODES:
+                plan = self._plan_rung(rungs[row], features[row], context, state.feedback)
+            else:  # chain / retrieval, as the request asked
+                plan = self._chain(context, state.feedback, jacobi=mode == "chain")
+            if mode != "off" and state.feedback is not None and state.feedback.numel():
+                self.num_feedback_proposals += 1
             state.plan = plan
             state.feedback = None  # feedback is per step; a stale one would mislead
-            self.num_proposals += 1
-            drafts.append(list(plan.tokens) if plan else [])
+            self.num_proposals += plan is not None  # request-steps that drafted
+            drafts[row] = list(plan.tokens) if plan else []
         return drafts
 
-    def _plan(self, mode: str, rung: str | None, context: torch.Tensor,
-              feedback: torch.Tensor | None) -> DraftPlan | None:
-        if mode == "off":
+    def _plan_rung(self, rung: str, feature: int, context: torch.Tensor,
+                   feedback: torch.Tensor | None) -> DraftPlan | None:
+        if rung == NONE:
             return None
-        if feedback is not None and feedback.numel():
-            self.num_feedback_proposals += 1
-        if mode == "tree":
-            return None if rung in (None, NONE) else self._draft(rung, context, feedback)
-        # chain / retrieval: the retrieval chain when the context repeats, else Jacobi.
+        if rung == CHAIN_RUNG:
+            plan = self._chain(context, feedback, jacobi=True)
+        else:
+            plan = self._draft(rung, context, feedback)
+        if plan is None:  # nothing to draft: the planner learns that this rung is empty
+            self.planner.record_request(rung, feature, 0, 0)
+            return None
+        return replace(plan, rung=rung, feature=feature)
+
+    def _chain(self, context: torch.Tensor, feedback: torch.Tensor | None,
+               jacobi: bool) -> DraftPlan | None:
+        """The retrieval chain when the context repeats, else (if `jacobi`) the Jacobi
+        chain from the target's feedback."""
         plan = self._draft(self.config.retrieval_template, context, None)
-        if plan is None and mode == "chain":
+        if plan is None and jacobi:
             plan = self._draft(self.config.chain_template, context, feedback)
         return plan
 

@@ -66,7 +66,8 @@ class _DraftedRow:
     req_id: str
     query_start: int
     tree: TreeSpec  # chain-shaped unless the drafts are a tree we planned
-    rung: str | None  # the proposer's template, None for drafts we did not plan
+    rung: str | None  # the planner's rung, None for drafts it did not plan
+    feature: int
     is_tree: bool
 
 
@@ -125,26 +126,27 @@ class TRJacobiRunner(CPUModelRunner):
         """tree for plain greedy requests; greedy ones with logits processing get chains
         (vLLM's rejection sampler verifies greedy chains exactly, processors included).
 
-        Sampled requests (temperature > 0) get `config.sampled`, by default no
-        speculation: chains verified by vLLM's rejection sampler are lossless (with
-        `fix_cpu_expand_kernel`; tests/test_vllm_plugin.py), but the cost-aware planner
-        does not cover them yet, and on CPU an unplanned chain can make a step slower
-        than plain decoding. A request may ask for chains with
-        `extra_args={"trjacobi": "chain"}`, or the whole engine with `sampled="chain"`."""
+        Sampled requests (temperature > 0) get `config.sampled`, by default "auto":
+        chains the cost-aware planner drafts when they pay, verified by vLLM's rejection
+        sampler (lossless with `fix_cpu_expand_kernel`; tests/test_vllm_plugin.py). A
+        request may choose with `extra_args={"trjacobi": "chain" | "off" | ...}`."""
         mode = self.trj.config.mode
         params = self.requests[req_id].sampling_params
         if params is None:
             return "off"
         override = (params.extra_args or {}).get(EXTRA_ARGS_KEY)
-        if override not in ("off", "chain", "retrieval", "tree"):
+        if override not in ("off", "chain", "retrieval", "tree", "auto"):
             override = None  # unknown values: the engine's defaults
+        greedy = params.temperature < SAMPLING_EPS
+        if override == "auto" and greedy:
+            override = None  # greedy "auto" is the engine's default (planned trees)
         if override is not None:
             mode = override if override != "tree" or self.tree_mode else mode
-        if params.temperature >= SAMPLING_EPS:
+        if not greedy:
             if override is None:
                 mode = self.trj.config.sampled
             elif mode == "tree":
-                mode = "chain"
+                mode = "auto"
             if mode == "off":
                 self._count_unspeculated(req_id)
         elif mode == "tree" and not _plain_greedy(params):
@@ -160,10 +162,9 @@ class TRJacobiRunner(CPUModelRunner):
             self._warned_sampled = True
             logger.warning(
                 "TR-Jacobi: sampled requests (temperature > 0) run without speculation "
-                "(config sampled='off'; chains are lossless but not cost-planned yet). "
-                "Counted in trjacobi_stats()['sampled_unspeculated']; enable chains with "
-                "additional_config trjacobi.sampled='chain' or per request with "
-                "extra_args={'trjacobi': 'chain'}."
+                "(config sampled='off' or extra_args={'trjacobi': 'off'}). Counted in "
+                "trjacobi_stats()['sampled_unspeculated']; the default, sampled='auto', "
+                "drafts cost-planned chains."
             )
 
     # -- step inputs ---------------------------------------------------------------
@@ -191,7 +192,8 @@ class TRJacobiRunner(CPUModelRunner):
                 tree = self.trj.chain_tree(n)
             is_tree = planned and not _is_chain(tree)
             row = _DraftedRow(req_idx, req_id, qsl[req_idx], tree,
-                              plan.rung if planned else None, is_tree)
+                              plan.rung if planned else None,
+                              plan.feature if planned else 0, is_tree)
             self._rows.append(row)
             if is_tree:
                 s = row.query_start
@@ -262,7 +264,8 @@ class TRJacobiRunner(CPUModelRunner):
             chain = row.tree.feedback_chain(node)
             feedback[row.req_id] = topk[chain] if chain else topk[:0]
             if row.rung is not None:
-                self.trj.planner.record_request(row.rung, n, max(num_accepted, 0))
+                self.trj.planner.record_request(row.rung, row.feature, n,
+                                                max(num_accepted, 0))
         if src_rows:
             assert step is not None
             slot_mapping = self.input_batch.block_table[0].slot_mapping.cpu
