@@ -144,7 +144,7 @@ def test_planner_probes_untried_rungs_then_settles():
     for _ in range(5):
         p.record_step("kernel", 1, 0.01)
     tried = set()
-    for _ in range(16):
+    for _ in range(80):  # chains are probed within a few steps, trees every 64 steps
         for rung in p.plan([2]):
             tried.add(rung)
             if rung != NONE:
@@ -407,7 +407,7 @@ def test_proposer_plans_per_request():
     import numpy as np
 
     from proposers.vllm.config import TRJacobiConfig
-    from proposers.vllm.planner import SAMPLED
+    from proposers.vllm.planner import FEEDBACK, SAMPLED
     from proposers.vllm.proposer import BatchFeedback, TRJacobiProposer
 
     def proposer(**cfg):
@@ -440,6 +440,13 @@ def test_proposer_plans_per_request():
     assert drafts[0][:2] == [8, 9] and drafts[1] == [] and drafts[2][:2] == [8, 9]
     assert p.plan_for("a").rung == "chain" and p.plan_for("a").feature == 3
     assert p.plan_for("c").feature == 3 + SAMPLED and p.plan_for("c").is_chain
+
+    # Jacobi feedback for "b" (the target's top-K at its last drafts) is a feature too.
+    p.set_target_feedback(BatchFeedback(["a", "b", "c"], ["tree"] * 3,
+                                        {"b": torch.tensor([[21, 22], [23, 24]])}))
+    assert p._feature(torch.tensor(fresh), "b", sampled=False) == FEEDBACK
+    assert p._feature(torch.tensor(repetitive), "b", sampled=True) == 3 + FEEDBACK + SAMPLED
+    assert p._feature(torch.tensor(fresh), "a", sampled=False) == 0
 
     p = proposer(cost_aware=False)  # always the largest rung a request may use
     propose(p, ["tree", "tree", "auto"])

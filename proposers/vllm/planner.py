@@ -10,8 +10,9 @@ expected throughput
     rate = (B + sum_i accepted(rung_i, f_i)) / cost(path, B + sum_i nodes(rung_i, f_i))
 
 where B is the number of decoding requests, `f_i` a cheap per-request feature (the
-length of the n-gram the retrieval lookup matched now, 0-3: retrieval hits are where
-drafts get accepted; offset by SAMPLED for sampled requests, which draft chains only), `accepted` / `nodes` exponential averages per (rung, feature) of
+length of the n-gram the retrieval lookup matched now, 0-3, plus FEEDBACK when the
+target's top-K from the request's previous drafts is at hand, which Jacobi guesses
+need; offset by SAMPLED for sampled requests, which draft chains only), `accepted` / `nodes` exponential averages per (rung, feature) of
 what the runner observed, and `cost` a line fitted to measured step times per attention
 path ("kernel": vLLM's own CPU kernel, used by plain and chain steps; "tree": the
 PyTorch tree path, taken by the whole batch as soon as one request drafts a tree).
@@ -34,6 +35,7 @@ FAST_PROBE_EVERY = 4
 # Features of sampled requests are offset by this: their acceptance differs from greedy
 # ones, and they may only draft chains (vLLM's rejection sampler verifies chains).
 SAMPLED = 16
+FEEDBACK = 4  # added to the feature when Jacobi feedback is available
 
 
 @dataclass
@@ -237,12 +239,15 @@ class CostPlanner:
     def _probe(self, features: list[int], choice: list[str]) -> None:
         """Now and then, try the stalest (rung, feature) of this batch on one request.
 
-        Pairs never tried are probed every few steps, so a fresh planner learns fast."""
+        Chain pairs never tried are probed every few steps, so a fresh planner learns
+        fast."""
         untried = any(self._known(r, f) is None for f in set(features) for r in self.rungs
                       if _eligible(r, f))
         if self.step % (FAST_PROBE_EVERY if untried else self.probe_every):
             return
-        tree_ok = untried or self.step - self._last_tree_probe >= self.tree_probe_every
+        # A tree probe moves the whole batch to the (slower) tree path: even untried
+        # tree rungs wait for the slow cadence.
+        tree_ok = self.step - self._last_tree_probe >= self.tree_probe_every
         uses_tree = any(r.path == TREE and r.name in choice for r in self.rungs)
         stalest = None
         for i, f in enumerate(features):

@@ -26,7 +26,7 @@ from proposers.retrieval import ngram_match
 from proposers.templates import chain, load_template
 from proposers.tree import TreeSpec, compile_tree
 from proposers.vllm.config import TRJacobiConfig
-from proposers.vllm.planner import KERNEL, NONE, SAMPLED, TREE, CostPlanner
+from proposers.vllm.planner import FEEDBACK, KERNEL, NONE, SAMPLED, TREE, CostPlanner
 from proposers.vllm.version import check_vllm_version
 
 logger = logging.getLogger(__name__)
@@ -138,8 +138,9 @@ class TRJacobiProposer:
         # Planned requests (greedy trees, sampled "auto" chains): the planner picks each
         # one's rung (or none) for this step.
         planned = [row for row in rows if batch.modes[row] in PLANNED_MODES]
-        features = {row: ngram_match(contexts[row], 1, self.config.max_ngram)[1]
-                    + (SAMPLED if batch.modes[row] == "auto" else 0) for row in planned}
+        features = {row: self._feature(contexts[row], batch.req_ids[row],
+                                       sampled=batch.modes[row] == "auto")
+                    for row in planned}
         rungs = dict(zip(planned, self.planner.plan([features[r] for r in planned],
                                                    batch=len(rows))))
         for row in rows:
@@ -159,6 +160,14 @@ class TRJacobiProposer:
             self.num_proposals += plan is not None  # request-steps that drafted
             drafts[row] = list(plan.tokens) if plan else []
         return drafts
+
+    def _feature(self, context: torch.Tensor, req_id: str, sampled: bool) -> int:
+        """The planner's per-request feature: retrieval match length, feedback at hand,
+        sampled or not (planner.py)."""
+        state = self.states.get(req_id)
+        feedback = state is not None and state.feedback is not None and state.feedback.numel()
+        return (ngram_match(context, 1, self.config.max_ngram)[1]
+                + (FEEDBACK if feedback else 0) + (SAMPLED if sampled else 0))
 
     def _plan_rung(self, rung: str, feature: int, context: torch.Tensor,
                    feedback: torch.Tensor | None) -> DraftPlan | None:
