@@ -7,8 +7,10 @@ questions cycled). Three engines, one run: plain, vLLM n-gram (K=4), and the plu
 whose chain and tree modes are selected per request (`extra_args={"trjacobi": mode}`).
 
 Reports tokens/s, MAT (1 + accepted / verification steps, from vLLM's spec counters),
-ratios to plain vLLM, and which tree sizes the cost-aware planner picked. Writes JSON and
-a plot into benchmarks/results/.
+ratios to plain vLLM, and what the cost-aware planner picked (`rungs`: request-steps per
+rung: none, chain, or a tree template). Writes JSON and a plot into benchmarks/results/.
+Plain vLLM always runs first; on a shared machine the same cell varies by up to ~30%
+between runs, so read per-group ratios of one run with that in mind.
 
     .venv/bin/python benchmarks/vllm/bench_vllm.py --model base
 """
