@@ -156,6 +156,17 @@ def test_planner_probes_untried_rungs_then_settles():
     assert 2 <= 64 - later.count(NONE) <= 4
 
 
+def test_planner_untried_trees_do_not_speed_up_chain_probes():
+    """Known chain pairs are re-probed at the slow cadence even while tree pairs wait
+    for their (slower) probe slot."""
+    p = CostPlanner([("chain", "kernel"), ("tree-8", "tree")], tree_probe_every=10**9)
+    for _ in range(5):
+        p.record_step("kernel", 1, 0.01)
+    p.record_request("chain", 1, 5, 0)  # known, never pays
+    plans = [r for _ in range(64) for r in p.plan([1])]
+    assert plans.count("chain") == 4 and "tree-8" not in plans
+
+
 def test_planner_without_cost_awareness_always_drafts_the_largest_rung():
     p = CostPlanner([("chain", "kernel"), ("tree-8", "tree")], cost_aware=False)
     assert p.plan([0, 3]) == ["tree-8", "tree-8"]

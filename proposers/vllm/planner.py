@@ -241,14 +241,14 @@ class CostPlanner:
 
         Chain pairs never tried are probed every few steps, so a fresh planner learns
         fast."""
-        untried = any(self._known(r, f) is None for f in set(features) for r in self.rungs
-                      if _eligible(r, f))
-        if self.step % (FAST_PROBE_EVERY if untried else self.probe_every):
-            return
         # A tree probe moves the whole batch to the (slower) tree path: even untried
         # tree rungs wait for the slow cadence.
         tree_ok = self.step - self._last_tree_probe >= self.tree_probe_every
         uses_tree = any(r.path == TREE and r.name in choice for r in self.rungs)
+        untried = any(self._known(r, f) is None for f in set(features) for r in self.rungs
+                      if _eligible(r, f) and (r.path == KERNEL or tree_ok or uses_tree))
+        if self.step % (FAST_PROBE_EVERY if untried else self.probe_every):
+            return
         stalest = None
         for i, f in enumerate(features):
             for r in self.rungs:
