@@ -41,6 +41,12 @@ class TreeSpec:
     def retrieval_column(self) -> int:
         return self.template.top_k
 
+    @property
+    def is_chain(self) -> bool:
+        """Every node's parent is the node before it (plain Jacobi / retrieval chains)."""
+        return bool((self.parent[1:] == torch.arange(self.num_nodes,
+                                                     device=self.parent.device)).all())
+
     def to(self, device: torch.device | str) -> TreeSpec:
         return TreeSpec(
             self.template,

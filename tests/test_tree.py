@@ -59,3 +59,12 @@ def test_subtree_keeps_order_and_remaps():
     assert sub.parent.tolist() == [-1, 0, 1]
     assert sub.template.paths == ((1,), (1, "R"))
     assert t.subtree(torch.arange(6)) is t
+
+
+def test_is_chain():
+    from proposers.templates import chain, load_template
+
+    assert compile_tree(chain(5)).is_chain
+    assert compile_tree(load_template("retrieval-10")).is_chain
+    assert not compile_tree(TEMPLATE).is_chain
+    assert not compile_tree(load_template("tree-8")).is_chain

@@ -68,9 +68,6 @@ class _Line:
         slope = max((self.sxy / self.w - mx * my) / var, 0.0)
         return max(my - slope * mx, 0.0), slope
 
-    def predict(self, x: float) -> float | None:
-        coef = self.coefficients()
-        return None if coef is None else max(coef[0] + coef[1] * x, 1e-6)
 
 
 @dataclass
@@ -102,6 +99,7 @@ class CostPlanner:
             raise ValueError("the planner needs at least one rung")
         self.cost_aware = cost_aware
         self.rungs = [Rung(name, path) for name, path in rungs]
+        self._by_name = {r.name: r for r in self.rungs}
         self.lines = {KERNEL: _Line(), TREE: _Line()}
         self.estimates: dict[tuple[str, int], _Estimate] = {}
         self.probe_every = probe_every
@@ -210,7 +208,7 @@ class CostPlanner:
 
     def rate(self, features: list[int], batch: int, choice: list[str]) -> float | None:
         """Expected tokens per second of a step that drafts `choice`."""
-        by_name = {r.name: r for r in self.rungs}
+        by_name = self._by_name
         acc = nodes = 0.0
         path = KERNEL
         for f, name in zip(features, choice):

@@ -47,7 +47,7 @@ class DraftPlan:
 
     @property
     def is_chain(self) -> bool:
-        return bool((self.tree.parent[1:] == torch.arange(self.tree.num_nodes)).all())
+        return self.tree.is_chain
 
 
 @dataclass
@@ -86,17 +86,13 @@ class TRJacobiProposer:
             )
         self.feedback_k = max(t.template.top_k for t in self.trees.values())
         rungs = [(CHAIN_RUNG, KERNEL)] if self.config.chain_rung else []
-        rungs += [(n, KERNEL if self._is_chain(n) else TREE) for n in self.config.templates]
+        rungs += [(n, KERNEL if self.trees[n].is_chain else TREE) for n in self.config.templates]
         self.planner = CostPlanner(rungs, cost_aware=self.config.cost_aware)
         self.states: dict[str, RequestState] = {}
         self._chains: dict[int, TreeSpec] = {}
         self.batch: BatchFeedback | None = None
         self.num_proposals = 0
         self.num_feedback_proposals = 0
-
-    def _is_chain(self, name: str) -> bool:
-        tree = self.trees[name]
-        return bool((tree.parent[1:] == torch.arange(tree.num_nodes)).all())
 
     def chain_tree(self, length: int) -> TreeSpec:
         """Chain shape for drafts we did not plan (e.g. vLLM's placeholders on resume)."""

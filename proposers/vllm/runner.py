@@ -190,7 +190,7 @@ class TRJacobiRunner(CPUModelRunner):
                     torch.arange(n + 1))
             else:
                 tree = self.trj.chain_tree(n)
-            is_tree = planned and not _is_chain(tree)
+            is_tree = planned and not tree.is_chain
             row = _DraftedRow(req_idx, req_id, qsl[req_idx], tree,
                               plan.rung if planned else None,
                               plan.feature if planned else 0, is_tree)
@@ -296,10 +296,6 @@ class TRJacobiRunner(CPUModelRunner):
             "sampled_unspeculated": self.sampled_unspeculated,
             "rungs": dict(self.trj.planner.history),
         }
-
-
-def _is_chain(tree: TreeSpec) -> bool:
-    return bool((tree.parent[1:] == torch.arange(tree.num_nodes)).all())
 
 
 def _plain_greedy(params) -> bool:
