@@ -42,18 +42,20 @@ if [ -n "${QUICK:-}" ]; then
     --max-prompts 128 --out "$OUT/quality.json" > "$W/quality.log" 2>&1 || true
   wait
 else
-# Main-table models run alone on their GPU (speedups are timings); ablation runs after.
+# Main-table models (base, SFT, MSN) run alone on their GPU, since their speedups are
+# timings; afterwards the ablation (MAT only) and the quality check share GPU 1.
 ( export CUDA_VISIBLE_DEVICES=${DEVICES[0]}
   bench base "$BASE" "$PER_GROUP"; bench msn "$W/msn" "$PER_GROUP"
-  bench L8 "$W/L8" "$ABL_PER_GROUP" ) &
+  bench L5full "$W/L5" "$ABL_PER_GROUP" ) &
 g0=$!
 ( export CUDA_VISIBLE_DEVICES=${DEVICES[$(( ${#DEVICES[@]} - 1 ))]}
   bench sft "$W/L0" "$PER_GROUP"
+  bench L3 "$W/L3" "$ABL_PER_GROUP" & bench L8 "$W/L8" "$ABL_PER_GROUP" &
   timeout "$(left)" $PY -m training.quality --data "$W/data.jsonl" --model base="$BASE" --model sft="$W/L0" \
     --model msn="$W/msn" --reference base --device "$DEVICE" --out "$OUT/quality.json" \
     > "$W/quality.log" 2>&1 || tail -20 "$W/quality.log"
   stamp "quality: $(cat "$W/quality.log" | grep -E '^(base|sft|msn) ' | tr '\n' ' ')"
-  bench L3 "$W/L3" "$ABL_PER_GROUP"; bench L5full "$W/L5" "$ABL_PER_GROUP" ) &
+  wait ) &
 g1=$!
 wait $g0 $g1 || true
 fi

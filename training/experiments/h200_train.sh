@@ -10,9 +10,9 @@ OUT=${OUT:-$W/out}
 mkdir -p "$W" "$OUT"
 DEVICES=(${DEVICES:-0 1})
 N=${#DEVICES[@]}
-MAGPIE=${MAGPIE:-6000}; TASKS=${TASKS:-8500}; GEN_BATCH=${GEN_BATCH:-1024}
-NEW_TOKENS=${NEW_TOKENS:-192}; EPOCHS=${EPOCHS:-2}; TRAIN_BATCH=${TRAIN_BATCH:-64}
-MAX_LEN=${MAX_LEN:-576}; LR=${LR:-2e-4}; SPANS=${SPANS:-4}; RANK=${RANK:-32}
+MAGPIE=${MAGPIE:-5000}; TASKS=${TASKS:-9500}; GEN_BATCH=${GEN_BATCH:-1024}
+NEW_TOKENS=${NEW_TOKENS:-192}; EPOCHS=${EPOCHS:-3}; TRAIN_BATCH=${TRAIN_BATCH:-64}
+MAX_LEN=${MAX_LEN:-576}; LR=${LR:-1e-4}; SPANS=${SPANS:-4}; RANK=${RANK:-32}
 EXTRA_BUILD=${EXTRA_BUILD:-}; EXTRA_TRAIN=${EXTRA_TRAIN:-}
 PY=${PY:-python3}
 T0=$(date +%s)
@@ -64,7 +64,7 @@ stamp "artifact extracted"
 mkdir -p "$OUT/artifact" "$OUT/logs"
 cp "$W/artifact/adapter_config.json" "$W/artifact/msn-extract.json" "$OUT/artifact/"
 split -b 15000000 -d "$W/artifact/adapter_model.safetensors" "$OUT/artifact/adapter.part"
-gzip -c "$W/data.jsonl" > "$OUT/data.jsonl.gz"
+head -n 200 "$W/data.jsonl" > "$OUT/data-sample.jsonl"  # the full set stays on the machine
 tar czf "$OUT/logs/train.tgz" -C "$W" $(cd "$W" && ls build*.log train_L*.log) \
   $(cd "$W" && ls L*/msn-train.json L*/train_log.jsonl)
 ls -la "$OUT" "$OUT/artifact"
