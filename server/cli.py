@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "override MSN_* environment variables.")
     p.add_argument("--engine", choices=["reference", "vllm"], help="default: reference")
     p.add_argument("--model", help="base, msn, or a local Hugging Face checkpoint "
-                   "(default: base)")
+                   "(default: msn when its artifact is committed, else base)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", help="reference engine device (default: cpu)")
     p.add_argument("--served-model-name", help="model id clients send (default: the "

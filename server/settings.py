@@ -20,7 +20,9 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MSN_", extra="ignore")
 
     engine: EngineName = "reference"
-    model: str = Field("base", description="`base`, `msn`, or a local Hugging Face checkpoint")
+    model: str | None = Field(
+        None, description="`base`, `msn`, or a local Hugging Face checkpoint; default: `msn` once "
+        "its artifact is committed under models/, else `base`")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     served_model_name: str | None = Field(

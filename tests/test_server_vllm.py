@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -128,3 +129,58 @@ def test_disconnect_aborts_the_vllm_request(server):
     metrics = httpx.get(server.url + "/metrics").text
     assert 'msn_requests_finished_total{finish_reason="client_disconnect"} 1.0' in metrics
     assert "msn_requests_running 0.0" in metrics
+
+
+def _spec_counters(url: str, method: str) -> dict[str, float]:
+    """vLLM's speculative counters as our /metrics exports them, for one method."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        if not family.name.startswith("msn_spec_decode"):
+            continue
+        for s in family.samples:
+            if s.labels.get("method") == method:
+                key = s.name + (f"@{s.labels['depth']}" if "depth" in s.labels else "")
+                out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def test_vllm_spec_decode_counters_reach_metrics(server, client):
+    """Requirement 6 of the vLLM issue: drafted / accepted / per-position acceptance / MAT
+    come from vLLM's own SpecDecodingStats (scheduler side) through our stat logger."""
+    method = server.engine.default_method
+    before = _spec_counters(server.url, method)
+    # a prompt that repeats itself gives the planner retrieval drafts worth verifying
+    items = ", ".join(["red apple", "green pear", "blue plum", "black fig"] * 3)
+    r = client.completions.create(model=server.engine.model_name, max_tokens=64,
+                                  temperature=0, prompt=f"List: {items}. Again: {items}. "
+                                                        f"Again: red apple,")
+    assert r.usage.completion_tokens > 16
+
+    def delta() -> dict[str, float]:
+        after = _spec_counters(server.url, method)
+        return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+
+    # the stat logger runs after each engine iteration: wait for the last one to land
+    assert wait_until(lambda: delta().get("msn_spec_decode_num_drafts_total", 0) > 0,
+                      timeout=60)
+    time.sleep(1.0)
+    d = delta()
+    drafts = d["msn_spec_decode_num_drafts_total"]
+    drafted = d["msn_spec_decode_num_draft_tokens_total"]
+    accepted = d["msn_spec_decode_num_accepted_tokens_total"]
+    assert drafted >= drafts and 0 <= accepted <= drafted
+    # per-position: every draft drafted position 1; position d accepted <= drafted
+    assert d["msn_spec_decode_draft_tokens_per_depth_total@1"] == drafts
+    depths = sorted(int(k.split("@")[1]) for k in d if k.startswith(
+        "msn_spec_decode_draft_tokens_per_depth_total@"))
+    per_depth_accepted = [d.get(f"msn_spec_decode_accepted_tokens_per_depth_total@{i}", 0.0)
+                          for i in depths]
+    assert sum(per_depth_accepted) == accepted
+    assert per_depth_accepted == sorted(per_depth_accepted, reverse=True)
+    assert sum(d[f"msn_spec_decode_draft_tokens_per_depth_total@{i}"] for i in depths) == \
+        drafted
+    # MAT histogram: one observation per verified draft, accepted + 1 tokens each
+    assert d["msn_spec_decode_accepted_tokens_per_step_count"] == drafts
+    assert d["msn_spec_decode_accepted_tokens_per_step_sum"] == drafts + accepted

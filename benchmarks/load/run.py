@@ -28,6 +28,7 @@ import httpx
 
 from benchmarks.load.client import check_loopback, run_level
 from benchmarks.specbench import load_questions
+from msn.models import default_model_name
 
 
 class InProcessServer:
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--engine", choices=["reference", "vllm"])
     target.add_argument("--url", help="an already running server (loopback only)")
-    p.add_argument("--model", default="base")
+    p.add_argument("--model", default=default_model_name(),
+                   help="base, msn, or a checkpoint path (default: %(default)s)")
     p.add_argument("--served-model", help="with --url: the model id (default: first of "
                    "/v1/models)")
     p.add_argument("--dtype", default="float32")

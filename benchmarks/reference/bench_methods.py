@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.specbench import TASK_GROUPS, load_questions
+from msn.models import default_model_name
 from proposers.reference.agreement import explain
 from proposers.reference.runner import METHODS, GenerationConfig, ReferenceRunner
 
@@ -31,7 +32,8 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="base", help="base, msn, or a checkpoint path")
+    p.add_argument("--model", default=default_model_name(),
+                   help="base, msn, or a checkpoint path (default: %(default)s)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--methods", default=",".join(METHODS))
@@ -84,22 +86,24 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def summarize(records: list[dict], methods: list[str], args, runner) -> dict:
-    def agg(rows):
-        tokens = sum(r["tokens"] for r in rows)
-        generated = sum(r["generated"] for r in rows)  # MAT counts a final EOS too
-        steps = sum(r["steps"] for r in rows)
-        secs = sum(r["seconds"] for r in rows)
-        return {"tokens": tokens, "steps": steps, "seconds": round(secs, 4),
-                "mat": round(generated / max(steps, 1), 4), "tokens_per_s": round(tokens / max(secs, 1e-9), 3),
-                "agreement": round(sum(r["agrees"] for r in rows) / max(len(rows), 1), 4)}
+def aggregate(rows: list[dict]) -> dict:
+    """Totals of per-question records: MAT, tokens/s and agreement with `ar`."""
+    tokens = sum(r["tokens"] for r in rows)
+    generated = sum(r["generated"] for r in rows)  # MAT counts a final EOS too
+    steps = sum(r["steps"] for r in rows)
+    secs = sum(r["seconds"] for r in rows)
+    return {"tokens": tokens, "steps": steps, "seconds": round(secs, 4),
+            "mat": round(generated / max(steps, 1), 4), "tokens_per_s": round(tokens / max(secs, 1e-9), 3),
+            "agreement": round(sum(r["agrees"] for r in rows) / max(len(rows), 1), 4)}
 
+
+def summarize(records: list[dict], methods: list[str], args, runner) -> dict:
     table = {}
     for group in (*TASK_GROUPS, "overall"):
         rows = [r for r in records if group == "overall" or r["group"] == group]
         if not rows:
             continue
-        table[group] = {m: agg([r for r in rows if r["method"] == m]) for m in methods}
+        table[group] = {m: aggregate([r for r in rows if r["method"] == m]) for m in methods}
         base = table[group]["ar"]["tokens_per_s"]
         for m in methods:
             table[group][m]["speedup"] = round(table[group][m]["tokens_per_s"] / base, 4)

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from msn.models import default_model_name
+
 ROOT = Path(__file__).resolve().parents[2]
 DEV_SET = ROOT.parent / "shared" / "data" / "specbench-dev.jsonl"
 MT_BENCH = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
@@ -165,7 +167,8 @@ def plot(table: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="base")
+    ap.add_argument("--model", default=default_model_name(),
+                    help="base, msn, or a checkpoint path (default: %(default)s)")
     ap.add_argument("--dev-set", default=str(DEV_SET))
     ap.add_argument("--per-group", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 3 on a short lease: the whole GPU part (h200_train.sh then h200_eval.sh) as one
 # detached job, so that it can outlive a single 10-minute device call. Start it after
-# `benchmarks/device/setup.sh part2` with `setsid bash training/experiments/h200_pipeline.sh &`,
+# `benchmarks/device/setup.sh join` with `setsid bash training/experiments/h200_pipeline.sh &`,
 # then keep the machine busy with `h200_poll.sh` calls, each of which reports progress and
 # packs what is finished into $OUT.
 #   TRAIN_DEADLINE: seconds from the job's start by which training must have stopped

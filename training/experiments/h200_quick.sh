@@ -2,7 +2,7 @@
 # One short lease on one H200 (what was left of the session's device time): a reduced
 # run of h200_train.sh (SFT and MSN L = 5 only, a few thousand rows) and h200_eval.sh
 # (main table on few questions, all three models sharing the GPU). Run after
-# `benchmarks/device/setup.sh part2` on the same machine.
+# `benchmarks/device/setup.sh join` on the same machine.
 set -uo pipefail
 source benchmarks/device/env.sh
 export W=/tmp/msn/t3 OUT=${OUT:-/tmp/msn/t3/out}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 3, GPU part 1: self-distilled data (two shards, one per GPU) and four trainings
 # (L = 0 / 3 / 5 / 8, two per GPU), then the rank-r artifact of the L = 5 run.
-# Needs the default model prepared (benchmarks/device/setup.sh part2 + env.sh) or BASE=path.
+# Needs the default model prepared (benchmarks/device/setup.sh join + env.sh) or BASE=path.
 # Sizes come from the environment so the same script runs tiny on CPU:
 #   MAGPIE/TASKS (per shard), GEN_BATCH, NEW_TOKENS, EPOCHS, TRAIN_BATCH, DEVICES.
 set -euo pipefail
