@@ -115,9 +115,9 @@ def build_engine(settings):
                           max_running=settings.max_running or 8)
     from server.engines.reference import ReferenceEngine
 
-    # On CPU a tree step costs about 2x a plain step and the base model accepts little
-    # (architecture.md), so plain decoding is the CPU default; requests can still ask for
-    # any method through the `method` field.
+    # On CPU a step's cost grows with its token count (architecture.md,
+    # benchmarks/results/methods-cpu-float32.json), so plain decoding is the CPU default;
+    # requests can still ask for any method through the `method` field.
     default = settings.default_method or ("ar" if settings.device == "cpu" else "tr-jacobi")
     return ReferenceEngine(model_path, device=settings.device, dtype=settings.dtype,
                            default_method=default)

@@ -374,9 +374,9 @@ def build_dataset(config: BuildConfig, log=print) -> dict:
     counts["prompts_unique"] = len(unique)
     asked = config.num_magpie + config.num_tasks
     if len(unique) < 0.9 * asked:
-        log(f"warning: only {len(unique)} unique prompts of the {asked} asked for (repeated "
-            "Magpie prompts or task prompts over a small text pool); ask for more, or add "
-            "--docs folders, to reach a target row count")
+        log(f"warning: only {len(unique)} usable unique prompts of the {asked} asked for "
+            "(Magpie prompts that did not end their turn, or task prompts repeating over a "
+            "small text pool); ask for more, or add --docs folders, to reach a row count")
 
     templated, fitting = [], []
     for item in unique:
