@@ -100,9 +100,13 @@ def test_prepare_is_reused_and_cache_dir_env(capsys, tmp_path, monkeypatch, base
     shutil.copytree(base_model_path, target)
     monkeypatch.setenv("MSN_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("MSN_GGUF_PATH", str(tmp_path / "nothing-here"))  # would fail if read
-    rc, out, _ = run_cli(capsys, "models", "prepare")
+    rc, out, _ = run_cli(capsys, "models", "prepare", "--model", "base")
     assert rc == 0 and str(target) in out
     assert models.cache_dir() == tmp_path
+    # the default is the MSN model, merged onto that same cached base (GGUF still unread)
+    rc, out, _ = run_cli(capsys, "models", "prepare")
+    assert rc == 0
+    assert out == f"msn\t{models.prepared_path(models.BASE_NAME + '-msn', 'float32', tmp_path)}\n"
 
 
 def test_msn_model_without_artifact(capsys, monkeypatch, tmp_path):

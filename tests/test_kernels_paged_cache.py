@@ -82,7 +82,10 @@ def test_double_free_and_fork_of_free_block_are_errors() -> None:
     growth=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 9)), min_size=1, max_size=12),
 )
 def test_slot_mapping_follows_block_tables(block_size, growth) -> None:
-    cache = PagedKVCache(1, 64, block_size, num_kv_heads=1, head_dim=2, dtype=torch.float32)
+    # room for the worst case (12 appends of 9 tokens, 1-token blocks, 3 sequences):
+    # running out of blocks is test_out_of_blocks_is_atomic_and_truncate_frees's subject
+    cache = PagedKVCache(1, 12 * 9 + 3, block_size, num_kv_heads=1, head_dim=2,
+                         dtype=torch.float32)
     slots: dict[int, list[int]] = {}
     for seq, n in growth:  # interleaved growth scatters each sequence over the pool
         if seq not in cache.sequences:

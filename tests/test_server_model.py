@@ -75,6 +75,7 @@ def test_chat_greedy_equals_msn_generate(client, server):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cli = subprocess.run(
         [sys.executable, "-m", "msn.cli", "generate", "--json", "--method", "ar",
+         "--model", str(server.engine.model_path),
          "--max-new-tokens", str(MAX_TOKENS), "--temperature", "0", QUESTION],
         check=True, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     expected = json.loads(cli.stdout.strip().splitlines()[-1])
