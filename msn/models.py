@@ -9,6 +9,7 @@ so an interrupted preparation never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -155,16 +156,22 @@ def prepare_base(dtype: str = "float32", root: Path | None = None, force: bool =
 
 def prepare_msn(dtype: str = "float32", root: Path | None = None, force: bool = False,
                 log=print) -> Path:
-    """Base plus the committed MSN artifact, merged (training issue provides the merge)."""
+    """Base plus the committed MSN artifact, merged. A cached merge made from another
+    version of the artifact (its weights' sha256 differ) is rebuilt."""
     if not MSN_ARTIFACT_DIR.exists():
         raise UsageError(
             f"no MSN artifact in {MSN_ARTIFACT_DIR} yet; use --model base or a path"
         )
-    from training.artifact import merge_artifact  # lands with the training issue
+    from training.artifact import merge_artifact
 
     target = prepared_path(f"{BASE_NAME}-msn", dtype, root)
+    digest = _artifact_digest()
     if _is_prepared(target) and not force:
-        return target
+        made_from = json.loads((target / MARKER).read_text()).get("artifact_sha256")
+        if made_from == digest:
+            return target
+        log(f"{MSN_ARTIFACT_DIR.name} changed since {target.name} was merged; merging again")
+        force = True
     if force and target.exists():
         shutil.rmtree(target)
     base = prepare_base(dtype, root, log=log)
@@ -172,9 +179,18 @@ def prepare_msn(dtype: str = "float32", root: Path | None = None, force: bool = 
     def write(tmp: Path) -> None:
         log(f"merging {MSN_ARTIFACT_DIR.name} into {base.name} -> {target}")
         merge_artifact(base, MSN_ARTIFACT_DIR, tmp, dtype=dtype)
-        (tmp / MARKER).write_text(json.dumps({"base": str(base), "dtype": dtype}))
+        (tmp / MARKER).write_text(json.dumps({"base": str(base), "dtype": dtype,
+                                              "artifact_sha256": digest}))
 
     return _atomic_save(target, write)
+
+
+def _artifact_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(MSN_ARTIFACT_DIR.glob("adapter_*")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def default_model_name() -> str:

@@ -57,3 +57,29 @@ def test_msn_model_decodes_exactly_and_beats_base_jacobi_mat(msn_runner, runner,
     # A model property, not a timing: MSN training is what lets Jacobi accept more than
     # one token per step (H200, 60 questions: 1.30 vs 1.06).
     assert mat["msn"] > mat["base"] + 0.1, mat
+
+
+def test_cached_merge_is_rebuilt_when_the_artifact_changes(tmp_path, monkeypatch):
+    import shutil
+
+    import training.artifact
+
+    artifact = tmp_path / "artifact"
+    shutil.copytree(ARTIFACT, artifact)
+    monkeypatch.setattr(models, "MSN_ARTIFACT_DIR", artifact)
+    monkeypatch.setattr(models, "prepare_base", lambda *a, **k: tmp_path / "base")
+    merges = []
+
+    def fake_merge(base, artifact_dir, out, dtype):
+        merges.append(out)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(training.artifact, "merge_artifact", fake_merge)
+    first = models.prepare_msn("float32", tmp_path / "cache", log=lambda m: None)
+    assert models.prepare_msn("float32", tmp_path / "cache", log=lambda m: None) == first
+    assert len(merges) == 1  # reused while the artifact is unchanged
+    config = json.loads((artifact / "adapter_config.json").read_text())
+    (artifact / "adapter_config.json").write_text(json.dumps({**config, "revision": "v2"}))
+    logs = []
+    assert models.prepare_msn("float32", tmp_path / "cache", log=logs.append) == first
+    assert len(merges) == 2 and "merging again" in logs[0]
