@@ -69,7 +69,6 @@ class _Line:
         return max(my - slope * mx, 0.0), slope
 
 
-
 @dataclass
 class _Ema:
     value: float | None = None
