@@ -41,6 +41,21 @@ if [ -n "${QUICK:-}" ]; then
     --model sft="$W/L0" --model msn="$W/msn" --reference base --device "$DEVICE" \
     --max-prompts 128 --out "$OUT/quality.json" > "$W/quality.log" 2>&1 || true
   wait
+elif [ "${#DEVICES[@]}" -ge 4 ]; then
+  # Four GPUs: base then MSN alone on the first, SFT alone on the second (their speedups
+  # are timings); the ablation (MAT only) shares the third; the quality check the fourth.
+  ( export CUDA_VISIBLE_DEVICES=${DEVICES[0]}
+    bench base "$BASE" "$PER_GROUP"; bench msn "$W/msn" "$PER_GROUP" ) &
+  ( export CUDA_VISIBLE_DEVICES=${DEVICES[1]}; bench sft "$W/L0" "$PER_GROUP" ) &
+  ( export CUDA_VISIBLE_DEVICES=${DEVICES[2]}
+    bench L3 "$W/L3" "$ABL_PER_GROUP" & bench L8 "$W/L8" "$ABL_PER_GROUP" &
+    bench L5full "$W/L5" "$ABL_PER_GROUP" & wait ) &
+  ( export CUDA_VISIBLE_DEVICES=${DEVICES[3]}
+    timeout "$(left)" $PY -m training.quality --data "$W/data.jsonl" --model base="$BASE" \
+      --model sft="$W/L0" --model msn="$W/msn" --reference base --device "$DEVICE" \
+      --out "$OUT/quality.json" > "$W/quality.log" 2>&1 || tail -20 "$W/quality.log"
+    stamp "quality: $(grep -E '^(base|sft|msn) ' "$W/quality.log" | tr '\n' ' ')" ) &
+  wait || true
 else
 # Main-table models (base, SFT, MSN) run alone on their GPU, since their speedups are
 # timings; afterwards the ablation (MAT only) and the quality check share GPU 1.
