@@ -45,10 +45,67 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _qk(q, k, USE_DOT: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """Scores ``q @ k.T`` of one tile: tensor cores, or (tiny row counts) broadcast FMAs + a row sum."""
+    if USE_DOT:
+        if IEEE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+    else:
+        s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
+    return s
+
+
+@triton.jit
+def _pv(p, v, USE_DOT: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_BF16: tl.constexpr):
+    """``p @ v`` of one tile; the dot path rounds ``p`` to the cache dtype first (tensor cores)."""
+    if USE_DOT:
+        p = p.to(v.dtype)
+        if UPCAST_BF16:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE_DOT:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p, v)
+    else:
+        pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+    return pv
+
+
+@triton.jit
+def _key_rows(block_tables_ptr, bt_row, tile, key_end, stride_b, stride_s,
+              BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, TABLE_PER_BLOCK: tl.constexpr,
+              MASKED: tl.constexpr):
+    """Pool offsets (int64) of the ``BLOCK_N`` keys of ``tile``, through the block table.
+
+    ``TABLE_PER_BLOCK`` reads one table entry per cache block of the tile (it needs
+    ``BLOCK_N % BLOCK_SIZE == 0``); otherwise one (cached) entry per key.
+    """
+    if TABLE_PER_BLOCK:
+        bi = tile * (BLOCK_N // BLOCK_SIZE) + tl.arange(0, BLOCK_N // BLOCK_SIZE)
+        if MASKED:
+            blk = tl.load(block_tables_ptr + bt_row + bi, mask=bi * BLOCK_SIZE < key_end, other=0)
+        else:
+            blk = tl.load(block_tables_ptr + bt_row + bi)
+        off = blk.to(tl.int64)[:, None] * stride_b + (tl.arange(0, BLOCK_SIZE) * stride_s)[None, :]
+        rows = tl.reshape(off, [BLOCK_N])
+    else:
+        kpos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        if MASKED:
+            blk = tl.load(block_tables_ptr + bt_row + kpos // BLOCK_SIZE, mask=kpos < key_end, other=0)
+        else:
+            blk = tl.load(block_tables_ptr + bt_row + kpos // BLOCK_SIZE)
+        rows = blk.to(tl.int64) * stride_b + (kpos % BLOCK_SIZE) * stride_s
+    return rows
+
+
+@triton.jit
 def _tree_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
     tree_mask_ptr, out_ptr, part_out_ptr, part_ml_ptr,
-    qk_scale,
+    qk_scale, num_splits,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -56,16 +113,16 @@ def _tree_attention_kernel(
     stride_ot, stride_oh,
     stride_ps, stride_pt, stride_ph,
     stride_mls, stride_mlt, stride_mlh,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_PACK: tl.constexpr, HEAD_GROUPS: tl.constexpr, ROWS_PER_TOK: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, IS_CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr,
-    UPCAST_BF16: tl.constexpr,
+    SPLIT: tl.constexpr, IS_CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr,
+    UPCAST_BF16: tl.constexpr, USE_DOT: tl.constexpr, TABLE_PER_BLOCK: tl.constexpr,
 ):
     q_block = tl.program_id(0)
-    seq = tl.program_id(1) // NUM_KV_HEADS
-    kv_head = tl.program_id(1) % NUM_KV_HEADS
+    seq = tl.program_id(1) // HEAD_GROUPS
+    kv_head0 = (tl.program_id(1) % HEAD_GROUPS) * HEAD_PACK
     split = tl.program_id(2)
 
     q_start = tl.load(cu_seqlens_q_ptr + seq)
@@ -75,15 +132,33 @@ def _tree_attention_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     prefix_len = seq_len - q_len
 
+    # Row r of the tile: token r // ROWS_PER_TOK of the block, kv head (of the pack)
+    # r % ROWS_PER_TOK // GROUP, query head r % GROUP of that kv head's group.
     rows = tl.arange(0, BLOCK_M)
-    tok = q_block * BLOCK_Q + rows // GROUP
-    head = kv_head * GROUP + rows % GROUP
-    row_ok = (rows < BLOCK_Q * GROUP) & (tok < q_len)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
+    tok = q_block * BLOCK_Q + rows // ROWS_PER_TOK
+    head = kv_head0 * GROUP + rows % ROWS_PER_TOK
+    row_ok = (rows < BLOCK_Q * ROWS_PER_TOK) & (tok < q_len)
+    # Columns: HEAD_PACK kv heads x HEAD_DIM side by side (one head unless packed). A
+    # packed row keeps zeros outside its own head's columns, so one dot over all the
+    # columns scores each row against its own kv head only.
+    c = tl.arange(0, BLOCK_D)
+    if HEAD_PACK == 1:
+        k_col = kv_head0 * stride_kh + c
+        v_col = kv_head0 * stride_vh + c
+        o_col = c
+        col_ok = c < HEAD_DIM
+        rc_ok = row_ok[:, None] & col_ok[None, :]
+    else:
+        c_head = c // HEAD_DIM
+        o_col = c % HEAD_DIM
+        k_col = (kv_head0 + c_head) * stride_kh + o_col
+        v_col = (kv_head0 + c_head) * stride_vh + o_col
+        col_ok = c < HEAD_PACK * HEAD_DIM
+        own = c_head[None, :] == ((rows % ROWS_PER_TOK) // GROUP)[:, None]
+        rc_ok = row_ok[:, None] & col_ok[None, :] & own
     q_row = (q_start + tok).to(tl.int64)
-    q = tl.load(q_ptr + q_row[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(q_ptr + q_row[:, None] * stride_qt + head[:, None] * stride_qh + o_col[None, :],
+                mask=rc_ok, other=0.0)
     if UPCAST_BF16:
         q = q.to(tl.float32)
 
@@ -91,32 +166,52 @@ def _tree_attention_kernel(
     # block sees a key past its own last token.
     key_end = prefix_len + tl.minimum(q_len, (q_block + 1) * BLOCK_Q)
     num_tiles = tl.cdiv(key_end, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    # Tiles wholly inside the prefix: every row sees every key, so no mask, no bounds
+    # checks and no guard against all-masked rows (padding rows score 0, finite).
+    full_hi = tl.maximum(tl.minimum(tile_hi, prefix_len // BLOCK_N), tile_lo)
+    bt_row = seq * stride_bt
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    n = tl.arange(0, BLOCK_N)
-    for tile in range(tile_lo, tile_hi):
-        kpos = tile * BLOCK_N + n
-        k_ok = kpos < key_end
-        block = tl.load(block_tables_ptr + seq * stride_bt + kpos // BLOCK_SIZE, mask=k_ok, other=0)
-        block = block.to(tl.int64)
-        offset = kpos % BLOCK_SIZE
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks
-                    + kv_head * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs
-                    + kv_head * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+    for tile in range(tile_lo, full_hi):
+        k_rows = _key_rows(block_tables_ptr, bt_row, tile, key_end, stride_kb, stride_ks,
+                           BLOCK_N, BLOCK_SIZE, TABLE_PER_BLOCK, False)
+        v_rows = _key_rows(block_tables_ptr, bt_row, tile, key_end, stride_vb, stride_vs,
+                           BLOCK_N, BLOCK_SIZE, TABLE_PER_BLOCK, False)
+        if EVEN_D:
+            k = tl.load(k_cache_ptr + k_rows[:, None] + k_col[None, :])
+            v = tl.load(v_cache_ptr + v_rows[:, None] + v_col[None, :])
+        else:
+            k = tl.load(k_cache_ptr + k_rows[:, None] + k_col[None, :], mask=col_ok[None, :], other=0.0)
+            v = tl.load(v_cache_ptr + v_rows[:, None] + v_col[None, :], mask=col_ok[None, :], other=0.0)
         if UPCAST_BF16:
             k = k.to(tl.float32)
-        if IEEE_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
+        s = _qk(q, k, USE_DOT, IEEE_DOT) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _pv(p, v, USE_DOT, IEEE_DOT, UPCAST_BF16)
+        m_i = m_new
+
+    n = tl.arange(0, BLOCK_N)
+    for tile in range(full_hi, tile_hi):
+        kpos = tile * BLOCK_N + n
+        k_ok = kpos < key_end
+        k_rows = _key_rows(block_tables_ptr, bt_row, tile, key_end, stride_kb, stride_ks,
+                           BLOCK_N, BLOCK_SIZE, TABLE_PER_BLOCK, True)
+        v_rows = _key_rows(block_tables_ptr, bt_row, tile, key_end, stride_vb, stride_vs,
+                           BLOCK_N, BLOCK_SIZE, TABLE_PER_BLOCK, True)
+        kv_mask = k_ok[:, None] & col_ok[None, :]
+        k = tl.load(k_cache_ptr + k_rows[:, None] + k_col[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + v_rows[:, None] + v_col[None, :], mask=kv_mask, other=0.0)
+        if UPCAST_BF16:
+            k = k.to(tl.float32)
+        s = _qk(q, k, USE_DOT, IEEE_DOT) * qk_scale
         allowed = row_ok[:, None] & k_ok[None, :]
         if (tile + 1) * BLOCK_N > prefix_len:
             in_tree = kpos >= prefix_len
@@ -135,52 +230,42 @@ def _tree_attention_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        # Probabilities are rounded to the cache dtype so P @ V runs on tensor cores.
-        p = p.to(v.dtype)
-        if UPCAST_BF16:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        if IEEE_DOT:
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.dot(p, v)
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + _pv(p, v, USE_DOT, IEEE_DOT, UPCAST_BF16)
         m_i = m_new
 
-    out_mask = row_ok[:, None] & d_ok[None, :]
-    if NUM_SPLITS == 1:
-        # Padding rows have l_i = 0; they are masked out of the store.
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + q_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
+    o_off = q_row[:, None] * stride_ot + head[:, None] * stride_oh + o_col[None, :]
+    if SPLIT:
         tl.store(part_out_ptr + split * stride_ps + q_row[:, None] * stride_pt
-                 + head[:, None] * stride_ph + d[None, :], acc, mask=out_mask)
+                 + head[:, None] * stride_ph + o_col[None, :], acc, mask=rc_ok)
         ml = part_ml_ptr + split * stride_mls + q_row * stride_mlt + head * stride_mlh
         tl.store(ml, m_i, mask=row_ok)
         tl.store(ml + 1, l_i, mask=row_ok)
+    else:
+        # Padding rows have l_i = 0; they are masked out of the store.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=rc_ok)
 
 
 @triton.jit
 def _merge_splits_kernel(
-    part_out_ptr, part_ml_ptr, out_ptr,
+    part_out_ptr, part_ml_ptr, out_ptr, num_splits,
     stride_ps, stride_pt, stride_ph,
     stride_mls, stride_mlt, stride_mlh,
     stride_ot, stride_oh,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
-    s_ok = s < NUM_SPLITS
+    s_ok = s < num_splits
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     ml = part_ml_ptr + s * stride_mls + row * stride_mlt + head * stride_mlh
     m = tl.load(ml, mask=s_ok, other=float("-inf"))
     l = tl.load(ml + 1, mask=s_ok, other=0.0)
     m_max = tl.max(m, 0)
-    # Every row sees at least itself, so some split has a finite max.
+    # Every row sees at least itself, so some split has a finite max; an empty split
+    # (m = -inf, l = 0, acc = 0) gets weight 0.
     w = tl.exp2(m - m_max)
     denom = tl.sum(w * l, 0)
     acc = tl.load(part_out_ptr + s[:, None] * stride_ps + row * stride_pt + head * stride_ph
@@ -200,26 +285,115 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def choose_num_splits(num_programs: int, max_seq_len: int, num_sms: int, block_n: int) -> int:
-    """Split the key range until there are about four programs per SM.
-
-    Several programs per SM keep enough loads in flight and shorten the tail of
-    the last wave. Each split costs a partial write and read of the outputs of
-    its rows, so no piece gets fewer than ``4 * block_n`` keys.
-    """
-    want = -(-4 * num_sms // max(num_programs, 1))
-    most = max(1, max_seq_len // (4 * block_n))
-    return max(1, min(want, most, 64))
-
-
 @dataclass(frozen=True, slots=True)
 class TileConfig:
-    """Launch shape of the attention kernel: ``block_m`` rows (tokens x group heads), ``block_n`` keys."""
+    """Launch shape and variant of the attention kernel.
+
+    ``block_m`` rows (tokens x packed kv heads x group heads) by ``block_n`` keys;
+    ``head_pack`` kv heads share one program (their K/V rows are adjacent in the
+    pool, so one key reads ``head_pack * head_dim`` contiguous elements, and a
+    decode step with a small GQA group fills more of the 16 rows that tl.dot
+    needs); ``use_dot=False`` scores and sums with broadcast FMAs instead of
+    tensor cores, for tiles of a few rows (``block_m`` may then go below 16);
+    ``table_per_block`` reads one block-table entry per cache block of a key tile
+    instead of one per key; ``programs_per_sm`` overrides the occupancy estimate
+    that sizes the split-K grid (0: estimate).
+    """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    head_pack: int = 1
+    use_dot: bool = True
+    table_per_block: bool = True
+    programs_per_sm: int = 0
+
+    def as_list(self) -> list:
+        return [self.block_m, self.block_n, self.num_warps, self.num_stages, self.head_pack,
+                int(self.use_dot), int(self.table_per_block), self.programs_per_sm]
+
+    @classmethod
+    def from_list(cls, v: Sequence) -> TileConfig:
+        v = list(v)
+        return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), *(int(x) for x in v[4:5]),
+                   *(bool(x) for x in v[5:7]), *(int(x) for x in v[7:8]))
+
+
+def estimate_programs_per_sm(tile: TileConfig, head_dim: int, elt: int,
+                             smem_bytes: int = 227 * 1024, regs: int = 65536) -> int:
+    """Rough resident programs per SM of a launch shape (H100/H200 limits).
+
+    Shared memory: ``num_stages`` buffers of a K and a V tile (the pipeliner's
+    copies). Registers: the fp32 accumulator and score tile (and the broadcast
+    product of the FMA path) over the program's threads, plus ~40 a thread.
+    Threads: at most 64 warps an SM.
+    """
+    cols = triton.next_power_of_2(tile.head_pack * head_dim)
+    threads = 32 * tile.num_warps
+    smem = max(1, tile.num_stages) * 2 * tile.block_n * cols * elt + tile.block_m * cols * elt
+    per_thread = 40 + (tile.block_m * cols + 2 * tile.block_m * tile.block_n + 2 * tile.block_n * cols) // threads
+    if not tile.use_dot:
+        per_thread += tile.block_m * tile.block_n * cols // threads
+    per_thread = min(per_thread, 255)
+    return max(1, min(smem_bytes // smem, regs // (per_thread * threads), 64 // tile.num_warps, 32))
+
+
+def choose_num_splits(
+    num_programs: int,
+    max_seq_len: int,
+    num_sms: int,
+    block_n: int,
+    *,
+    programs_per_sm: int = 2,
+    kv_bytes: int = 0,
+    partial_bytes: int = 0,
+    bandwidth: float = 4.0e12,
+    merge_s: float = 2.0e-6,
+    max_partial_frac: float = 0.125,
+    max_splits: int = 64,
+) -> int:
+    """Key splits: at most one whole wave of programs, capped by partial-output traffic.
+
+    ``slots = num_sms * programs_per_sm`` programs run at once. Splitting the keys
+    ``s`` ways multiplies the programs by ``s``; up to one wave that divides the
+    time by ``s``, past it the last wave is partial (3 splits of 192 programs on
+    396 slots made 1.45 waves and ran 21% slower than 2 splits on the H200).
+    So ``s = floor(slots / num_programs)``, lowered until the fp32 partial outputs
+    written and re-read (``2 * s * partial_bytes``) stay under ``max_partial_frac``
+    of the K/V bytes, and kept only if the modelled gain (K/V read time at
+    ``bandwidth`` scaled by the idle slots) beats the merge launch and that
+    traffic. Every split gets at least one key tile.
+    """
+    num_programs = max(num_programs, 1)
+    slots = max(1, num_sms * max(1, programs_per_sm))
+    most = max(1, min(max_splits, -(-max_seq_len // block_n), slots // num_programs))
+    if kv_bytes <= 0:  # no traffic model: fill one wave
+        return most
+    while most > 1 and 2 * most * partial_bytes > max_partial_frac * kv_bytes:
+        most -= 1
+    if most == 1:
+        return 1
+
+    def cost(s: int) -> float:
+        t = kv_bytes / bandwidth * slots / min(slots, num_programs * s)
+        return t + (2 * s * partial_bytes / bandwidth + merge_s if s > 1 else 0.0)
+
+    return most if cost(most) < cost(1) else 1
+
+
+def plan_num_splits(tile: TileConfig, num_seqs: int, total_q: int, num_heads: int, num_kv_heads: int,
+                    head_dim: int, max_query_len: int, max_seq_len: int, elt: int, num_sms: int) -> int:
+    """The split count ``tree_attention`` picks for ``tile`` when the caller gives none."""
+    group = num_heads // num_kv_heads
+    q_blocks = -(-max_query_len // (tile.block_m // (tile.head_pack * group)))
+    ppsm = tile.programs_per_sm or estimate_programs_per_sm(tile, head_dim, elt)
+    return choose_num_splits(
+        q_blocks * num_seqs * (num_kv_heads // tile.head_pack), max_seq_len, num_sms, tile.block_n,
+        programs_per_sm=ppsm,
+        kv_bytes=2 * num_seqs * max_seq_len * num_kv_heads * head_dim * elt,
+        partial_bytes=total_q * num_heads * (head_dim + 2) * 4,
+    )
 
 
 def default_tile_config(max_query_len: int, group: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
@@ -264,8 +438,8 @@ def tree_attention(
     ``[num_seqs]`` int32 (prefix + query rows, all already in the cache);
     ``tree_mask`` ``[total_q, num_words]`` int32 ancestor-or-self bits, or None for
     causal. ``max_query_len``/``max_seq_len`` are host-side upper bounds that size
-    the grid (static under CUDA graphs); ``tile`` overrides the launch shape
-    (benchmark sweeps). Returns ``[total_q, num_heads, head_dim]``.
+    the grid (static under CUDA graphs); ``tile`` overrides the launch shape and
+    kernel variant (benchmark sweeps). Returns ``[total_q, num_heads, head_dim]``.
     """
     assert query.dim() == 3 and key_cache.dim() == 4 and key_cache.shape == value_cache.shape
     total_q, num_heads, head_dim = query.shape
@@ -291,14 +465,20 @@ def tree_attention(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
 
     tile = tile or default_tile_config(max_query_len, group, head_dim, query.dtype)
+    pack = tile.head_pack
+    assert pack >= 1 and num_kv_heads % pack == 0, (pack, num_kv_heads)
+    rows_per_tok = pack * group
     block_m, block_n = tile.block_m, tile.block_n
-    assert block_m >= group, (block_m, group)
-    block_q = block_m // group
+    assert block_m >= rows_per_tok, (block_m, rows_per_tok)
+    if tile.use_dot:
+        assert block_m >= 16 and block_n >= 16, tile
+    block_q = block_m // rows_per_tok
+    block_d = triton.next_power_of_2(pack * head_dim)
     q_blocks = triton.cdiv(max_query_len, block_q)
     if num_splits is None:
-        num_splits = choose_num_splits(
-            q_blocks * num_seqs * num_kv_heads, max_seq_len, _num_sms(query.device), block_n
-        )
+        num_splits = plan_num_splits(tile, num_seqs, total_q, num_heads, num_kv_heads, head_dim,
+                                     max_query_len, max_seq_len, query.element_size(),
+                                     _num_sms(query.device))
     if num_splits > 1:
         part_out = torch.empty((num_splits, total_q, num_heads, head_dim), dtype=torch.float32,
                                device=query.device)
@@ -312,11 +492,13 @@ def tree_attention(
     # product is exact in fp32, so an fp32 dot of the upcast operands computes
     # what the tensor cores do; only the interpreter takes this path.
     upcast_bf16 = query.dtype == torch.bfloat16 and _interpreting()
-    grid = (q_blocks, num_seqs * num_kv_heads, num_splits)
+    table_per_block = (tile.table_per_block and block_n % block_size == 0
+                       and block_size & (block_size - 1) == 0)
+    grid = (q_blocks, num_seqs * (num_kv_heads // pack), num_splits)
     _tree_attention_kernel[grid](
         query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens,
         mask_arg, out, part_out, part_ml,
-        scale * _LOG2E,
+        scale * _LOG2E, num_splits,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -324,22 +506,22 @@ def tree_attention(
         out.stride(0), out.stride(1),
         *(part_out.stride()[:3] if num_splits > 1 else (0, 0, 0)),
         *(part_ml.stride()[:3] if num_splits > 1 else (0, 0, 0)),
-        NUM_KV_HEADS=num_kv_heads, GROUP=group,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        HEAD_PACK=pack, HEAD_GROUPS=num_kv_heads // pack, ROWS_PER_TOK=rows_per_tok,
+        EVEN_D=block_d == pack * head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, IS_CAUSAL=tree_mask is None,
+        SPLIT=num_splits > 1, IS_CAUSAL=tree_mask is None,
         IEEE_DOT=query.dtype == torch.float32 or upcast_bf16,
-        UPCAST_BF16=upcast_bf16,
+        UPCAST_BF16=upcast_bf16, USE_DOT=tile.use_dot, TABLE_PER_BLOCK=table_per_block,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(total_q, num_heads)](
-            part_out, part_ml, out,
+            part_out, part_ml, out, num_splits,
             *part_out.stride()[:3], *part_ml.stride()[:3],
             out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+            BLOCK_S=triton.next_power_of_2(num_splits),
         )
     return out
 

@@ -7,6 +7,9 @@ import torch
 
 from kernels.paged_cache import PagedKVCache
 from kernels.tree_attention import (
+    TileConfig,
+    choose_num_splits,
+    estimate_programs_per_sm,
     tree_attention,
     tree_attention_reference,
     tree_mask_from_parents,
@@ -58,11 +61,12 @@ def build_batch(prefix_lens, trees, num_heads, num_kv_heads, head_dim, dtype, bl
     }, max(q_lens), max(total)
 
 
-def check(args, max_q, max_len, num_splits=None, causal=False):
+def check(args, max_q, max_len, num_splits=None, causal=False, tile=None):
     if causal:
         args = dict(args, tree_mask=None)
     dtype = args["query"].dtype
-    out = tree_attention(**args, max_query_len=max_q, max_seq_len=max_len, num_splits=num_splits)
+    out = tree_attention(**args, max_query_len=max_q, max_seq_len=max_len, num_splits=num_splits,
+                         tile=tile)
     ref = tree_attention_reference(**args)
     tol = tolerance(dtype)
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
@@ -172,3 +176,96 @@ def test_causal_tree_attention_over_empty_prefix_is_sdpa_prefill():
     want = prefill_attention(args["query"], key, value)
     got = tree_attention(**dict(args, tree_mask=None), max_query_len=max_q, max_seq_len=max_len)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# --- kernel variants (TileConfig fields) ---------------------------------------
+
+# (num_heads, num_kv_heads, head_dim, dtype): GQA 1, 3 (two and three kv heads) and 4; head dims 64, 128.
+VARIANT_CONFIGS = [
+    (2, 2, 64, torch.float32),
+    (6, 2, 64, torch.float16),
+    (9, 3, 64, torch.bfloat16),
+    (8, 2, 128, torch.bfloat16),
+]
+
+
+def variants(num_heads, num_kv_heads):
+    group = num_heads // num_kv_heads
+    rows = 1 << (group - 1).bit_length()
+    out = [
+        ("dot-table-per-block", TileConfig(16, 16, 4, 2)),
+        ("dot-table-per-key", TileConfig(16, 16, 4, 2, table_per_block=False)),
+        ("dot-wide-keys", TileConfig(32, 32, 4, 3)),
+        ("fma-one-token", TileConfig(rows, 8, 4, 2, use_dot=False)),
+        ("fma-two-tokens", TileConfig(2 * rows, 16, 4, 2, use_dot=False, table_per_block=False)),
+    ]
+    if num_kv_heads > 1:
+        pack = num_kv_heads
+        out.append(("dot-head-pack", TileConfig(max(16, 1 << (pack * group - 1).bit_length()), 16, 4, 2,
+                                                head_pack=pack)))
+        out.append(("fma-head-pack", TileConfig(1 << (pack * group - 1).bit_length(), 8, 4, 2,
+                                                head_pack=pack, use_dot=False)))
+    return out
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,dtype", VARIANT_CONFIGS)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_variants_ragged_trees_and_decode(num_heads, num_kv_heads, head_dim, dtype, num_splits):
+    """Every kernel variant on one-node trees (decode), a bushy tree and a chain; prefixes end
+    mid-block and at a block edge; with and without split-K."""
+    rng = random.Random(num_heads * 7 + head_dim + num_splits)
+    trees = [[-1], random_parents(9, rng), [-1], [-1, 0, 1, 2, 3]]
+    args, max_q, max_len = build_batch([37, 13, 16, 2], trees, num_heads, num_kv_heads, head_dim,
+                                       dtype, block_size=4)
+    for name, tile in variants(num_heads, num_kv_heads):
+        try:
+            check(args, max_q, max_len, num_splits=num_splits, tile=tile)
+        except AssertionError as exc:
+            raise AssertionError(f"variant {name} {tile}") from exc
+
+
+@pytest.mark.parametrize("tile", [TileConfig(16, 32, 4, 2), TileConfig(4, 16, 4, 2, use_dot=False),
+                                  TileConfig(16, 16, 4, 2, head_pack=2)])
+def test_decode_batch_block_size_16_default_splits(tile):
+    """Plain decode (every tree one node), the benchmark's block size, the split heuristic's choice."""
+    trees = [[-1]] * 3
+    args, max_q, max_len = build_batch([100, 47, 64], trees, 8, 2, 64, torch.float16, block_size=16)
+    check(args, max_q, max_len, tile=tile)
+    check(args, max_q, max_len, num_splits=4, tile=tile)
+
+
+def test_causal_mode_variants():
+    trees = [[-1, 0, 1, 2, 3], [-1]]
+    args, max_q, max_len = build_batch([9, 4], trees, 8, 2, 64, torch.float32, block_size=4)
+    for tile in (TileConfig(16, 16, 4, 2, head_pack=2), TileConfig(8, 8, 4, 2, use_dot=False)):
+        check(args, max_q, max_len, causal=True, tile=tile, num_splits=2)
+
+
+def test_tile_config_round_trip_and_defaults():
+    tile = TileConfig(32, 64, 8, 3, head_pack=2, use_dot=False, table_per_block=False, programs_per_sm=3)
+    assert TileConfig.from_list(tile.as_list()) == tile
+    assert TileConfig.from_list([16, 128, 4, 2]) == TileConfig(16, 128, 4, 2)
+    assert estimate_programs_per_sm(TileConfig(16, 128, 4, 2), 128, 2) >= 1
+
+
+def test_choose_num_splits_fills_one_wave_and_caps_partial_traffic():
+    sms = 132
+    smol_kv = 2 * 64 * 32768 * 3 * 64 * 2
+    # 192 programs (SmolLM B=64 decode): 2 splits fill 396 slots; 3 would make 1.45 waves.
+    assert choose_num_splits(192, 32768, sms, 128, programs_per_sm=3, kv_bytes=smol_kv,
+                             partial_bytes=64 * 9 * 66 * 4) == 2
+    assert choose_num_splits(192, 32768, sms, 128, programs_per_sm=2, kv_bytes=smol_kv,
+                             partial_bytes=64 * 9 * 66 * 4) == 1
+    # 8 programs of a 32k decode (Llama B=1): split to just under one wave.
+    s = choose_num_splits(8, 32768, sms, 128, programs_per_sm=1, kv_bytes=2 * 32768 * 8 * 128 * 2,
+                          partial_bytes=32 * 130 * 4)
+    assert s == 16
+    # Big partial outputs (tree 16, B=64, P=512) against little K/V: no split.
+    assert choose_num_splits(128, 528, sms, 64, programs_per_sm=4, kv_bytes=2 * 64 * 528 * 8 * 128 * 2,
+                             partial_bytes=1024 * 32 * 130 * 4) == 1
+    # A tiny decode (256 kB of K/V): splitting saves less than the merge launch costs.
+    assert choose_num_splits(8, 256, sms, 32, programs_per_sm=1, kv_bytes=2**18,
+                             partial_bytes=32 * 130 * 4) == 1
+    # Never more splits than key tiles; without a traffic model, one wave.
+    assert choose_num_splits(1, 100, sms, 64, programs_per_sm=4, kv_bytes=10**9) <= 2
+    assert choose_num_splits(8, 1 << 20, sms, 64) == 2 * sms // 8

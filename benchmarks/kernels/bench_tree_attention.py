@@ -18,6 +18,13 @@ would swamp small cases); small cases rotate over several copies of their inputs
 so that they are not served from the 60 MB L2.
 
     python benchmarks/kernels/bench_tree_attention.py --out benchmarks/results/kernels-h200.json
+
+Several GPUs (benchmarks/kernels/h200_x4.sh drives this): ``--phase sweep --shard I/N``
+times kernel variants per case class (model x tree size) on GPU I's share of the
+classes; ``--merge-sweep`` picks each class's best; ``--phase final --shard I/N
+--configs best.json`` runs GPU I's share of the cases with those variants;
+``--merge`` joins the shards into one result JSON + plot. ``--smoke`` runs tiny
+shapes on the CPU under ``TRITON_INTERPRET=1`` (plumbing only, times meaningless).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from kernels.tree_attention import (
     TileConfig,
     default_tile_config,
+    estimate_programs_per_sm,
+    plan_num_splits,
     tree_attention,
     tree_mask_from_template,
     tree_mask_to_dense,
@@ -47,8 +56,10 @@ MODELS = {  # name: (num_heads, num_kv_heads, head_dim)
     "llama3-8b": (32, 8, 128),
     "smollm2-135m": (9, 3, 64),
 }
+SMOKE_MODELS = {"tiny-gqa4": (8, 2, 128), "tiny-gqa3": (6, 2, 64)}
 BLOCK_SIZE = 16
 L2_BYTES = 60 * 2**20
+SMOKE = False  # set by --smoke: CPU, Triton interpreter, wall-clock timing, one input copy
 
 
 def template_parents(tree_size: int) -> list[int]:
@@ -62,6 +73,11 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
     The GPU idles at a low clock; a second of copies first brings it up, or the
     bound comes out low (2.8 TB/s instead of 4.3 in our first run).
     """
+    if SMOKE:
+        src = torch.randn(2**22, dtype=torch.bfloat16)
+        t0 = time.perf_counter()
+        src.clone()
+        return 2 * src.numel() * 2 / (time.perf_counter() - t0) / 1e9
     n = 2**30
     src = torch.randn(n, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
@@ -76,6 +92,13 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
 
 def time_graph(fns, target_ms: float = 20.0, replays: int = 7) -> float:
     """Median microseconds per call of ``fns`` (called round robin) from CUDA-graph replays."""
+    if SMOKE:
+        for f in fns:
+            f()
+        t0 = time.perf_counter()
+        for f in fns:
+            f()
+        return (time.perf_counter() - t0) / len(fns) * 1e6
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -115,7 +138,7 @@ class Case:
 
     def __init__(self, model, batch, prefix_len, tree_size, dtype, device):
         self.model, self.batch, self.prefix_len, self.tree_size = model, batch, prefix_len, tree_size
-        self.num_heads, self.num_kv_heads, self.head_dim = MODELS[model]
+        self.num_heads, self.num_kv_heads, self.head_dim = {**MODELS, **SMOKE_MODELS}[model]
         self.dtype = dtype
         H, Hkv, D, B, T = self.num_heads, self.num_kv_heads, self.head_dim, batch, tree_size
         self.seq_len = L = prefix_len + T
@@ -123,7 +146,7 @@ class Case:
         self.kv_bytes = 2 * B * L * Hkv * D * elt
         self.bytes = self.kv_bytes + 2 * B * T * H * D * elt  # + Q read and O written
         self.flops = 4 * B * T * H * L * D
-        self.copies = int(min(max(1, math.ceil(4 * L2_BYTES / self.kv_bytes)), 16))
+        self.copies = 1 if SMOKE else int(min(max(1, math.ceil(4 * L2_BYTES / self.kv_bytes)), 16))
         blocks_per_seq = -(-L // BLOCK_SIZE)
         num_blocks = self.copies * B * blocks_per_seq
         self.k_pool = torch.randn(num_blocks, BLOCK_SIZE, Hkv, D, dtype=dtype, device=device)
@@ -137,6 +160,16 @@ class Case:
         self.tree_mask = tree_mask_from_template(parents, B).to(device)
         self.tree_dense = tree_mask_to_dense(self.tree_mask[:T].cpu(),
                                              torch.tensor([0, T]))[0].to(device)
+
+    def default_tile(self) -> TileConfig:
+        return default_tile_config(self.tree_size, self.num_heads // self.num_kv_heads, self.head_dim,
+                                   self.dtype)
+
+    def num_splits(self, tile: TileConfig) -> int:
+        sms = torch.cuda.get_device_properties(0).multi_processor_count if not SMOKE else 4
+        return plan_num_splits(tile, self.batch, self.batch * self.tree_size, self.num_heads,
+                               self.num_kv_heads, self.head_dim, self.tree_size, self.seq_len,
+                               torch.finfo(self.dtype).bits // 8, sms)
 
     def ours(self, copy: int, tile: TileConfig | None = None, out=None):
         return tree_attention(
@@ -191,16 +224,29 @@ def flex_fn():
     return _flex
 
 
-def run_case(case: Case, args) -> dict:
+def run_case(case: Case, args, tile: TileConfig | None = None, source: str = "default") -> dict:
     row = {
         "model": case.model, "batch": case.batch, "prefix_len": case.prefix_len, "tree_size": case.tree_size,
         "num_heads": case.num_heads, "num_kv_heads": case.num_kv_heads, "head_dim": case.head_dim,
         "dtype": str(case.dtype).removeprefix("torch."), "copies": case.copies,
         "bytes_read_written": case.bytes, "flops": case.flops,
     }
+    default = case.default_tile()
+    tile = tile or default
+    # Which kernel variant ran (TileConfig.as_list: block_m, block_n, warps, stages, head_pack,
+    # use_dot, table_per_block, programs_per_sm) and where it came from.
+    row["config"] = tile.as_list()
+    row["config_source"] = source
+    row["num_splits"] = case.num_splits(tile)
     outs = [torch.empty_like(case.query) for _ in range(case.copies)]
-    row["ours"] = time_graph([lambda c=c: case.ours(c, out=outs[c]) for c in range(case.copies)])
-    ref_out = case.ours(0)
+    row["ours"] = time_graph([lambda c=c: case.ours(c, tile, out=outs[c]) for c in range(case.copies)])
+    ref_out = case.ours(0, tile)
+    if tile != default:
+        # The kernel's built-in default on the same inputs, for the gain of the tuned variant.
+        row["ours_default"] = time_graph([lambda c=c: case.ours(c, default, out=outs[c])
+                                          for c in range(case.copies)])
+        row["ours_default_config"] = default.as_list()
+        row["max_abs_diff_vs_default"] = float((case.ours(0, default).float() - ref_out.float()).abs().max())
     gathered = [case.gathered(c) for c in range(case.copies)]
     q4 = case.q4()
     mask = case.dense_mask()
@@ -247,41 +293,157 @@ def add_bounds(row: dict, copy_gbps: float, bf16_tflops: float) -> None:
     row["pct_of_roofline"] = 100.0 * row["roofline_us"] / row["ours"]
 
 
-def sweep(args, device) -> list[dict]:
-    """Time ``ours`` under a few launch shapes on representative cases."""
-    rows = []
-    shapes = [("llama3-8b", 1, 32768, 1), ("llama3-8b", 64, 4096, 16), ("smollm2-135m", 64, 4096, 64)]
-    for model, b, p, t in shapes:
-        case = Case(model, b, p, t, torch.bfloat16, device)
-        group = case.num_heads // case.num_kv_heads
-        base = default_tile_config(t, group, case.head_dim, case.dtype)
-        block_ms = sorted({base.block_m, min(128, base.block_m * 2)})
-        for bm in block_ms:
-            if bm < group:
-                continue
-            for bn in (32, 64, 128):
-                for warps, stages in ((4, 2), (4, 3), (8, 3)):
-                    tile = TileConfig(bm, bn, warps, stages)
-                    try:
-                        us = time_graph([lambda c=c, case=case, tile=tile: case.ours(c, tile)
-                                         for c in range(case.copies)], target_ms=10, replays=5)
-                    except Exception as exc:  # noqa: BLE001 (a shape that does not fit is skipped)
-                        print(f"  {tile}: {type(exc).__name__}", flush=True)
-                        continue
-                    rows.append({"model": model, "batch": b, "prefix_len": p, "tree_size": t,
-                                     "tile": [bm, bn, warps, stages], "us": us,
-                                     "default": tile == base,
-                                     "pct_of_bound": 100 * case.bytes / (us * 1e-6) / 1e9 / args.copy_gbps})
-        best = min((r for r in rows if r["model"] == model and r["batch"] == b and r["prefix_len"] == p
-                    and r["tree_size"] == t), key=lambda r: r["us"])
-        dflt = [r for r in rows if r["model"] == model and r["batch"] == b and r["prefix_len"] == p
-                and r["tree_size"] == t and r["default"]]
-        print(f"sweep {model} B={b} P={p} T={t}: best {best['tile']} {best['us']:.1f}us "
-              f"({best['pct_of_bound']:.0f}%), default {dflt[0]['us'] if dflt else float('nan'):.1f}us",
-              flush=True)
-        del case
-        torch.cuda.empty_cache()
-    return rows
+SWEEP_CASES = [(1, 32768), (8, 4096), (64, 4096), (64, 512)]  # (batch, prefix) per class
+SMOKE_SWEEP_CASES = [(2, 40)]
+
+
+def class_key(model: str, tree_size: int) -> str:
+    return f"{model}/T{tree_size}"
+
+
+def candidates(model: str, tree_size: int, dtype=torch.bfloat16) -> list[tuple[str, TileConfig]]:
+    """Kernel variants to time for one case class, most promising first; the default leads."""
+    H, Hkv, D = {**MODELS, **SMOKE_MODELS}[model]
+    G = H // Hkv
+    elt = torch.finfo(dtype).bits // 8
+    base = default_tile_config(tree_size, G, D, dtype)
+    out = [("default", base)]
+
+    def add(name, tile):
+        cols = triton_next_pow2(tile.head_pack * D)
+        smem = tile.num_stages * 2 * tile.block_n * cols * elt
+        rows = tile.head_pack * G
+        if (smem > 200 * 1024 or tile.block_m < rows or Hkv % tile.head_pack
+                or (tile.use_dot and tile.block_m < 16) or any(t == tile for _, t in out)):
+            return
+        out.append((name, tile))
+
+    if tree_size == 1:
+        for bn, w, st in ((128, 4, 3), (64, 4, 3), (256, 4, 2), (256, 8, 2), (128, 8, 2), (64, 4, 4),
+                          (256, 8, 3)):
+            add(f"dot bn{bn} w{w} s{st}", TileConfig(16, bn, w, st))
+        add("dot table-per-key", TileConfig(base.block_m, base.block_n, base.num_warps, base.num_stages,
+                                            table_per_block=False))
+        for pack in (p for p in (2, 3, 4) if Hkv % p == 0 and p * D <= 512):
+            bm = max(16, triton_next_pow2(pack * G))
+            for bn, w, st in ((64, 4, 2), (32, 4, 3), (64, 4, 3), (128, 4, 2), (64, 8, 2), (32, 4, 4)):
+                add(f"pack{pack} bn{bn} w{w} s{st}", TileConfig(bm, bn, w, st, head_pack=pack))
+        bm = triton_next_pow2(G)
+        for bn, w, st in ((32, 4, 2), (64, 8, 2), (16, 4, 2), (32, 8, 3), (64, 4, 2), (32, 4, 3)):
+            add(f"fma bn{bn} w{w} s{st}", TileConfig(bm, bn, w, st, use_dot=False))
+    else:
+        for bm, bn, w, st in ((64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 3),
+                              (128, 64, 4, 3), (64, 128, 4, 2), (32, 64, 4, 3), (64, 64, 8, 3),
+                              (128, 64, 8, 2), (128, 128, 8, 2), (64, 32, 4, 2)):
+            add(f"dot bm{bm} bn{bn} w{w} s{st}", TileConfig(bm, bn, w, st))
+        add("dot table-per-key", TileConfig(base.block_m, base.block_n, base.num_warps, base.num_stages,
+                                            table_per_block=False))
+    return out
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def with_ppsm(tile: TileConfig, ppsm: int) -> TileConfig:
+    return TileConfig(*tile.as_list()[:4], head_pack=tile.head_pack, use_dot=tile.use_dot,
+                      table_per_block=tile.table_per_block, programs_per_sm=ppsm)
+
+
+def shard_of(items: list, shard: tuple[int, int], weights: list[float] | None = None) -> list:
+    """This shard's items: greedy longest-first over ``weights`` (round robin without)."""
+    idx, n = shard
+    if weights is None:
+        return items[idx::n]
+    loads = [0.0] * n
+    owner = {}
+    for i in sorted(range(len(items)), key=lambda i: -weights[i]):
+        k = min(range(n), key=lambda j: loads[j])
+        loads[k] += weights[i]
+        owner[i] = k
+    return [items[i] for i in range(len(items)) if owner[i] == idx]
+
+
+def _time_variant(ctx: dict, name: str, tile: TileConfig, stage: int, args) -> float | None:
+    """Time one variant on every case of a sweep class; its score is the geometric mean of its
+    times over the class default's (the first variant timed)."""
+    key, us_list = ctx["key"], []
+    for case, r in zip(ctx["cases"], ctx["ref"]):
+        try:
+            diff = float((case.ours(0, tile).float() - r).abs().max())
+            if not diff <= 0.05:
+                raise ValueError(f"output differs from the default's by {diff}")
+            us = time_graph([lambda c=c, case=case: case.ours(c, tile) for c in range(case.copies)],
+                            target_ms=8, replays=5)
+        except Exception as exc:  # noqa: BLE001 (a variant that does not fit is skipped)
+            print(f"  {key} {name}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+            ctx["rows"].append({"class": key, "name": name, "tile": tile.as_list(), "stage": stage,
+                                "error": f"{type(exc).__name__}: {exc}"[:300]})
+            return None
+        us_list.append(us)
+        ctx["rows"].append({"class": key, "name": name, "tile": tile.as_list(), "stage": stage,
+                            "model": case.model, "batch": case.batch, "prefix_len": case.prefix_len,
+                            "tree_size": case.tree_size, "us": us, "num_splits": case.num_splits(tile),
+                            "max_abs_diff": diff,
+                            "pct_of_bound": 100 * case.bytes / (us * 1e-6) / 1e9 / args.copy_gbps})
+    base = ctx["base_us"]
+    if not base:
+        base.extend(us_list)
+    score = math.exp(sum(math.log(u / b) for u, b in zip(us_list, base)) / len(us_list))
+    ctx["scores"][name] = (score, tile)
+    print(f"  {key} {name:<24} {tile.as_list()} " + " ".join(f"{u:8.1f}" for u in us_list)
+          + f"  score {score:.3f}", flush=True)
+    return score
+
+
+def sweep_classes(args, device) -> dict:
+    """Time variants per case class (this shard's classes); each class's best by geometric mean.
+
+    Stage 1 times every candidate (split count from the occupancy estimate) on the
+    class's cases; stage 2 retimes the best three with 1-4 programs per SM for the
+    split heuristic. A variant whose output differs from the default's by more
+    than 0.05 (bf16) or that fails to compile is dropped. Stops at the budget.
+    """
+    t_start = time.time()
+    classes = [(m, t) for t in args.tree_sizes for m in args.models]
+    weights = [3.0 if t == 1 else 1.5 if t >= 64 else 1.3 for _, t in classes]
+    mine = shard_of(classes, args.shard, weights)
+    print(f"sweep shard {args.shard}: classes {[class_key(*c) for c in mine]}", flush=True)
+    rows, best = [], {}
+    reps = SMOKE_SWEEP_CASES if SMOKE else SWEEP_CASES
+    per_class = args.sweep_budget_s / max(1, len(mine))
+    for ci, (model, t) in enumerate(mine):
+        key = class_key(model, t)
+        deadline = t_start + per_class * (ci + 1)
+        cases = [Case(model, b, p, t, torch.bfloat16, device) for b, p in reps]
+        ref = [c.ours(0, c.default_tile()).float() for c in cases]
+        cands = candidates(model, t)
+        if SMOKE:
+            cands = cands[:2] + [c for c in cands if not c[1].use_dot or c[1].head_pack > 1][:2]
+        scores: dict[str, tuple[float, TileConfig]] = {}
+        ctx = {"key": key, "cases": cases, "ref": ref, "rows": rows, "scores": scores, "base_us": []}
+        for name, tile in cands:
+            if time.time() > deadline - 0.25 * per_class and name != "default":
+                print(f"  {key}: stage-1 budget reached, {name} and later skipped", flush=True)
+                break
+            _time_variant(ctx, name, tile, 1, args)
+        top = sorted(scores.items(), key=lambda kv: kv[1][0])[:3]
+        for name, (_, tile) in top:
+            est = estimate_programs_per_sm(tile, cases[0].head_dim, 2)
+            for ppsm in (1, 2, 3, 4):
+                if ppsm == est or time.time() > deadline:
+                    continue
+                _time_variant(ctx, f"{name} ppsm{ppsm}", with_ppsm(tile, ppsm), 2, args)
+        if scores:
+            name, (score, tile) = min(scores.items(), key=lambda kv: kv[1][0])
+            best[key] = {"name": name, "tile": tile.as_list(), "score_vs_default": score,
+                         "default_tile": cands[0][1].as_list(), "cases": [[c.batch, c.prefix_len] for c in cases],
+                         "candidates_timed": len(scores)}
+            print(f"sweep {key}: best {name} {tile.as_list()} at {score:.3f}x the default's time", flush=True)
+        del cases, ref, ctx
+        if not SMOKE:
+            torch.cuda.empty_cache()
+    return {"rows": rows, "best": best, "shard": list(args.shard), "copy_gbps": args.copy_gbps}
 
 
 def add_read_ceiling(rows: list[dict]) -> None:
@@ -353,66 +515,181 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    i, n = (int(x) for x in text.split("/"))
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard {text}: want I/N with 0 <= I < N")
+    return i, n
+
+
+def all_cases(args) -> list[tuple[str, int, int, int]]:
+    """(model, batch, prefix, tree) in run order: longest prefixes first (if the budget runs out,
+    the short, least telling cases go)."""
+    return [(m, b, p, t) for p in sorted(args.prefix_lens, reverse=True) for m in args.models
+            for b in args.batches for t in args.tree_sizes]
+
+
+def final_cases(args, device, meta: dict, configs: dict) -> list[dict]:
+    t_start = time.time()
+    rows: list[dict] = []
+    header = f"{'model':<13}{'B':>3}{'prefix':>7}{'T':>4} {'ours us':>9}{'sdpa us':>9}{'flex us':>9}" \
+             f"{'sdpa/ours':>10}{'flex/ours':>10}{'GB/s':>7}{'%bound':>7}  config"
+    print(header, flush=True)
+    cases = all_cases(args)
+    # Rough seconds a case takes (setup and flex compile, plus the big reads), to balance the shards.
+    sizes = {**MODELS, **SMOKE_MODELS}
+    weights = [4.0 + b * (p + t) * sizes[m][1] * sizes[m][2] * 4 * t ** 0.5 / 2e9 for m, b, p, t in cases]
+    todo = shard_of(cases, args.shard, weights)
+    for model, b, p, t in todo:
+        if time.time() - t_start > args.budget_s:
+            print(f"budget reached; skipping {model} B={b} P={p} T={t}", flush=True)
+            continue
+        best = configs.get(class_key(model, t))
+        tile = TileConfig.from_list(best["tile"]) if best else None
+        case = Case(model, b, p, t, torch.bfloat16, device)
+        r = run_case(case, args, tile, f"sweep best ({best['name']})" if best else "default")
+        r.update(meta)
+        rows.append(r)
+        del case
+        if not SMOKE:
+            torch.cuda.empty_cache()
+        print(f"{model:<13}{b:>3}{p:>7}{t:>4} {_us(r['ours'])}{_us(r['sdpa'])}"
+              f"{_us(r['flex'])}{_ratio(r, 'sdpa')}{_ratio(r, 'flex')}"
+              f"{r['achieved_gbps']:7.0f}{r['pct_of_bound']:7.1f}  {r['config']} x{r['num_splits']}", flush=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def merge_sweeps(paths: list[Path], sweep_out: Path, configs_out: Path) -> None:
+    rows, best = [], {}
+    for path in paths:
+        part = json.loads(path.read_text())
+        for r in part["rows"]:
+            r["shard"] = part["shard"]
+        rows += part["rows"]
+        best.update(part["best"])
+    sweep_out.write_text(json.dumps({"best": best, "rows": rows}, indent=1))
+    configs_out.write_text(json.dumps(best, indent=1))
+    for key, b in sorted(best.items()):
+        print(f"best {key:<22} {b['name']:<28} {b['tile']} {b['score_vs_default']:.3f}x default time")
+
+
+def merge_finals(paths: list[Path], out: Path, args) -> None:
+    """Join shard results; one bound for all: the best copy-bandwidth reading of any shard."""
+    rows = []
+    for path in paths:
+        rows += json.loads(path.read_text())
+    gbps = max(r["copy_bandwidth_gbps"] for r in rows)
+    order = {c: i for i, c in enumerate(all_cases(args))}
+    rows.sort(key=lambda r: order.get((r["model"], r["batch"], r["prefix_len"], r["tree_size"]), 1 << 30))
+    missing = [c for c in all_cases(args) if c not in
+               {(r["model"], r["batch"], r["prefix_len"], r["tree_size"]) for r in rows}]
+    for r in rows:
+        r["copy_bandwidth_gbps"] = gbps
+        add_bounds(r, gbps, args.bf16_tflops)
+    finish(rows, out)
+    wins = {t: [0, 0, 0] for t in args.tree_sizes}
+    for r in rows:
+        w = wins.setdefault(r["tree_size"], [0, 0, 0])
+        w[0] += 1
+        w[1] += bool(r.get("sdpa") and r["sdpa"] > r["ours"])
+        w[2] += bool(r.get("flex") and r["flex"] > r["ours"])
+    for t, (n, ws, wf) in sorted(wins.items()):
+        print(f"tree {t}: faster than sdpa in {ws}/{n}, than flex in {wf}/{n}")
+    if missing:
+        print(f"missing cases (budget or failure): {missing}")
+
+
 def main() -> None:
+    global SMOKE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels-h200.json"))
-    ap.add_argument("--models", nargs="+", default=list(MODELS))
-    ap.add_argument("--prefix-lens", type=int, nargs="+", default=[512, 4096, 32768])
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--models", nargs="+", default=None)
+    ap.add_argument("--prefix-lens", type=int, nargs="+", default=None)
+    ap.add_argument("--batches", type=int, nargs="+", default=None)
     ap.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--sweep", type=Path, help="also sweep launch shapes, writing this JSON")
-    ap.add_argument("--budget-s", type=float, default=330.0, help="stop starting new cases after this")
+    ap.add_argument("--phase", choices=["all", "sweep", "final"], default="all",
+                    help="all: (optional --sweep) then the cases; sweep: only the class sweep "
+                         "(--sweep PATH); final: only the cases (with --configs)")
+    ap.add_argument("--sweep", type=Path, help="sweep kernel variants per case class, writing this JSON")
+    ap.add_argument("--configs", type=Path, help="per-class best variants (from --merge-sweep) for the cases")
+    ap.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
+                    help="run the I-th of N disjoint slices of the classes / cases (one GPU each)")
+    ap.add_argument("--merge-sweep", type=Path, nargs="+", metavar="SHARD_JSON",
+                    help="join sweep shards into --sweep and their best variants into --configs")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="SHARD_JSON",
+                    help="join result shards into --out (+ plot)")
+    ap.add_argument("--budget-s", type=float, default=330.0,
+                    help="this process: stop starting new cases after this many seconds of the case phase")
+    ap.add_argument("--sweep-budget-s", type=float, default=150.0,
+                    help="this process: seconds for the sweep (split over its classes)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU plumbing check under TRITON_INTERPRET=1: tiny shapes, wall-clock times, no flex")
     ap.add_argument("--bf16-tflops", type=float, default=790.0,
                     help="dense bf16 matmul rate measured on this H200 (KINDS.md), for compute_bound_us")
     ap.add_argument("--recompute", type=Path,
                     help="only recompute derived fields and the plot of an existing result JSON")
     args = ap.parse_args()
+    SMOKE = args.smoke
+    args.models = args.models or (list(SMOKE_MODELS) if SMOKE else list(MODELS))
+    args.prefix_lens = args.prefix_lens or ([40, 9] if SMOKE else [512, 4096, 32768])
+    args.batches = args.batches or ([2] if SMOKE else [1, 8, 64])
+    if SMOKE:
+        args.tree_sizes = [t for t in args.tree_sizes if t <= 16] or [1]
+        args.no_flex = True
     if args.recompute:
         finish(json.loads(args.recompute.read_text()), args.recompute)
         return
+    if args.merge_sweep:
+        merge_sweeps(args.merge_sweep, args.sweep, args.configs)
+        return
+    if args.merge:
+        merge_finals(args.merge, args.out, args)
+        return
+    if SMOKE:
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--smoke needs TRITON_INTERPRET=1 in the environment")
+        device = torch.device("cpu")
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA device: run on a GPU machine, or pass --smoke under TRITON_INTERPRET=1")
+        device = torch.device("cuda")
     t_start = time.time()
-    device = torch.device("cuda")
     args.copy_gbps = copy_bandwidth_gbps(device)
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; "
-          f"copy bandwidth {args.copy_gbps:.0f} GB/s", flush=True)
-    if args.sweep:
+    name = torch.cuda.get_device_name() if not SMOKE else "cpu (smoke)"
+    print(f"{name} torch {torch.__version__}; copy bandwidth {args.copy_gbps:.0f} GB/s; "
+          f"shard {args.shard[0]}/{args.shard[1]}", flush=True)
+    if args.phase in ("all", "sweep") and args.sweep:
         args.sweep.parent.mkdir(parents=True, exist_ok=True)
-        args.sweep.write_text(json.dumps(sweep(args, device), indent=1))
-    meta = {"command": " ".join(["python"] + sys.argv), "device": torch.cuda.get_device_name(),
-                "torch": torch.__version__, "copy_bandwidth_gbps": args.copy_gbps, "block_size": BLOCK_SIZE}
+        result = sweep_classes(args, device)
+        args.sweep.write_text(json.dumps(result, indent=1))
+        if args.phase == "all" and not args.configs:
+            args.configs = args.sweep.with_name(args.sweep.stem + "-configs.json")
+            args.configs.write_text(json.dumps(result["best"], indent=1))
+    if args.phase == "sweep":
+        print(f"sweep done in {time.time() - t_start:.0f}s; wrote {args.sweep}", flush=True)
+        return
+    configs = json.loads(args.configs.read_text()) if args.configs else {}
     import triton
 
-    meta["triton"] = triton.__version__
-    rows: list[dict] = []
+    meta = {"command": " ".join(["python"] + sys.argv), "device": name,
+            "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_gbps": args.copy_gbps,
+            "block_size": BLOCK_SIZE, "shard": list(args.shard)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    header = f"{'model':<13}{'B':>3}{'prefix':>7}{'T':>4} {'ours us':>9}{'sdpa us':>9}{'flex us':>9}" \
-             f"{'sdpa/ours':>10}{'flex/ours':>10}{'GB/s':>7}{'%bound':>7}"
-    print(header, flush=True)
-    # Longest prefixes first: if the budget runs out, the short (least telling) cases go.
-    for p in sorted(args.prefix_lens, reverse=True):
-        for model in args.models:
-            for b in args.batches:
-                for t in args.tree_sizes:
-                    if time.time() - t_start > args.budget_s:
-                        print(f"budget reached; skipping {model} B={b} P={p} T={t}", flush=True)
-                        continue
-                    case = Case(model, b, p, t, torch.bfloat16, device)
-                    r = run_case(case, args)
-                    r.update(meta)
-                    rows.append(r)
-                    del case
-                    torch.cuda.empty_cache()
-                    print(f"{model:<13}{b:>3}{p:>7}{t:>4} {_us(r['ours'])}{_us(r['sdpa'])}"
-                          f"{_us(r['flex'])}{_ratio(r, 'sdpa')}{_ratio(r, 'flex')}"
-                          f"{r['achieved_gbps']:7.0f}{r['pct_of_bound']:7.1f}", flush=True)
-                    args.out.write_text(json.dumps(rows, indent=1))
+    rows = final_cases(args, device, meta, configs)
     # Take the better of two bandwidth readings (start and end) as the bound for every case.
     end_gbps = copy_bandwidth_gbps(device)
     print(f"copy bandwidth at start {args.copy_gbps:.0f} GB/s, at end {end_gbps:.0f} GB/s", flush=True)
     for r in rows:
         r["copy_bandwidth_gbps"] = max(args.copy_gbps, end_gbps)
         add_bounds(r, r["copy_bandwidth_gbps"], args.bf16_tflops)
+    if args.shard[1] > 1:  # a shard: plain rows, the merge derives the rest
+        args.out.write_text(json.dumps(rows, indent=1))
+        print(f"shard done in {time.time() - t_start:.0f}s; wrote {args.out}", flush=True)
+        return
     finish(rows, args.out)
     print(f"done in {time.time() - t_start:.0f}s; wrote {args.out} and {args.out.with_suffix('.png')}")
 
@@ -426,7 +703,10 @@ def finish(rows: list[dict], out: Path) -> None:
               f"{r['achieved_gbps']:7.0f} GB/s {r['pct_of_bound']:6.1f}% of copy bound "
               f"{r['pct_of_read_ceiling']:6.1f}% of read ceiling "
               f"{r['pct_of_read_roofline']:6.1f}% of read/compute roofline", flush=True)
-    plot(rows, out.with_suffix(".png"))
+    try:
+        plot(rows, out.with_suffix(".png"))
+    except ImportError as exc:  # the GPU machine may lack matplotlib: plot later with --recompute
+        print(f"no plot ({exc}); run --recompute {out} where matplotlib is installed", flush=True)
     errs = {k: r[k] for r in rows for k in ("sdpa_error", "flex_error") if k in r}
     if errs:
         print("peer errors:", errs)
