@@ -306,7 +306,7 @@ class TileConfig:
     num_stages: int
     head_pack: int = 1
     use_dot: bool = True
-    table_per_block: bool = True
+    table_per_block: bool = False
     programs_per_sm: int = 0
 
     def as_list(self) -> list:
@@ -397,22 +397,36 @@ def plan_num_splits(tile: TileConfig, num_seqs: int, total_q: int, num_heads: in
 
 
 def default_tile_config(max_query_len: int, group: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
-    """Launch shape picked from a sweep on an H200 (benchmarks/results/kernels-h200-sweep.json).
+    """Launch shape picked by the H200 sweep (benchmarks/results/kernels-h200-configs.json).
 
     The rows of a tile are tokens x heads of one kv group (16 is tl.dot's
     minimum); more rows re-read each K/V tile less often, until the fp32
-    accumulator crowds the registers. Decode-like tiles (16 rows) do so little
-    math per key that only wide key tiles keep enough bytes in flight; bigger
-    row tiles prefer 64 keys and a third pipeline stage. 4 warps beat 8 in
-    every swept case.
+    accumulator crowds the registers. Half-precision classes, each the sweep's
+    winner over 4 shapes (B=1 P=32k, B=8 P=4k, B=64 P=4k, B=64 P=512) for
+    Llama-3-8B (head dim 128, group 4) and SmolLM2-135M (head dim 64, group 3):
+
+    * decode (16 rows): 128-key tiles, one block-table read per key, and a
+      split grid of 2 (head dim 128) or 3 (64) programs per SM: 0.55x / 0.65x
+      the time of the occupancy-estimated grid with per-block table reads;
+    * up to 64 rows (trees of about 16 nodes): 64 rows, 32 keys and 3 stages
+      (head dim 128) or 64 keys, 2 stages, one program per SM (64): within 1%
+      of the alternatives;
+    * bigger trees: 64 (128) rows x 64 keys, 3 stages, per-key table reads,
+      4 (3) programs per SM: 0.57x / 0.69x the time of the alternatives.
     """
     block_m = max(16, min(128 if head_dim <= 64 else 64, triton.next_power_of_2(max_query_len * group)))
     block_m = max(block_m, triton.next_power_of_2(group))
+    wide = head_dim > 64
     if dtype == torch.float32:  # twice the bytes per key: keep tiles (and shared memory) small
         return TileConfig(block_m, 64, num_warps=4, num_stages=2)
     if block_m <= 16:
-        return TileConfig(block_m, 128, num_warps=4, num_stages=2)
-    return TileConfig(block_m, 64, num_warps=4, num_stages=3)
+        return TileConfig(block_m, 128, num_warps=4, num_stages=2, programs_per_sm=2 if wide else 3)
+    if max_query_len * group <= 64:
+        if wide:
+            return TileConfig(block_m, 32, num_warps=4, num_stages=3, table_per_block=True)
+        return TileConfig(block_m, 64, num_warps=4, num_stages=2, table_per_block=True,
+                          programs_per_sm=1)
+    return TileConfig(block_m, 64, num_warps=4, num_stages=3, programs_per_sm=4 if wide else 3)
 
 
 def tree_attention(

@@ -269,3 +269,21 @@ def test_choose_num_splits_fills_one_wave_and_caps_partial_traffic():
     # Never more splits than key tiles; without a traffic model, one wave.
     assert choose_num_splits(1, 100, sms, 64, programs_per_sm=4, kv_bytes=10**9) <= 2
     assert choose_num_splits(8, 1 << 20, sms, 64) == 2 * sms // 8
+
+
+def test_default_launch_shapes_are_the_h200_sweep_winners():
+    """kernels-h200.md reports the sweep winners as what the kernel does by default."""
+    import json
+    from pathlib import Path
+
+    from kernels.tree_attention import default_tile_config
+
+    root = Path(__file__).resolve().parents[1]
+    winners = json.loads((root / "benchmarks/results/kernels-h200-configs.json").read_text())
+    shapes = {"llama3-8b": (4, 128), "smollm2-135m": (3, 64)}  # (GQA group, head dim)
+    assert len(winners) == 6
+    for key, found in winners.items():
+        model, tree = key.split("/T")
+        group, head_dim = shapes[model]
+        tile = default_tile_config(int(tree), group, head_dim, torch.bfloat16)
+        assert tile.as_list() == found["tile"], key
