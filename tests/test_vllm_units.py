@@ -137,6 +137,45 @@ def test_planner_optimum_matches_brute_force():
         assert got == pytest.approx(best, rel=1e-6)
 
 
+def test_planner_scales_expected_acceptance_per_request():
+    """Same feature, same shared estimate: a request whose own drafts fare worse (scale)
+    stops drafting, the others keep drafting; brute force agrees with the scaled plan."""
+    import itertools
+
+    p = _trained_planner([("chain", "kernel"), ("tree-8", "tree")],
+                         kernel=[(8, 0.018), (80, 0.090)], tree=[(80, 0.2)])
+    p.record_request("chain", 2, 10, 3)
+    p.record_request("tree-8", 2, 8, 2)
+    assert p.plan([2, 2, 2]) == ["chain"] * 3
+    scales = [1.0, 0.1, 1.0]
+    assert p.plan([2, 2, 2], scales=scales) == ["chain", NONE, "chain"]
+    options = [NONE, "chain", "tree-8"]
+    best = max(p.rate([2] * 3, 3, list(c), scales)
+               for c in itertools.product(options, repeat=3))
+    assert p.rate([2] * 3, 3, p.plan([2] * 3, scales=scales), scales) == pytest.approx(best)
+    assert p.expected_accepted("chain", 2) == pytest.approx(3)
+    assert p.expected_accepted("chain", 1) is None and p.expected_accepted("x", 2) is None
+    with pytest.raises(ValueError, match="scales"):
+        p.plan([2, 2], scales=[1.0])
+
+
+def test_request_skill_tracks_its_own_acceptance_and_fades_back():
+    from proposers.vllm.proposer import SKILL_RANGE, RequestState
+
+    s = RequestState()
+    assert s.skill == 1.0
+    for _ in range(6):
+        s.observe(0.0, 3.0)  # expected 3 accepted tokens, got none
+    low = s.skill
+    assert SKILL_RANGE[0] <= low < 0.3
+    for _ in range(300):
+        s.fade()  # no fresh evidence: back towards the shared estimate (half-life 34)
+    assert 0.9 < s.skill <= 1.0
+    for _ in range(6):
+        s.observe(6.0, 2.0)
+    assert 2.0 < s.skill <= SKILL_RANGE[1]
+
+
 def test_planner_probes_untried_rungs_then_settles():
     p = CostPlanner([("chain", "kernel"), ("tree-8", "tree")])
     p.plan([2])  # no cost data yet: measure plain decoding first
@@ -458,6 +497,16 @@ def test_proposer_plans_per_request():
     assert p._feature(torch.tensor(fresh), "b", sampled=False) == FEEDBACK
     assert p._feature(torch.tensor(repetitive), "b", sampled=True) == 3 + FEEDBACK + SAMPLED
     assert p._feature(torch.tensor(fresh), "a", sampled=False) == 0
+
+    # "a" keeps missing: its own record lowers its scale until it stops drafting, while
+    # a new request "d" on the same text still drafts from the shared estimate.
+    for _ in range(6):
+        p.record_outcome("a", "chain", 3, 5, 0)
+    assert p.states["a"].skill < 0.2
+    p.set_target_feedback(BatchFeedback(["a", "b", "d"], ["tree"] * 3))
+    drafts = p.propose([[1], [1], [1]], np.array([8, 8, 8]), tokens)
+    assert drafts[0] == [] and drafts[2][:2] == [8, 9]
+    assert p.states["a"].accepted < p.states["a"].expected  # faded, not forgotten
 
     p = proposer(cost_aware=False)  # always the largest rung a request may use
     propose(p, ["tree", "tree", "auto"])

@@ -120,20 +120,26 @@ class CostPlanner:
         return self.estimates.setdefault((rung, feature), _Estimate())
 
     # -- decisions -----------------------------------------------------------------
-    def plan(self, features: list[int], batch: int | None = None) -> list[str]:
+    def plan(self, features: list[int], batch: int | None = None,
+             scales: list[float] | None = None) -> list[str]:
         """A rung (or NONE) for each request in `features`, one step.
 
         `batch` is the number of decoding requests in the step (default: all of these);
-        requests outside `features` are counted as one token each.
+        requests outside `features` are counted as one token each. `scales[i]` multiplies
+        the accepted tokens expected of request i (its own record against the shared
+        estimates: a request whose text the drafts miss more than average drafts less).
         """
         self.step += 1
         batch = len(features) if batch is None else batch
         if not features:
             return []
+        scales = [1.0] * len(features) if scales is None else list(scales)
+        if len(scales) != len(features):
+            raise ValueError(f"{len(scales)} scales for {len(features)} requests")
         if not self.cost_aware:
             choice = [self._largest(f) for f in features]
         else:
-            choice = self._best(features, batch)
+            choice = self._best(features, batch, scales)
             self._probe(features, choice)
         for f, name in zip(features, choice):
             self.history[name] = self.history.get(name, 0) + 1
@@ -151,72 +157,87 @@ class CostPlanner:
             return None
         return est.accepted.value, est.nodes.value
 
-    def _best(self, features: list[int], batch: int) -> list[str]:
+    def expected_accepted(self, rung: str, feature: int) -> float | None:
+        """The shared estimate of accepted tokens for `rung` at `feature` (None: untried)."""
+        rung_ = self._by_name.get(rung)
+        known = self._known(rung_, feature) if rung_ is not None else None
+        return None if known is None else known[0]
+
+    def _best(self, features: list[int], batch: int, scales: list[float]) -> list[str]:
         kernel = self.lines[KERNEL].coefficients()
         if kernel is None:
             return [NONE] * len(features)  # first steps: measure plain decoding first
         kernel_rungs = [r for r in self.rungs if r.path == KERNEL]
-        candidates = [self._dinkelbach(features, batch, kernel_rungs, kernel)]
+        candidates = [self._dinkelbach(features, scales, batch, kernel_rungs, kernel)]
         tree = self._coefficients(TREE)
         if tree is not None:
             # A tree step has at least one tree request: fix which (feature, rung) that
-            # is, and optimise the others freely on the tree path's cost line.
-            firsts = {f: i for i, f in reversed(list(enumerate(features)))}
+            # is (per feature, the request expected to accept most), and optimise the
+            # others freely on the tree path's cost line.
+            firsts: dict[int, int] = {}
+            for i, f in enumerate(features):
+                if f not in firsts or scales[i] > scales[firsts[f]]:
+                    firsts[f] = i
             for f, i in firsts.items():
-                rest = features[:i] + features[i + 1:]
+                rest, rest_scales = features[:i] + features[i + 1:], scales[:i] + scales[i + 1:]
                 for r in self.rungs:
                     known = self._known(r, f) if r.path == TREE and _eligible(r, f) else None
                     if known is None:
                         continue
-                    others = self._dinkelbach(rest, batch, self.rungs, tree, fixed=known)
+                    fixed = (known[0] * scales[i], known[1])
+                    others = self._dinkelbach(rest, rest_scales, batch, self.rungs, tree,
+                                              fixed=fixed)
                     candidates.append(others[:i] + [r.name] + others[i:])
         best = [NONE] * len(features)
-        best_rate = self.rate(features, batch, best)
+        best_rate = self.rate(features, batch, best, scales)
         for choice in candidates:
-            rate = self.rate(features, batch, choice)
+            rate = self.rate(features, batch, choice, scales)
             if rate is not None and rate > best_rate * 1.0001:
                 best, best_rate = choice, rate
         return best
 
-    def _dinkelbach(self, features: list[int], batch: int, allowed: list[Rung],
-                    coef: tuple[float, float],
+    def _dinkelbach(self, features: list[int], scales: list[float], batch: int,
+                    allowed: list[Rung], coef: tuple[float, float],
                     fixed: tuple[float, float] = (0.0, 0.0)) -> list[str]:
         """Rungs for `features` maximising (batch + accepted) / (a + b * (batch + nodes))
         on one cost line, with `fixed` (accepted, nodes) already in the step."""
         a, b = coef
+        keys = list(zip(features, scales))
         options = {
-            f: [(NONE, 0.0, 0.0)] + [(r.name, *known) for r in allowed if _eligible(r, f)
-                                     and (known := self._known(r, f)) is not None]
-            for f in set(features)
+            (f, sc): [(NONE, 0.0, 0.0)] + [
+                (r.name, known[0] * sc, known[1]) for r in allowed
+                if _eligible(r, f) and (known := self._known(r, f)) is not None]
+            for f, sc in set(keys)
         }
 
         def ratio(acc: float, nodes: float) -> float:
             return (batch + fixed[0] + acc) / max(a + b * (batch + fixed[1] + nodes), 1e-12)
 
         lam = ratio(0.0, 0.0)
-        pick = {f: opts[0] for f, opts in options.items()}
+        pick = {k: opts[0] for k, opts in options.items()}
         for _ in range(16):
-            new_pick = {f: max(opts, key=lambda o: o[1] - lam * b * o[2])
-                        for f, opts in options.items()}
-            new = ratio(sum(new_pick[f][1] for f in features),
-                        sum(new_pick[f][2] for f in features))
+            new_pick = {k: max(opts, key=lambda o: o[1] - lam * b * o[2])
+                        for k, opts in options.items()}
+            new = ratio(sum(new_pick[k][1] for k in keys), sum(new_pick[k][2] for k in keys))
             if new <= lam * (1 + 1e-12):
                 break
             pick, lam = new_pick, new
-        return [pick[f][0] for f in features]
+        return [pick[k][0] for k in keys]
 
-    def rate(self, features: list[int], batch: int, choice: list[str]) -> float | None:
+    def rate(self, features: list[int], batch: int, choice: list[str],
+             scales: list[float] | None = None) -> float | None:
         """Expected tokens per second of a step that drafts `choice`."""
         by_name = self._by_name
         acc = nodes = 0.0
         path = KERNEL
-        for f, name in zip(features, choice):
+        scales = [1.0] * len(features) if scales is None else scales
+        for f, sc, name in zip(features, scales, choice):
             if name == NONE:
                 continue
             known = self._known(by_name[name], f)
             if known is None:
                 return None
-            acc, nodes = acc + known[0], nodes + known[1]
+            acc, nodes = acc + known[0] * sc, nodes + known[1]
             if by_name[name].path == TREE:
                 path = TREE
         coef = self._coefficients(path)

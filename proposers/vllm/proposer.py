@@ -59,10 +59,33 @@ class BatchFeedback:
     topk: dict[str, torch.Tensor] = field(default_factory=dict)  # [m, K] for depths 1..m
 
 
+# A request's own acceptance record against the planner's shared estimates: each verified
+# draft adds (accepted, expected) to decaying sums, and steps without drafts fade them, so
+# the scale drifts back to 1 (the shared estimate) when there is no fresh evidence.
+SKILL_DECAY, SKILL_FADE, SKILL_PRIOR = 0.7, 0.98, 1.0
+SKILL_RANGE = (0.1, 3.0)
+
+
 @dataclass
 class RequestState:
     feedback: torch.Tensor | None = None
     plan: DraftPlan | None = None
+    accepted: float = 0.0  # decaying sum of accepted draft tokens
+    expected: float = 0.0  # decaying sum of what the shared estimates expected
+
+    @property
+    def skill(self) -> float:
+        """How this request's drafts fare against the shared estimate (1: as expected)."""
+        ratio = (self.accepted + SKILL_PRIOR) / (self.expected + SKILL_PRIOR)
+        return min(max(ratio, SKILL_RANGE[0]), SKILL_RANGE[1])
+
+    def observe(self, accepted: float, expected: float) -> None:
+        self.accepted = self.accepted * SKILL_DECAY + accepted
+        self.expected = self.expected * SKILL_DECAY + expected
+
+    def fade(self) -> None:
+        self.accepted *= SKILL_FADE
+        self.expected *= SKILL_FADE
 
 
 class TRJacobiProposer:
@@ -114,6 +137,15 @@ class TRJacobiProposer:
         for req_id in req_ids:
             self.states.pop(req_id, None)
 
+    def record_outcome(self, req_id: str, rung: str, feature: int, nodes: int,
+                       accepted: int) -> None:
+        """A planned draft was verified: teach the planner and the request's own record."""
+        expected = self.planner.expected_accepted(rung, feature)
+        self.planner.record_request(rung, feature, nodes, accepted)
+        state = self.states.get(req_id)
+        if state is not None and expected is not None:
+            state.observe(float(accepted), expected)
+
     def plan_for(self, req_id: str) -> DraftPlan | None:
         state = self.states.get(req_id)
         return state.plan if state else None
@@ -137,8 +169,10 @@ class TRJacobiProposer:
         features = {row: self._feature(contexts[row], batch.req_ids[row],
                                        sampled=batch.modes[row] == "auto")
                     for row in planned}
+        scales = [self.states[batch.req_ids[r]].skill if batch.req_ids[r] in self.states
+                  else 1.0 for r in planned]
         rungs = dict(zip(planned, self.planner.plan([features[r] for r in planned],
-                                                   batch=len(rows))))
+                                                   batch=len(rows), scales=scales)))
         for row in rows:
             req_id, mode = batch.req_ids[row], batch.modes[row]
             state = self.states.setdefault(req_id, RequestState())
@@ -147,6 +181,8 @@ class TRJacobiProposer:
                 plan = None
             elif mode in PLANNED_MODES:
                 plan = self._plan_rung(rungs[row], features[row], context, state.feedback)
+                if plan is None:
+                    state.fade()
             else:  # chain / retrieval, as the request asked
                 plan = self._chain(context, state.feedback, jacobi=mode == "chain")
             if mode != "off" and state.feedback is not None and state.feedback.numel():

@@ -264,8 +264,8 @@ class TRJacobiRunner(CPUModelRunner):
             chain = row.tree.feedback_chain(node)
             feedback[row.req_id] = topk[chain] if chain else topk[:0]
             if row.rung is not None:
-                self.trj.planner.record_request(row.rung, row.feature, n,
-                                                max(num_accepted, 0))
+                self.trj.record_outcome(row.req_id, row.rung, row.feature, n,
+                                        max(num_accepted, 0))
         if src_rows:
             assert step is not None
             slot_mapping = self.input_batch.block_table[0].slot_mapping.cpu
