@@ -2,17 +2,21 @@
 
 `bench_vllm.py` runs each engine in its own process, one after the other, so a change in
 the machine's load between the two (this CPU is shared) moves the ratio: the same cell of
-plain vLLM has varied by up to 28% between runs. Here both engines live in one process
-and take turns: for each repeat and task group, the same batch of requests runs on plain
-vLLM and on the plugin back to back (the order alternates), so both see the same minutes
-of the machine. Each repeat gives one paired ratio per group; the report gives, per batch
+plain vLLM has varied by up to 28% between runs. Here the engines live in one process and
+take turns: for each repeat and task group, the same batch of requests runs on each
+engine back to back (who goes first rotates), so all see the same minutes of the machine.
+Each repeat gives one paired ratio to plain vLLM per group; the report gives, per batch
 size and group, the median ratio and its range over the repeats, plus the overall ratio
-(total tokens / total seconds of each engine).
+(total tokens / total seconds of each engine). Outputs must be identical (greedy).
 
-    python -m benchmarks.vllm.bench_interleaved --model msn --batch-sizes 8 --repeats 5
+`--sync-plain` adds plain vLLM with async scheduling off: vLLM 0.32 turns async
+scheduling off for every `custom_class` drafter, ours included, so that engine shows what
+the plugin pays before it drafts anything; `--plugin-off` runs the plugin's engine with
+drafting off for every request, which adds the cost of vLLM's spec-decode path.
 
-Writes `<out>.json` and `<out>.png` (default benchmarks/results/vllm_cpu_interleaved).
-"""
+    python -m benchmarks.vllm.bench_interleaved --model msn --batch-sizes 8 --sync-plain --plugin-off
+
+Writes `<out>.json` and `<out>.png` (default benchmarks/results/vllm_cpu_interleaved)."""
 
 from __future__ import annotations
 
@@ -28,39 +32,52 @@ from pathlib import Path
 from benchmarks.vllm.bench_vllm import DEV_SET, ENGINE_ENV, GROUPS, ROOT, group_questions
 from msn.models import default_model_name
 
+SYNC = "plain-sync"  # plain vLLM with async scheduling off, as any custom_class drafter runs
+OFF = "plugin-off"  # the plugin's engine, every request with extra_args trjacobi=off
 
-def paired_summary(rows: list[dict]) -> dict:
-    """Per batch size and group: median / min / max of the paired ratios, and overall."""
+
+def paired_summary(rows: list[dict], engines: list[str]) -> dict:
+    """Per batch size, engine and group: median / min / max over the repeats of the
+    paired ratio to plain vLLM, and the overall ratio (total tokens / total seconds)."""
     out: dict = {}
     for batch in sorted({r["batch"] for r in rows}):
-        table: dict = {}
         mine = [r for r in rows if r["batch"] == batch]
-        for group in GROUPS:
-            ratios = [r["plugin_tok_s"] / r["plain_tok_s"] for r in mine if r["group"] == group]
-            if not ratios:
+        by_engine: dict = {}
+        for name in engines:
+            if name == "plain":
                 continue
-            table[group] = {"median": round(statistics.median(ratios), 3),
-                            "min": round(min(ratios), 3), "max": round(max(ratios), 3),
-                            "repeats": len(ratios),
-                            "plain_tok_s": round(statistics.median(
-                                r["plain_tok_s"] for r in mine if r["group"] == group), 2),
-                            "plugin_tok_s": round(statistics.median(
-                                r["plugin_tok_s"] for r in mine if r["group"] == group), 2)}
-        plain = sum(r["plain_tokens"] for r in mine) / sum(r["plain_s"] for r in mine)
-        plugin = sum(r["plugin_tokens"] for r in mine) / sum(r["plugin_s"] for r in mine)
-        per_repeat = {}
-        for r in mine:
-            acc = per_repeat.setdefault(r["repeat"], [0, 0.0, 0, 0.0])
-            acc[0] += r["plain_tokens"]
-            acc[1] += r["plain_s"]
-            acc[2] += r["plugin_tokens"]
-            acc[3] += r["plugin_s"]
-        overall = [(a[2] / a[3]) / (a[0] / a[1]) for a in per_repeat.values()]
-        table["overall"] = {"ratio": round(plugin / plain, 3), "min": round(min(overall), 3),
-                            "max": round(max(overall), 3), "plain_tok_s": round(plain, 2),
-                            "plugin_tok_s": round(plugin, 2)}
-        out[str(batch)] = table
+            table: dict = {}
+            for group in GROUPS:
+                cells = [r for r in mine if r["group"] == group]
+                if not cells:
+                    continue
+                ratios = [r["tok_s"][name] / r["tok_s"]["plain"] for r in cells]
+                table[group] = {
+                    "median": round(statistics.median(ratios), 3),
+                    "min": round(min(ratios), 3), "max": round(max(ratios), 3),
+                    "repeats": len(ratios),
+                    "plain_tok_s": round(statistics.median(r["tok_s"]["plain"] for r in cells), 2),
+                    "tok_s": round(statistics.median(r["tok_s"][name] for r in cells), 2)}
+            per_repeat = []
+            for rep in sorted({r["repeat"] for r in mine}):
+                cells = [r for r in mine if r["repeat"] == rep]
+                per_repeat.append(_rate(cells, name) / _rate(cells, "plain"))
+            table["overall"] = {"ratio": round(_rate(mine, name) / _rate(mine, "plain"), 3),
+                                "min": round(min(per_repeat), 3),
+                                "max": round(max(per_repeat), 3),
+                                "plain_tok_s": round(_rate(mine, "plain"), 2),
+                                "tok_s": round(_rate(mine, name), 2)}
+            by_engine[name] = table
+        out[str(batch)] = by_engine
     return out
+
+
+def _rate(cells: list[dict], name: str) -> float:
+    return sum(r["tokens"][name] for r in cells) / sum(r["seconds"][name] for r in cells)
+
+
+LABELS = {"plugin": "plugin (TR-Jacobi, planned)",
+          SYNC: "plain vLLM, async scheduling off", OFF: "plugin engine, drafting off"}
 
 
 def plot(summary: dict, path: Path, model: str) -> None:
@@ -70,19 +87,23 @@ def plot(summary: dict, path: Path, model: str) -> None:
     import matplotlib.pyplot as plt
 
     batches = list(summary)
-    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(7 * len(batches), 4), squeeze=False)
     for ax, b in zip(axes[0], batches):
-        groups = [g for g in GROUPS if g in summary[b]]
-        med = [summary[b][g]["median"] for g in groups]
-        lo = [m - summary[b][g]["min"] for g, m in zip(groups, med)]
-        hi = [summary[b][g]["max"] - m for g, m in zip(groups, med)]
-        ax.bar(range(len(groups)), med, yerr=[lo, hi], capsize=4, color="tab:green",
-               label="plugin / plain vLLM (median, min-max over repeats)")
+        engines = list(summary[b])
+        width = 0.8 / len(engines)
+        for i, name in enumerate(engines):
+            table = summary[b][name]
+            groups = [g for g in (*GROUPS, "overall") if g in table]
+            med = [table[g].get("median", table[g].get("ratio")) for g in groups]
+            lo = [m - table[g]["min"] for g, m in zip(groups, med)]
+            hi = [table[g]["max"] - m for g, m in zip(groups, med)]
+            ax.bar([x + i * width for x in range(len(groups))], med, width, yerr=[lo, hi],
+                   capsize=3, label=LABELS.get(name, name))
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks(range(len(groups)), groups, rotation=30)
-        ax.set_title(f"vLLM-CPU, {model} model, batch {b}, interleaved "
-                     f"(overall {summary[b]['overall']['ratio']:.2f}x)")
-        ax.legend(loc="lower right")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))], groups, rotation=30)
+        ax.set_title(f"vLLM-CPU, {model} model, batch {b}: tok/s over plain vLLM "
+                     "(median, min-max over repeats)", fontsize=9)
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -100,8 +121,14 @@ def run(args) -> dict:
     common = {"model": model, "dtype": "float32", "enforce_eager": True, "seed": 0,
               "max_model_len": 4096, "max_num_seqs": max(args.batch_sizes),
               "disable_log_stats": False}
-    engines = {"plain": LLM(**common),
-               "plugin": LLM(**{**common, **engine_kwargs(max_num_seqs=max(args.batch_sizes))})}
+    engines = {"plain": LLM(**common)}
+    if args.sync_plain:
+        engines[SYNC] = LLM(**common, async_scheduling=False)
+    engines["plugin"] = LLM(**{**common, **engine_kwargs(max_num_seqs=max(args.batch_sizes))})
+    names = list(engines)
+    if args.plugin_off:
+        engines[OFF] = engines["plugin"]
+        names.append(OFF)
     questions = group_questions(Path(args.dev_set), args.per_group)
 
     def chat(q: str) -> str:
@@ -109,16 +136,19 @@ def run(args) -> dict:
                                        add_generation_prompt=True)
 
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    off_params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+                                extra_args={"trjacobi": "off"})
     for llm in engines.values():  # first-call costs stay out of the figures
         llm.generate([chat("Hello")], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
 
     def timed(name: str, prompts: list[str], batch: int) -> tuple[int, float, list]:
         llm = engines[name]
+        sp = off_params if name == OFF else params
         t0 = time.perf_counter()
         if batch == 1:
-            outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+            outs = [llm.generate([p], sp, use_tqdm=False)[0] for p in prompts]
         else:
-            outs = llm.generate([prompts[i % len(prompts)] for i in range(batch)], params,
+            outs = llm.generate([prompts[i % len(prompts)] for i in range(batch)], sp,
                                 use_tqdm=False)
         seconds = time.perf_counter() - t0
         return sum(len(o.outputs[0].token_ids) for o in outs), seconds, \
@@ -131,33 +161,37 @@ def run(args) -> dict:
 
     rows = []
     mismatches = 0
+    step = 0
     for repeat in range(args.repeats):
-        for gi, group in enumerate(GROUPS):
+        for group in GROUPS:
             prompts = [chat(q) for q in questions[group]]
             for batch in args.batch_sizes:
-                order = ["plain", "plugin"] if (repeat + gi) % 2 == 0 else ["plugin", "plain"]
+                k = step % len(names)  # rotate who goes first
+                step += 1
+                order = names[k:] + names[:k]
                 d0, a0, r0 = plugin_counters()
                 res = {name: timed(name, prompts, batch) for name in order}
                 d1, a1, r1 = plugin_counters()
-                same = res["plain"][2] == res["plugin"][2]
+                same = all(res[n][2] == res["plain"][2] for n in names)
                 mismatches += not same
-                rows.append({"repeat": repeat, "group": group, "batch": batch, "first": order[0],
-                             "plain_tokens": res["plain"][0], "plain_s": res["plain"][1],
-                             "plain_tok_s": res["plain"][0] / res["plain"][1],
-                             "plugin_tokens": res["plugin"][0], "plugin_s": res["plugin"][1],
-                             "plugin_tok_s": res["plugin"][0] / res["plugin"][1],
-                             "identical_outputs": same,
-                             "plugin_mat": round(1 + (a1 - a0) / (d1 - d0), 3) if d1 > d0 else 1.0,
-                             "plugin_rungs": {k: v - r0.get(k, 0) for k, v in r1.items()
-                                              if v - r0.get(k, 0)}})
+                rows.append({
+                    "repeat": repeat, "group": group, "batch": batch, "order": order,
+                    "tokens": {n: res[n][0] for n in names},
+                    "seconds": {n: round(res[n][1], 4) for n in names},
+                    "tok_s": {n: round(res[n][0] / res[n][1], 3) for n in names},
+                    "identical_outputs": same,
+                    "plugin_mat": round(1 + (a1 - a0) / (d1 - d0), 3) if d1 > d0 else 1.0,
+                    "plugin_rungs": {k: v - r0.get(k, 0) for k, v in r1.items()
+                                     if v - r0.get(k, 0)}})
                 r = rows[-1]
-                print(f"repeat {repeat} {group:15s} batch {batch}: plain {r['plain_tok_s']:6.1f} "
-                      f"plugin {r['plugin_tok_s']:6.1f} tok/s -> "
-                      f"{r['plugin_tok_s'] / r['plain_tok_s']:.3f}x  MAT {r['plugin_mat']:.2f} "
-                      f"rungs {r['plugin_rungs']}"
+                ratios = " ".join(f"{n} {r['tok_s'][n] / r['tok_s']['plain']:.3f}x"
+                                  for n in names if n != "plain")
+                print(f"repeat {repeat} {group:15s} batch {batch}: plain "
+                      f"{r['tok_s']['plain']:6.1f} tok/s; {ratios}; plugin MAT "
+                      f"{r['plugin_mat']:.2f} rungs {r['plugin_rungs']}"
                       f"{'' if same else '  OUTPUTS DIFFER'}", flush=True)
     drafts, accepted, rungs = plugin_counters()
-    return {"rows": rows, "mismatches": mismatches, "rungs": rungs,
+    return {"rows": rows, "engines": names, "mismatches": mismatches, "rungs": rungs,
             "plugin_mat": round(1 + accepted / drafts, 3) if drafts else 1.0}
 
 
@@ -169,7 +203,13 @@ def main() -> None:
     ap.add_argument("--per-group", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--sync-plain", action="store_true",
+                    help="also run plain vLLM with async scheduling off (what vLLM does to any "
+                         "engine with a custom_class drafter), to size that cost")
+    ap.add_argument("--plugin-off", action="store_true",
+                    help="also run the plugin's engine with drafting off for every request "
+                         "(what the spec-decode path costs before any draft)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_cpu_interleaved"))
     args = ap.parse_args()
     if args.repeats < 1 or args.per_group < 1 or min(args.batch_sizes) < 1:
@@ -177,13 +217,13 @@ def main() -> None:
     for k, v in ENGINE_ENV.items():
         os.environ.setdefault(k, v)
     result = run(args)
-    summary = paired_summary(result["rows"])
+    summary = paired_summary(result["rows"], result["engines"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python -m benchmarks.vllm.bench_interleaved " + shlex.join(sys.argv[1:]),
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model,
             "max_tokens": args.max_tokens, "per_group": args.per_group,
-            "repeats": args.repeats, "device": "cpu", "dtype": "float32", "greedy": True,
+            "repeats": args.repeats, "engines": result["engines"], "device": "cpu", "dtype": "float32", "greedy": True,
             "plugin_mat": result["plugin_mat"], "rungs": result["rungs"],
             "batches_with_different_outputs": result["mismatches"]}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary,
