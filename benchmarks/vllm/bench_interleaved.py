@@ -29,8 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.vllm.bench_vllm import DEV_SET, ENGINE_ENV, GROUPS, ROOT, group_questions
-from msn.models import default_model_name
+from benchmarks.vllm.bench_vllm import ENGINE_ENV, GROUPS, ROOT, group_questions, workload_args
 
 SYNC = "plain-sync"  # plain vLLM with async scheduling off, as any custom_class drafter runs
 OFF = "plugin-off"  # the plugin's engine, every request with extra_args trjacobi=off
@@ -197,12 +196,7 @@ def run(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=default_model_name(),
-                    help="base, msn, or a checkpoint path (default: %(default)s)")
-    ap.add_argument("--dev-set", default=str(DEV_SET))
-    ap.add_argument("--per-group", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
+    workload_args(ap, [8])
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--sync-plain", action="store_true",
                     help="also run plain vLLM with async scheduling off (what vLLM does to any "

@@ -171,14 +171,19 @@ def plot(table: dict, path: Path, model: str = "") -> None:
     fig.savefig(path)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def workload_args(ap: argparse.ArgumentParser, batch_sizes: list[int]) -> None:
+    """The options that pick the workload (model, questions, lengths, batch sizes)."""
     ap.add_argument("--model", default=default_model_name(),
                     help="base, msn, or a checkpoint path (default: %(default)s)")
     ap.add_argument("--dev-set", default=str(DEV_SET))
     ap.add_argument("--per-group", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=batch_sizes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    workload_args(ap, [1, 8])
     ap.add_argument("--engines", nargs="+", default=["plain", "ngram", "plugin"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_cpu"))
     ap.add_argument("--engine-worker", help=argparse.SUPPRESS)
