@@ -296,8 +296,9 @@ class TileConfig:
     needs); ``use_dot=False`` scores and sums with broadcast FMAs instead of
     tensor cores, for tiles of a few rows (``block_m`` may then go below 16);
     ``table_per_block`` reads one block-table entry per cache block of a key tile
-    instead of one per key; ``programs_per_sm`` overrides the occupancy estimate
-    that sizes the split-K grid (0: estimate).
+    instead of one per key; ``programs_per_sm`` overrides the split model's
+    saturation (programs an SM needs to run at full rate; 0: the model's,
+    ``choose_num_splits``).
     """
 
     block_m: int
@@ -339,60 +340,76 @@ def estimate_programs_per_sm(tile: TileConfig, head_dim: int, elt: int,
     return max(1, min(smem_bytes // smem, regs // (per_thread * threads), 64 // tile.num_warps, 32))
 
 
+SPLIT_CHOICES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
 def choose_num_splits(
     num_programs: int,
     max_seq_len: int,
     num_sms: int,
     block_n: int,
     *,
-    programs_per_sm: int = 2,
-    kv_bytes: int = 0,
-    partial_bytes: int = 0,
+    kv_bytes: int,
+    partial_bytes: int,
+    flops: float = 0.0,
+    saturation: float = 2.0,
     bandwidth: float = 4.0e12,
+    flop_rate: float = 4.0e14,
     merge_s: float = 2.0e-6,
-    max_partial_frac: float = 0.125,
-    max_splits: int = 64,
+    wave_s: float = 1.0e-6,
+    choices: Sequence[int] = SPLIT_CHOICES,
 ) -> int:
-    """Key splits: at most one whole wave of programs, capped by partial-output traffic.
+    """Key splits (flash-decoding) for a launch of ``num_programs`` programs: the split
+    count of ``choices`` with the least modelled time.
 
-    ``slots = num_sms * programs_per_sm`` programs run at once. Splitting the keys
-    ``s`` ways multiplies the programs by ``s``; up to one wave that divides the
-    time by ``s``, past it the last wave is partial (3 splits of 192 programs on
-    396 slots made 1.45 waves and ran 21% slower than 2 splits on the H200).
-    So ``s = floor(slots / num_programs)``, lowered until the fp32 partial outputs
-    written and re-read (``2 * s * partial_bytes``) stay under ``max_partial_frac``
-    of the K/V bytes, and kept only if the modelled gain (K/V read time at
-    ``bandwidth`` scaled by the idle slots) beats the merge launch and that
-    traffic. Every split gets at least one key tile.
+    The model, fitted to every split count of the 54 benchmark cases on the H200
+    (``benchmarks/results/kernels-h200-splits.json``: 3% above the best split count on
+    average, against 20% for the occupancy model it replaces):
+
+    * the work is the K/V read (``kv_bytes`` at ``bandwidth``) or, when longer, the
+      matmuls (``flops`` at ``flop_rate``): trees with many query rows per kv head
+      are compute-bound;
+    * an SM runs at full rate with ``saturation`` programs, so ``n`` programs use
+      ``n / (num_sms * saturation)`` of the machine, and past that they run in
+      whole waves (the last one partly idle), each costing ``wave_s`` more;
+    * every split writes and re-reads fp32 partial outputs (``partial_bytes``) and
+      needs the merge launch (``merge_s``). Each split gets at least one key tile.
     """
     num_programs = max(num_programs, 1)
-    slots = max(1, num_sms * max(1, programs_per_sm))
-    most = max(1, min(max_splits, -(-max_seq_len // block_n), slots // num_programs))
-    if kv_bytes <= 0:  # no traffic model: fill one wave
-        return most
-    while most > 1 and 2 * most * partial_bytes > max_partial_frac * kv_bytes:
-        most -= 1
-    if most == 1:
-        return 1
-
-    def cost(s: int) -> float:
-        t = kv_bytes / bandwidth * slots / min(slots, num_programs * s)
-        return t + (2 * s * partial_bytes / bandwidth + merge_s if s > 1 else 0.0)
-
-    return most if cost(most) < cost(1) else 1
+    work_s = max(kv_bytes / bandwidth, flops / flop_rate)
+    full = max(1.0, num_sms * saturation)
+    best, best_cost = 1, math.inf
+    for s in choices:
+        if s > max(1, -(-max_seq_len // block_n)):
+            break
+        n = num_programs * s
+        waves = math.ceil(n / full)
+        t = work_s * max(1.0, waves * full / n) + waves * wave_s
+        if s > 1:
+            t += 2 * s * partial_bytes / bandwidth + merge_s
+        if t < best_cost:
+            best, best_cost = s, t
+    return best
 
 
 def plan_num_splits(tile: TileConfig, num_seqs: int, total_q: int, num_heads: int, num_kv_heads: int,
-                    head_dim: int, max_query_len: int, max_seq_len: int, elt: int, num_sms: int) -> int:
-    """The split count ``tree_attention`` picks for ``tile`` when the caller gives none."""
+                    head_dim: int, max_query_len: int, max_seq_len: int, elt: int, num_sms: int,
+                    **model: float) -> int:
+    """The split count ``tree_attention`` picks for ``tile`` when the caller gives none
+    (``model``: overrides of ``choose_num_splits``' constants). A tile's
+    ``programs_per_sm`` overrides the model's saturation (benchmark sweeps)."""
     group = num_heads // num_kv_heads
     q_blocks = -(-max_query_len // (tile.block_m // (tile.head_pack * group)))
-    ppsm = tile.programs_per_sm or estimate_programs_per_sm(tile, head_dim, elt)
+    if tile.programs_per_sm:
+        model.setdefault("saturation", tile.programs_per_sm)
+    # Tensor-core rate for half precision; fp32 runs exact (IEEE) dots, about 8x slower.
+    model.setdefault("flop_rate", 4.0e14 if elt <= 2 else 5.0e13)
     return choose_num_splits(
         q_blocks * num_seqs * (num_kv_heads // tile.head_pack), max_seq_len, num_sms, tile.block_n,
-        programs_per_sm=ppsm,
         kv_bytes=2 * num_seqs * max_seq_len * num_kv_heads * head_dim * elt,
         partial_bytes=total_q * num_heads * (head_dim + 2) * 4,
+        flops=4.0 * total_q * num_heads * max_seq_len * head_dim,
+        **model,
     )
 
 
@@ -405,14 +422,13 @@ def default_tile_config(max_query_len: int, group: int, head_dim: int, dtype: to
     winner over 4 shapes (B=1 P=32k, B=8 P=4k, B=64 P=4k, B=64 P=512) for
     Llama-3-8B (head dim 128, group 4) and SmolLM2-135M (head dim 64, group 3):
 
-    * decode (16 rows): 128-key tiles, one block-table read per key, and a
-      split grid of 2 (head dim 128) or 3 (64) programs per SM: 0.55x / 0.65x
-      the time of the occupancy-estimated grid with per-block table reads;
+    * decode (16 rows): 128-key tiles, one block-table read per key;
     * up to 64 rows (trees of about 16 nodes): 64 rows, 32 keys and 3 stages
-      (head dim 128) or 64 keys, 2 stages, one program per SM (64): within 1%
-      of the alternatives;
-    * bigger trees: 64 (128) rows x 64 keys, 3 stages, per-key table reads,
-      4 (3) programs per SM: 0.57x / 0.69x the time of the alternatives.
+      (head dim 128) or 64 keys and 2 stages (64), one table read per cache block;
+    * bigger trees: 64 (128) rows x 64 keys, 3 stages, per-key table reads.
+
+    The sweep also chose a programs-per-SM hint for the split count of each class;
+    the fitted split model (``choose_num_splits``) replaced those hints.
     """
     block_m = max(16, min(128 if head_dim <= 64 else 64, triton.next_power_of_2(max_query_len * group)))
     block_m = max(block_m, triton.next_power_of_2(group))
@@ -420,13 +436,12 @@ def default_tile_config(max_query_len: int, group: int, head_dim: int, dtype: to
     if dtype == torch.float32:  # twice the bytes per key: keep tiles (and shared memory) small
         return TileConfig(block_m, 64, num_warps=4, num_stages=2)
     if block_m <= 16:
-        return TileConfig(block_m, 128, num_warps=4, num_stages=2, programs_per_sm=2 if wide else 3)
+        return TileConfig(block_m, 128, num_warps=4, num_stages=2)
     if max_query_len * group <= 64:
         if wide:
             return TileConfig(block_m, 32, num_warps=4, num_stages=3, table_per_block=True)
-        return TileConfig(block_m, 64, num_warps=4, num_stages=2, table_per_block=True,
-                          programs_per_sm=1)
-    return TileConfig(block_m, 64, num_warps=4, num_stages=3, programs_per_sm=4 if wide else 3)
+        return TileConfig(block_m, 64, num_warps=4, num_stages=2, table_per_block=True)
+    return TileConfig(block_m, 64, num_warps=4, num_stages=3)
 
 
 def tree_attention(

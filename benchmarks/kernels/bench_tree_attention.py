@@ -171,11 +171,11 @@ class Case:
                                self.num_kv_heads, self.head_dim, self.tree_size, self.seq_len,
                                torch.finfo(self.dtype).bits // 8, sms)
 
-    def ours(self, copy: int, tile: TileConfig | None = None, out=None):
+    def ours(self, copy: int, tile: TileConfig | None = None, out=None, num_splits: int | None = None):
         return tree_attention(
             self.query, self.k_pool, self.v_pool, self.tables[copy], self.cu, self.seq_lens,
             self.tree_mask, max_query_len=self.tree_size, max_seq_len=self.seq_len, out=out,
-            tile=tile,
+            tile=tile, num_splits=num_splits,
         )
 
     def gathered(self, copy: int):
@@ -575,6 +575,52 @@ def final_cases(args, device, meta: dict, configs: dict) -> list[dict]:
     return rows
 
 
+SPLIT_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def split_cases(args, device, meta: dict) -> list[dict]:
+    """Each case with the kernel's default tile at every split count of ``SPLIT_GRID``
+    (up to one key tile per split): the data the split heuristic is fitted to and checked
+    against (``num_splits_model``: what ``tree_attention`` picks by itself)."""
+    t_start = time.time()
+    rows: list[dict] = []
+    cases = all_cases(args)
+    sizes = {**MODELS, **SMOKE_MODELS}
+    weights = [2.0 + b * (p + t) * sizes[m][1] * sizes[m][2] * 4 * t ** 0.5 / 2e9 for m, b, p, t in cases]
+    for model, b, p, t in shard_of(cases, args.shard, weights):
+        if time.time() - t_start > args.budget_s:
+            print(f"budget reached; skipping {model} B={b} P={p} T={t}", flush=True)
+            continue
+        case = Case(model, b, p, t, torch.bfloat16, device)
+        tile = case.default_tile()
+        ref = case.ours(0, tile, num_splits=1).float()
+        times, diffs = {}, {}
+        for s in SPLIT_GRID:
+            if s > -(-case.seq_len // tile.block_n):
+                break
+            diffs[s] = float((case.ours(0, tile, num_splits=s).float() - ref).abs().max())
+            times[s] = time_graph([lambda c=c, s=s, case=case, tile=tile: case.ours(c, tile, num_splits=s)
+                                   for c in range(case.copies)], target_ms=8, replays=5)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count if not SMOKE else 4
+        row = {"model": model, "batch": b, "prefix_len": p, "tree_size": t,
+               "num_heads": case.num_heads, "num_kv_heads": case.num_kv_heads, "head_dim": case.head_dim,
+               "config": tile.as_list(), "num_sms": sms,
+               "programs_per_sm_estimate": estimate_programs_per_sm(tile, case.head_dim, 2),
+               "num_splits_model": case.num_splits(tile),
+               "splits_us": {str(k): v for k, v in times.items()},
+               "max_abs_diff_vs_1_split": max(diffs.values()), **meta}
+        rows.append(row)
+        best = min(times, key=times.get)
+        print(f"{model:<13}{b:>3}{p:>7}{t:>4} model x{row['num_splits_model']} "
+              f"{times.get(row['num_splits_model'], float('nan')):8.1f} us; best x{best} {times[best]:8.1f} us; "
+              + " ".join(f"{k}:{v:.1f}" for k, v in times.items()), flush=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+        del case
+        if not SMOKE:
+            torch.cuda.empty_cache()
+    return rows
+
+
 def merge_sweeps(paths: list[Path], sweep_out: Path, configs_out: Path) -> None:
     rows, best = [], {}
     for path in paths:
@@ -624,9 +670,10 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=None)
     ap.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--phase", choices=["all", "sweep", "final"], default="all",
+    ap.add_argument("--phase", choices=["all", "sweep", "final", "splits"], default="all",
                     help="all: (optional --sweep) then the cases; sweep: only the class sweep "
-                         "(--sweep PATH); final: only the cases (with --configs)")
+                         "(--sweep PATH); final: only the cases (with --configs); splits: every "
+                         "case at each split count of SPLIT_GRID with the default tile (--out)")
     ap.add_argument("--sweep", type=Path, help="sweep kernel variants per case class, writing this JSON")
     ap.add_argument("--configs", type=Path, help="per-class best variants (from --merge-sweep) for the cases")
     ap.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
@@ -694,6 +741,11 @@ def main() -> None:
             "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_gbps": args.copy_gbps,
             "block_size": BLOCK_SIZE, "shard": list(args.shard)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.phase == "splits":
+        rows = split_cases(args, device, meta)
+        args.out.write_text(json.dumps(rows, indent=1))
+        print(f"splits done in {time.time() - t_start:.0f}s; wrote {args.out}", flush=True)
+        return
     rows = final_cases(args, device, meta, configs)
     # Take the better of two bandwidth readings (start and end) as the bound for every case.
     end_gbps = copy_bandwidth_gbps(device)
