@@ -279,7 +279,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _num_sms(device: torch.device) -> int:
+def device_num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
@@ -413,7 +413,12 @@ def plan_num_splits(tile: TileConfig, num_seqs: int, total_q: int, num_heads: in
     )
 
 
-def default_tile_config(max_query_len: int, group: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
+SHORT_PREFIX = 1024  # keys; at or below, the tiles of kernels-h200-tiles.json's short cases
+
+
+def default_tile_config(max_query_len: int, group: int, head_dim: int, dtype: torch.dtype,
+                        num_seqs: int = 1, num_kv_heads: int = 1, max_seq_len: int | None = None,
+                        num_sms: int = 132) -> TileConfig:
     """Launch shape picked by the H200 sweep (benchmarks/results/kernels-h200-configs.json).
 
     The rows of a tile are tokens x heads of one kv group (16 is tl.dot's
@@ -429,14 +434,31 @@ def default_tile_config(max_query_len: int, group: int, head_dim: int, dtype: to
 
     The sweep also chose a programs-per-SM hint for the split count of each class;
     the fitted split model (``choose_num_splits``) replaced those hints.
+
+    Two regimes the class sweep did not cover, from per-shape timings of tile x split
+    count (``benchmarks/results/kernels-h200-tiles.json``; ``num_seqs``,
+    ``num_kv_heads``, ``max_seq_len`` and ``num_sms`` describe the launch):
+
+    * decode with at least two programs per SM before any split (Llama-3-8B at
+      B=64): 64-key tiles on 2 warps, 0.94-0.99x the time of the class tile;
+    * prefixes of at most ``SHORT_PREFIX`` keys: decode with fewer programs than SMs
+      on 32-key tiles (more key tiles to split: B=1, 512 keys, 6.8 vs 8.9 us), trees
+      on 64 rows x 64 keys with 3 stages (0.6-0.9x).
     """
     block_m = max(16, min(128 if head_dim <= 64 else 64, triton.next_power_of_2(max_query_len * group)))
     block_m = max(block_m, triton.next_power_of_2(group))
     wide = head_dim > 64
     if dtype == torch.float32:  # twice the bytes per key: keep tiles (and shared memory) small
         return TileConfig(block_m, 64, num_warps=4, num_stages=2)
+    short = max_seq_len is not None and max_seq_len <= SHORT_PREFIX
     if block_m <= 16:
-        return TileConfig(block_m, 128, num_warps=4, num_stages=2)
+        programs = num_seqs * num_kv_heads
+        if programs >= 2 * num_sms:
+            return TileConfig(block_m, 64, num_warps=2, num_stages=2)
+        return TileConfig(block_m, 32 if short and programs < num_sms else 128, num_warps=4,
+                          num_stages=2)
+    if short:
+        return TileConfig(min(block_m, 64), 64, num_warps=4, num_stages=3)
     if max_query_len * group <= 64:
         if wide:
             return TileConfig(block_m, 32, num_warps=4, num_stages=3, table_per_block=True)
@@ -493,7 +515,8 @@ def tree_attention(
         return out
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
 
-    tile = tile or default_tile_config(max_query_len, group, head_dim, query.dtype)
+    tile = tile or default_tile_config(max_query_len, group, head_dim, query.dtype, num_seqs, num_kv_heads,
+                                       max_seq_len, device_num_sms(query.device))
     pack = tile.head_pack
     assert pack >= 1 and num_kv_heads % pack == 0, (pack, num_kv_heads)
     rows_per_tok = pack * group
@@ -507,7 +530,7 @@ def tree_attention(
     if num_splits is None:
         num_splits = plan_num_splits(tile, num_seqs, total_q, num_heads, num_kv_heads, head_dim,
                                      max_query_len, max_seq_len, query.element_size(),
-                                     _num_sms(query.device))
+                                     device_num_sms(query.device))
     if num_splits > 1:
         part_out = torch.empty((num_splits, total_q, num_heads, head_dim), dtype=torch.float32,
                                device=query.device)

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from kernels.tree_attention import (
     TileConfig,
     default_tile_config,
+    device_num_sms,
     estimate_programs_per_sm,
     plan_num_splits,
     tree_attention,
@@ -133,6 +134,11 @@ def time_graph(fns, target_ms: float = 20.0, replays: int = 7) -> float:
     return statistics.median(times) / (reps * len(fns)) * 1000.0
 
 
+def num_sms() -> int:
+    """What ``tree_attention`` counts (4 under the interpreter)."""
+    return device_num_sms(torch.device("cpu" if SMOKE else "cuda"))
+
+
 class Case:
     """Inputs of one case, in ``copies`` independent sets (to defeat the L2)."""
 
@@ -163,10 +169,10 @@ class Case:
 
     def default_tile(self) -> TileConfig:
         return default_tile_config(self.tree_size, self.num_heads // self.num_kv_heads, self.head_dim,
-                                   self.dtype)
+                                   self.dtype, self.batch, self.num_kv_heads, self.seq_len, num_sms())
 
     def num_splits(self, tile: TileConfig) -> int:
-        sms = torch.cuda.get_device_properties(0).multi_processor_count if not SMOKE else 4
+        sms = num_sms()
         return plan_num_splits(tile, self.batch, self.batch * self.tree_size, self.num_heads,
                                self.num_kv_heads, self.head_dim, self.tree_size, self.seq_len,
                                torch.finfo(self.dtype).bits // 8, sms)
@@ -601,7 +607,7 @@ def split_cases(args, device, meta: dict) -> list[dict]:
             diffs[s] = float((case.ours(0, tile, num_splits=s).float() - ref).abs().max())
             times[s] = time_graph([lambda c=c, s=s, case=case, tile=tile: case.ours(c, tile, num_splits=s)
                                    for c in range(case.copies)], target_ms=8, replays=5)
-        sms = torch.cuda.get_device_properties(0).multi_processor_count if not SMOKE else 4
+        sms = num_sms()
         row = {"model": model, "batch": b, "prefix_len": p, "tree_size": t,
                "num_heads": case.num_heads, "num_kv_heads": case.num_kv_heads, "head_dim": case.head_dim,
                "config": tile.as_list(), "num_sms": sms,
