@@ -29,6 +29,8 @@ PRIVATE_API = {
         "spec_decode_metadata", "common_attn_metadata", "slot_mappings",
     ],
     "load_model": ["self", "load_dummy_weights"],
+    "initialize_kv_cache": ["self", "kv_cache_config", "is_profiling",
+                            "kv_cache_allocation_context"],
 }
 
 
@@ -512,3 +514,254 @@ def test_proposer_plans_per_request():
     propose(p, ["tree", "tree", "auto"])
     assert p.plan_for("a").rung == "tree-8"
     assert p.plan_for("c").rung == "chain" and p.plan_for("c").is_chain
+
+
+def test_chain_modes_need_no_tree_templates():
+    """In chain / retrieval / off modes no request gets a tree: `engine_kwargs` sizes
+    num_speculative_tokens without the tree ladder, and the proposer neither compiles
+    nor checks it (it used to refuse: "smaller than template(s) ['tree-32', ...]")."""
+    import types
+
+    from proposers.vllm.config import TRJacobiConfig, engine_kwargs
+    from proposers.vllm.proposer import CHAIN_RUNG, TRJacobiProposer
+
+    def proposer(kwargs):
+        spec = kwargs["speculative_config"]
+        return TRJacobiProposer(types.SimpleNamespace(
+            speculative_config=types.SimpleNamespace(
+                num_speculative_tokens=spec["num_speculative_tokens"]),
+            additional_config=kwargs["additional_config"]))
+
+    for mode in ("chain", "retrieval", "off"):
+        kwargs = engine_kwargs(mode=mode)
+        assert kwargs["speculative_config"]["num_speculative_tokens"] == 10  # retrieval-10
+        p = proposer(kwargs)
+        assert set(p.trees) == {"chain-5", "retrieval-10"}
+        assert [r.name for r in p.planner.rungs] == [CHAIN_RUNG]
+    # Tree mode still needs room for its largest template.
+    config = TRJacobiConfig()
+    assert config.max_draft_tokens() == 67  # paper-68: 67 nodes below the root
+    small = {"speculative_config": {"num_speculative_tokens": 10},
+             "additional_config": {"trjacobi": config.to_dict()}}
+    with pytest.raises(ValueError, match="paper-68"):
+        proposer(small)
+
+
+def test_engine_kwargs_default_kv_cache_space(monkeypatch):
+    """Tree mode on CPU: a KV cache size when the user set none (vLLM-CPU's own default
+    is most of the RAM, no room for a mirror); an explicit one wins; other modes keep
+    vLLM's default."""
+    import os
+
+    from vllm.platforms import current_platform
+
+    from proposers.vllm import config as cfg
+
+    if not current_platform.is_cpu():
+        pytest.skip("the default applies to vLLM's CPU platform only")
+    monkeypatch.setattr(cfg, "available_memory", lambda: (22 * cfg.GiB, 24 * cfg.GiB))
+    monkeypatch.delenv(cfg.KV_CACHE_SPACE_ENV, raising=False)
+    monkeypatch.delenv("MSN_TRJACOBI_TREE_ATTN", raising=False)
+    cfg.engine_kwargs(mode="chain")
+    assert cfg.KV_CACHE_SPACE_ENV not in os.environ
+    cfg.engine_kwargs()
+    assert os.environ[cfg.KV_CACHE_SPACE_ENV] == "5"  # a quarter of 22 GiB
+    monkeypatch.setenv(cfg.KV_CACHE_SPACE_ENV, "2")
+    cfg.engine_kwargs()
+    assert os.environ[cfg.KV_CACHE_SPACE_ENV] == "2"
+    monkeypatch.setattr(cfg, "available_memory", lambda: (3 * cfg.GiB, 4 * cfg.GiB))
+    assert cfg.default_kv_cache_space() == 1
+
+
+# ---------------------------------------------------------------- packed KV reads
+# Tree steps read K/V straight from vLLM's packed CPU cache where the layout is known,
+# guarded by a self-check against vLLM's own writer; elsewhere a plain mirror.
+BLOCK = 32
+KNOWN_LAYOUT_ISAS = ("vec", "vec16")  # vllm-integration.md section 5 (fp32 `vec`), measured
+
+
+def _attention_layer(monkeypatch, dtype=torch.float32, head=64, num_kv_heads=2,
+                     num_heads=6):
+    """A tree-attention impl and the layer attributes vLLM's cache writer reads."""
+    import types
+
+    from vllm.v1.attention.backends import cpu_attn
+
+    from proposers.vllm.tree_attention import TreeCPUAttentionImpl
+
+    monkeypatch.setattr(cpu_attn, "get_current_vllm_config", lambda: types.SimpleNamespace(
+        model_config=types.SimpleNamespace(dtype=dtype)))
+    impl = TreeCPUAttentionImpl(num_heads, head, head ** -0.5, num_kv_heads, None, None,
+                                "auto")
+    layer = types.SimpleNamespace(isa=cpu_attn._get_attn_isa(dtype, BLOCK, head),
+                                  _k_scale_float=1.0, _v_scale_float=1.0)
+    return impl, layer
+
+
+@pytest.mark.parametrize("dtype,head", [(torch.float32, 64), (torch.float32, 80),
+                                        (torch.bfloat16, 64)])
+def test_packed_kv_reader_reads_what_vllm_wrote(monkeypatch, dtype, head):
+    """`read_packed_kv` returns exactly the rows vLLM's stock writer stored, for random
+    slots across several blocks (starts, middles, ends of blocks), in any index shape."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    from proposers.vllm.tree_attention import packed_layout_readable, read_packed_kv
+
+    impl, layer = _attention_layer(monkeypatch, dtype, head)
+    g = torch.Generator().manual_seed(1)
+    num_blocks = 7
+    kv_cache = torch.zeros(num_blocks, 2, BLOCK, 2 * head, dtype=dtype)
+    edges = torch.tensor([0, BLOCK - 1, BLOCK, 3 * BLOCK + BLOCK // 2])
+    rest = torch.randperm(num_blocks * BLOCK, generator=g)
+    slots = torch.cat([edges, rest[~torch.isin(rest, edges)][:96]])
+    assert slots.unique().numel() == 100 and (slots // BLOCK).unique().numel() == num_blocks
+    key = torch.randn(100, 2, head, generator=g).to(dtype)
+    value = torch.randn(100, 2, head, generator=g).to(dtype)
+    CPUAttentionBackendImpl.do_kv_cache_update(impl, layer, key, value, kv_cache, slots)
+    readable = packed_layout_readable(impl, layer, kv_cache)
+    if layer.isa in KNOWN_LAYOUT_ISAS:
+        assert readable
+    if readable:
+        k, v = read_packed_kv(kv_cache, slots)
+        assert torch.equal(k, key) and torch.equal(v, value)
+        k, v = read_packed_kv(kv_cache, slots[:96].view(8, 12))  # [R, L] like key_slots
+        assert torch.equal(k, key[:96].view(8, 12, 2, head))
+        assert torch.equal(v, value[:96].view(8, 12, 2, head))
+
+
+def _skip_unless_known_layout(layer) -> None:
+    if layer.isa not in KNOWN_LAYOUT_ISAS:
+        pytest.skip(f"vLLM picks ISA {layer.isa!r} here, whose packed layout we do not read")
+
+
+def _row_major_writer(key, value, key_cache, value_cache, slot_mapping, isa, *args, **kw):
+    """vLLM's cache writer with the wrong layout: K row-major, like V."""
+    block_size = key_cache.shape[2]
+    for i, slot in enumerate(slot_mapping.tolist()):
+        key_cache[slot // block_size, :, slot % block_size] = key[i]
+        value_cache[slot // block_size, :, slot % block_size] = value[i]
+
+
+def test_layout_self_check_rejects_a_wrong_layout(monkeypatch):
+    from vllm import _custom_ops
+
+    from proposers.vllm.tree_attention import packed_layout_readable
+
+    impl, layer = _attention_layer(monkeypatch)
+    _skip_unless_known_layout(layer)
+    kv_cache = torch.zeros(4, 2, BLOCK, 128)
+    assert packed_layout_readable(impl, layer, kv_cache)
+    monkeypatch.setattr(_custom_ops, "cpu_attn_reshape_and_cache", _row_major_writer)
+    assert not packed_layout_readable(impl, layer, kv_cache)
+
+
+def _tree_forward(impl, layer, kv_cache, query, step):
+    from proposers.vllm.tree_attention import RUNTIME
+
+    output = torch.zeros_like(query)
+    RUNTIME.step = step
+    try:
+        impl.forward(layer, query, None, None, kv_cache, object(), output)
+    finally:
+        RUNTIME.step = None
+    return output
+
+
+def test_tree_step_reads_packed_cache_or_mirror_alike(monkeypatch):
+    """A tree step through the impl gives the same attention from vLLM's packed cache as
+    from a mirror, and both match SDPA over the K/V rows themselves; compaction
+    rewrites both. A layer whose layout was never checked refuses tree steps."""
+    import torch.nn.functional as F
+
+    from proposers.vllm.tree_attention import MIRROR, PACKED
+
+    impl, layer = _attention_layer(monkeypatch)
+    _skip_unless_known_layout(layer)
+    g = torch.Generator().manual_seed(2)
+    num_blocks, head, kv_heads = 8, 64, 2
+    kv_cache = torch.zeros(num_blocks, kv_heads, BLOCK, 2 * head)
+    impl.mirror = torch.zeros(num_blocks * BLOCK, 2, kv_heads, head)
+    block_rows = torch.tensor([[3, 6, 1], [5, 0, 7]])
+    num_computed, tree_len = [40, 70], [4, 2]
+    anc = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]],
+                       dtype=torch.bool)
+    step = build_tree_step([0, 4, 6], num_computed, block_rows, BLOCK, {0: anc})
+    lengths = [c + n for c, n in zip(num_computed, tree_len)]
+    keys = [torch.randn(n, kv_heads, head, generator=g) for n in lengths]
+    values = [torch.randn(n, kv_heads, head, generator=g) for n in lengths]
+    for r, n in enumerate(lengths):  # prefix and this step's tokens, as vLLM writes them
+        impl.do_kv_cache_update(layer, keys[r], values[r], kv_cache, step.key_slots[r, :n])
+    query = torch.randn(6, 6, head, generator=g)
+
+    with pytest.raises(RuntimeError, match="never checked"):
+        _tree_forward(impl, layer, kv_cache, query, step)
+    impl.kv_source = PACKED
+    packed = _tree_forward(impl, layer, kv_cache, query, step)
+    impl.kv_source = MIRROR
+    mirrored = _tree_forward(impl, layer, kv_cache, query, step)
+    assert torch.equal(packed, mirrored)
+    for r, (start, n) in enumerate(zip([0, 4], tree_len)):
+        q = query[start: start + n].transpose(0, 1)
+        mask = step.mask[r, :n, : lengths[r]]
+        want = F.scaled_dot_product_attention(
+            q, keys[r].transpose(0, 1), values[r].transpose(0, 1), attn_mask=mask,
+            scale=impl.scale, enable_gqa=True).transpose(0, 1)
+        torch.testing.assert_close(packed[start: start + n], want)
+    # A compaction-style rewrite lands in both.
+    slots = step.key_slots[0, 41:43]
+    new_k, new_v = torch.randn(2, kv_heads, head), torch.randn(2, kv_heads, head)
+    impl.do_kv_cache_update(layer, new_k, new_v, kv_cache, slots)
+    impl.kv_source = PACKED
+    assert torch.equal(impl.gather_kv(kv_cache, slots)[0], new_k)
+    impl.kv_source = MIRROR
+    assert torch.equal(impl.gather_kv(kv_cache, slots)[1], new_v)
+
+
+def _runner_with_layers(impl, layer, kv_cache):
+    """What `TRJacobiRunner._choose_tree_kv_sources` reads of a runner."""
+    import types
+
+    layer.impl, layer.kv_cache = impl, kv_cache
+    size = kv_cache.numel() * kv_cache.element_size()
+    return types.SimpleNamespace(
+        compilation_config=types.SimpleNamespace(static_forward_context={"l0": layer}),
+        kv_cache_config=types.SimpleNamespace(
+            kv_cache_tensors=[types.SimpleNamespace(size=size)]))
+
+
+def test_runner_mirrors_only_unreadable_layouts_and_checks_memory(monkeypatch, caplog):
+    """Readable layouts: no mirror. An unreadable one (here: a writer with the wrong
+    layout) gets a mirror allocated with the cache, unless memory is short: then a clear
+    error with the sizes and a VLLM_CPU_KVCACHE_SPACE that fits."""
+    from vllm import _custom_ops
+
+    from proposers.vllm import runner as runner_mod
+    from proposers.vllm.config import GiB
+    from proposers.vllm.tree_attention import MIRROR, PACKED
+
+    impl, layer = _attention_layer(monkeypatch)
+    _skip_unless_known_layout(layer)
+    kv_cache = torch.zeros(4, 2, BLOCK, 128)
+    fake = _runner_with_layers(impl, layer, kv_cache)
+    choose = runner_mod.TRJacobiRunner._choose_tree_kv_sources
+    monkeypatch.setattr(runner_mod, "available_memory", lambda: (8 * GiB, 24 * GiB))
+    choose(fake)
+    assert impl.kv_source == PACKED and impl.mirror is None
+
+    monkeypatch.setattr(_custom_ops, "cpu_attn_reshape_and_cache", _row_major_writer)
+    with caplog.at_level("INFO", logger="proposers.vllm.runner"):
+        choose(fake)
+    assert impl.kv_source == MIRROR and impl.mirror.shape == (4 * BLOCK, 2, 2, 64)
+    assert any("mirror" in m and f"{layer.isa} float32" in m for m in caplog.messages)
+
+    # vLLM-CPU's auto size: a 20 GiB cache, 3 GiB left; the mirror needs 20 GiB more.
+    cache = 20 * GiB
+    layer.kv_cache = kv_cache[:1].expand(cache // kv_cache[0].nbytes, -1, -1, -1)
+    fake.kv_cache_config.kv_cache_tensors[0].size = cache
+    monkeypatch.setattr(runner_mod, "packed_layout_readable", lambda *args: False)
+    monkeypatch.setattr(runner_mod, "available_memory", lambda: (3 * GiB, 24 * GiB))
+    with pytest.raises(RuntimeError) as err:
+        choose(fake)
+    msg = str(err.value)
+    assert "20.00 GiB more" in msg and "3.00 GiB is free" in msg
+    assert "VLLM_CPU_KVCACHE_SPACE=11 (GiB) or less" in msg  # (3 + 20 - 1) / 2

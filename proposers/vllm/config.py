@@ -17,6 +17,8 @@ WORKER_PATH = "proposers.vllm.runner.TRJacobiWorker"
 CONFIG_KEY = "trjacobi"
 MODES = ("tree", "chain", "retrieval", "off")
 SAMPLED_MODES = ("auto", "off", "chain", "retrieval")
+KV_CACHE_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # vLLM-CPU's KV cache size, GiB
+GiB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,12 @@ class TRJacobiConfig:
 
     `templates` is the ladder of tree templates, smallest first; with `chain_rung` the
     ladder starts with the chain (retrieval chain when the context repeats, else the
-    Jacobi chain), which runs on vLLM's own attention kernel. With `cost_aware`, each
-    step gives each request the rung (or no speculation) with the best expected tokens
-    per second for the whole step, from measured step costs and acceptance
+    Jacobi chain), which runs on vLLM's own attention kernel. The tree ladder exists in
+    tree mode only: in the other modes no request gets a tree, so its templates are
+    neither compiled nor counted in `num_speculative_tokens`, and the planned sampled
+    ("auto") requests choose between the chain and no speculation. With `cost_aware`,
+    each step gives each request the rung (or no speculation) with the best expected
+    tokens per second for the whole step, from measured step costs and acceptance
     (`planner.py`); otherwise every request drafts the largest rung.
     """
 
@@ -68,16 +73,36 @@ class TRJacobiConfig:
         data = dict(extra.get(CONFIG_KEY, {})) if isinstance(extra, dict) else {}
         return cls(**data)
 
+    def draft_templates(self) -> tuple[str, ...]:
+        """The templates this mode can draft: the chain and retrieval ones, plus the tree
+        ladder in tree mode only (in the other modes no request ever gets a tree)."""
+        names = (self.chain_template, self.retrieval_template)
+        return names + self.templates if self.mode == "tree" else names
+
     def max_draft_tokens(self) -> int:
-        names = [self.chain_template, self.retrieval_template]
-        if self.mode == "tree":
-            names += list(self.templates)
-        return max(load_template(n).num_nodes for n in names)
+        return max(load_template(n).num_nodes for n in self.draft_templates())
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["templates"] = list(self.templates)
         return data
+
+
+def available_memory() -> tuple[int, int]:
+    """(available, total) bytes of the memory vLLM-CPU allocates from, counted as vLLM
+    counts them: the NUMA node of the first CPU this process may run on, clamped to the
+    cgroup limit."""
+    from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+    info = get_memory_node_info(get_allowed_cpu_list()[0].numa_node)
+    return info.available_memory, info.total_memory
+
+
+def default_kv_cache_space() -> int:
+    """GiB of KV cache when the user sets none: a quarter of the memory available now, at
+    least 1. The cache plus a tree-attention mirror of its size (tree_attention.py) then
+    take at most half, leaving the rest to the model weights and activations."""
+    return max(1, available_memory()[0] // (4 * GiB))
 
 
 def engine_kwargs(config: TRJacobiConfig | None = None, max_num_seqs: int = 16,
@@ -86,11 +111,22 @@ def engine_kwargs(config: TRJacobiConfig | None = None, max_num_seqs: int = 16,
 
     Also sets `MSN_TRJACOBI_TREE_ATTN=1` in this process's environment, so the
     general plugin installs the tree-attention backend in every process vLLM spawns.
+
+    On vLLM's CPU platform in tree mode it also sets `VLLM_CPU_KVCACHE_SPACE` (GiB of KV
+    cache) when the user left it unset, to `default_kv_cache_space()`. Unset, vLLM-CPU
+    gives its KV cache most of the RAM ("Auto set (20.23/23.54) GiB for KV cache"), and
+    where the tree attention cannot read vLLM's packed KV layout (which depends on the
+    ISA and dtype, known only in the worker) it needs a plain mirror of the same size:
+    the worker would then stop with an error (`TRJacobiRunner.initialize_kv_cache`). An
+    explicit setting wins. On CPU this variable also overrides vLLM's
+    `kv_cache_memory_bytes`: to choose the size, set the variable.
     """
     config = config or TRJacobiConfig(**overrides)
     num_spec = config.max_draft_tokens()
     if config.mode == "tree":
         os.environ["MSN_TRJACOBI_TREE_ATTN"] = "1"
+        if not os.environ.get(KV_CACHE_SPACE_ENV) and _cpu_platform():
+            os.environ[KV_CACHE_SPACE_ENV] = str(default_kv_cache_space())
     return {
         "speculative_config": {
             "method": "custom_class",
@@ -103,3 +139,9 @@ def engine_kwargs(config: TRJacobiConfig | None = None, max_num_seqs: int = 16,
         # Budget for every running request's full tree, or the scheduler truncates trees.
         "max_num_batched_tokens": max(2048, max_num_seqs * (num_spec + 1)),
     }
+
+
+def _cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()

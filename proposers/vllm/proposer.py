@@ -93,9 +93,7 @@ class TRJacobiProposer:
         check_vllm_version()
         self.config = TRJacobiConfig.from_vllm(vllm_config)
         self.max_drafts = vllm_config.speculative_config.num_speculative_tokens
-        names = {self.config.chain_template, self.config.retrieval_template,
-                 *self.config.templates}
-        self.trees = {n: compile_tree(load_template(n)) for n in names}
+        self.trees = {n: compile_tree(load_template(n)) for n in self.config.draft_templates()}
         generator = torch.Generator().manual_seed(self.config.seed)
         self.tables = {
             n: CandidateTable(t, generator, self.config.max_ngram, self.config.fill_noise)
@@ -108,8 +106,12 @@ class TRJacobiProposer:
                 f"{too_big}; use proposers.vllm.engine_kwargs() to size it"
             )
         self.feedback_k = max(t.template.top_k for t in self.trees.values())
-        rungs = [(CHAIN_RUNG, KERNEL)] if self.config.chain_rung else []
-        rungs += [(n, KERNEL if self.trees[n].is_chain else TREE) for n in self.config.templates]
+        if self.config.mode == "tree":
+            rungs = [(CHAIN_RUNG, KERNEL)] if self.config.chain_rung else []
+            rungs += [(n, KERNEL if self.trees[n].is_chain else TREE)
+                      for n in self.config.templates]
+        else:  # no tree ladder (config.draft_templates): planned requests get chains
+            rungs = [(CHAIN_RUNG, KERNEL)]
         self.planner = CostPlanner(rungs, cost_aware=self.config.cost_aware)
         self.states: dict[str, RequestState] = {}
         self._chains: dict[int, TreeSpec] = {}

@@ -17,6 +17,10 @@ signatures move):
 - `propose_draft_token_ids`: hands feedback, request ids and modes to the proposer
   before vLLM calls its `propose`, and feeds measured step costs to the planner.
 
+It also extends the public `initialize_kv_cache`: once vLLM has allocated the KV cache,
+it chooses per layer whether tree steps read vLLM's packed cache or need a plain
+mirror (tree_attention.py), and allocates any mirror there, after checking it fits.
+
 `TRJacobiWorker` installs the runner (the CPU worker builds its runner inline in
 `init_device`) and the tree-attention backend before the model is built.
 
@@ -42,12 +46,21 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from proposers.tree import TreeSpec
 from proposers.verify import accept
+from proposers.vllm.config import (
+    KV_CACHE_SPACE_ENV,
+    GiB,
+    TRJacobiConfig,
+    available_memory,
+)
 from proposers.vllm.proposer import BatchFeedback, TRJacobiProposer
 from proposers.vllm.tree_attention import (
+    MIRROR,
+    PACKED,
     RUNTIME,
     TreeCPUAttentionImpl,
     build_tree_step,
     compact_kv,
+    packed_layout_readable,
     register_tree_backend,
 )
 from proposers.vllm.version import check_vllm_version
@@ -55,6 +68,7 @@ from proposers.vllm.version import check_vllm_version
 logger = logging.getLogger(__name__)
 
 SAMPLING_EPS = 1e-5
+MIRROR_HEADROOM = GiB  # memory a KV mirror must leave free (step activations)
 EXTRA_ARGS_KEY = "trjacobi"  # SamplingParams(extra_args={"trjacobi": "off"}) per request
 
 
@@ -82,7 +96,6 @@ class TRJacobiRunner(CPUModelRunner):
             )
         self.trj: TRJacobiProposer = self.drafter
         self.tree_mode = self.trj.config.mode == "tree"
-        RUNTIME.shadow_enabled = self.tree_mode
         self._rows: list[_DraftedRow] = []
         self._feedback: dict[str, torch.Tensor] = {}
         self._step_start = 0.0
@@ -110,6 +123,70 @@ class TRJacobiRunner(CPUModelRunner):
             )
         for impl in impls:
             impl.check_tree_support()
+
+    def initialize_kv_cache(self, kv_cache_config, is_profiling=False,
+                            kv_cache_allocation_context=None) -> None:
+        super().initialize_kv_cache(kv_cache_config, is_profiling,
+                                    kv_cache_allocation_context=kv_cache_allocation_context)
+        if self.tree_mode:
+            self._choose_tree_kv_sources()
+
+    def _choose_tree_kv_sources(self) -> None:
+        """Per attention layer, where tree steps read K/V (tree_attention.py): vLLM's
+        packed cache where `packed_layout_readable` passes for the layer's shape, dtype
+        and ISA (known only now: the metadata builders set `layer.isa`), else a plain
+        mirror, allocated here and not on the first step. vLLM-CPU sizes its cache to
+        most of RAM unless VLLM_CPU_KVCACHE_SPACE is set, and a mirror of that size
+        allocated mid-run got the worker OOM-killed without a message; so the mirror is
+        checked against the free memory first, with an error that says what fits."""
+        mirrored: dict[tuple, list[TreeCPUAttentionImpl]] = {}  # per distinct cache tensor
+        caches: dict[tuple, torch.Tensor] = {}
+        isas: set[str] = set()
+        packed = 0
+        for layer in self.compilation_config.static_forward_context.values():
+            impl, kv_cache = getattr(layer, "impl", None), getattr(layer, "kv_cache", None)
+            if not (isinstance(impl, TreeCPUAttentionImpl) and impl._decoder()
+                    and isinstance(kv_cache, torch.Tensor) and kv_cache.dim() == 4):
+                continue
+            impl.kv_source, impl.mirror = None, None
+            if packed_layout_readable(impl, layer, kv_cache):
+                impl.kv_source = PACKED
+                packed += 1
+                continue
+            # Layers sharing a cache (vLLM's cross-layer KV sharing) share its mirror.
+            key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.dtype)
+            mirrored.setdefault(key, []).append(impl)
+            caches[key] = kv_cache
+            isas.add(f"{layer.isa} {str(kv_cache.dtype).removeprefix('torch.')}")
+        if not mirrored:
+            logger.info("TR-Jacobi tree attention reads vLLM's packed KV cache directly "
+                        "in all %d layers (no mirror)", packed)
+            return
+        need = sum(c.numel() * c.element_size() for c in caches.values())
+        free, _ = available_memory()
+        if need + MIRROR_HEADROOM > free:
+            cache = sum(t.size for t in self.kv_cache_config.kv_cache_tensors)
+            fits = (free + cache - MIRROR_HEADROOM) * cache / (cache + need) // GiB
+            advice = (f"Set {KV_CACHE_SPACE_ENV}={int(fits)} (GiB) or less" if fits >= 1 else
+                      f"Free memory: even {KV_CACHE_SPACE_ENV}=1 leaves no room for it")
+            raise RuntimeError(
+                f"TR-Jacobi tree attention cannot read vLLM's packed KV layout for "
+                f"{', '.join(sorted(isas))} and needs a plain mirror of the KV cache: "
+                f"{need / GiB:.2f} GiB more, but {free / GiB:.2f} GiB is free (keeping "
+                f"{MIRROR_HEADROOM / GiB:.1f} GiB for activations; the KV cache takes "
+                f"{cache / GiB:.2f} GiB). {advice}."
+            )
+        for key, impls in mirrored.items():
+            num_blocks, num_kv_heads, block_size, two_head = caches[key].shape
+            mirror = torch.zeros(num_blocks * block_size, 2, num_kv_heads, two_head // 2,
+                                 dtype=caches[key].dtype)
+            for impl in impls:
+                impl.kv_source, impl.mirror = MIRROR, mirror
+        logger.info(
+            "TR-Jacobi tree attention cannot read vLLM's packed KV layout for %s: %d "
+            "layers mirror their K/V into a plain cache (%.2f GiB more memory, one more "
+            "K/V write per layer every step); %d layers read the packed cache",
+            ", ".join(sorted(isas)), sum(map(len, mirrored.values())), need / GiB, packed)
 
     # -- request lifecycle ---------------------------------------------------------
     def _update_states(self, scheduler_output):
@@ -346,8 +423,6 @@ class TRJacobiWorker(CPUWorker):
     def init_device(self):
         check_vllm_version()
         fix_cpu_expand_kernel()  # after the platform's overrides (WorkerWrapperBase)
-        from proposers.vllm.config import TRJacobiConfig
-
         if TRJacobiConfig.from_vllm(self.vllm_config).mode == "tree":
             register_tree_backend()  # before the model (and its attention) is built
         super().init_device()

@@ -1,14 +1,25 @@
 """CPU attention with a tree mask, as an override of vLLM's `CPU_ATTN` backend.
 
-vLLM's CPU kernel (`ops.cpu_attention_with_kv_cache`) knows only causal masks and keeps
-K/V in an ISA-specific packed layout (vllm-integration.md section 5), so tree steps cannot
-use it. Every step that has no tree goes to the stock kernel unchanged (plain decode and
-chain drafts cost what they cost in plain vLLM). While a TR-Jacobi runner is active, each
-layer also mirrors its K/V into a plain shadow cache (`[slots, 2, kv_heads, head]`, same
-slot numbering), and tree steps run PyTorch SDPA over that shadow with the mask the
-runner built: the prefix, plus ancestor-or-self inside a request's tree, plus causal for
-non-tree rows. KV compaction goes through `do_kv_cache_update`, so it rewrites both the
-packed cache (in the kernel's own layout) and the shadow.
+vLLM's CPU kernel (`ops.cpu_attention_with_kv_cache`) knows only causal masks, so tree
+steps cannot use it. Every step that has no tree goes to the stock kernel unchanged
+(plain decode and chain drafts cost what they cost in plain vLLM). Tree steps run
+PyTorch SDPA with the mask the runner built: the prefix, plus ancestor-or-self inside a
+request's tree, plus causal for non-tree rows.
+
+SDPA needs each request's K/V as plain rows, while the kernel keeps them in an
+ISA-specific packed layout (vllm-integration.md section 5). `read_packed_kv` gathers
+them straight from vLLM's cache for the layout we know (per block and KV head, K
+transposed `[head, block_size]`, then V row-major `[block_size, head]`: the `vec` and
+`vec16` ISAs). That a layer's cache really has this layout is checked, not assumed:
+`packed_layout_readable` writes random rows with vLLM's own writer into a scratch cache
+of the layer's shape, dtype and ISA and reads them back. A layer that fails (e.g.
+`amx`, which packs K and V otherwise, per section 5) gets a plain mirror instead
+(`[slots, 2, kv_heads, head]`, same slot numbering) that each of its K/V writes also
+updates: a second write per layer on every step, drafts or not (0.7 s of a 28 s run at
+batch 8, MSN model, fp32, 2 cores), besides the memory. The runner runs the check and
+allocates mirrors when vLLM allocates the KV cache (`TRJacobiRunner.initialize_kv_cache`).
+KV compaction goes through `do_kv_cache_update`, so it rewrites the packed cache (in the
+kernel's own layout) and the mirror, if any.
 
 The per-step tree description travels runner -> backend through `TreeStep`, a module
 global of the worker process, because `CommonAttentionMetadata` has no slot for it.
@@ -27,6 +38,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 BACKEND_PATH = "proposers.vllm.tree_attention.TreeCPUAttentionBackend"
+PACKED, MIRROR = "packed", "mirror"  # where a layer's tree steps read K/V
 
 
 @dataclass
@@ -47,7 +59,6 @@ class TreeStep:
 
 
 class _Runtime:
-    shadow_enabled = False  # set by the TR-Jacobi runner; off = exactly the stock backend
     step: TreeStep | None = None
 
 
@@ -75,17 +86,13 @@ class TreeCPUAttentionBackend(CPUAttentionBackend):
 
 
 class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
-    _shadow: torch.Tensor | None = None
+    # PACKED (vLLM's own cache) or MIRROR (`mirror`, a plain copy), chosen by the runner
+    # when it allocates the KV cache; None until then (tree steps then refuse to run).
+    kv_source: str | None = None
+    mirror: torch.Tensor | None = None
 
     def _decoder(self) -> bool:
         return self.attn_type == AttentionType.DECODER
-
-    def shadow_of(self, kv_cache: torch.Tensor) -> torch.Tensor:
-        num_blocks, num_kv_heads, block_size, two_head = kv_cache.shape
-        shape = (num_blocks * block_size, 2, num_kv_heads, two_head // 2)
-        if self._shadow is None or self._shadow.shape != shape:
-            self._shadow = torch.zeros(shape, dtype=kv_cache.dtype)
-        return self._shadow
 
     def check_tree_support(self) -> None:
         unsupported = {
@@ -103,15 +110,27 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if not (RUNTIME.shadow_enabled and self._decoder()):
+        if not self._decoder():
             return
         n = slot_mapping.shape[0]
-        shadow = self.shadow_of(kv_cache)
-        shadow[slot_mapping[:n].long(), 0] = key[:n]
-        shadow[slot_mapping[:n].long(), 1] = value[:n]
+        if self.mirror is not None:
+            slots = slot_mapping[:n].long()
+            self.mirror[slots, 0] = key[:n]
+            self.mirror[slots, 1] = value[:n]
         step = RUNTIME.step
         if step is not None and step.stash is not None:
             step.stash.append((self, layer, key[:n], value[:n], kv_cache))
+
+    def gather_kv(self, kv_cache: torch.Tensor,
+                  slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V `[*slots.shape, kv_heads, head]` of cache slots `slots`."""
+        if self.kv_source == PACKED:
+            return read_packed_kv(kv_cache, slots)
+        if self.kv_source == MIRROR:
+            kv = self.mirror[slots]
+            return kv[..., 0, :, :], kv[..., 1, :, :]
+        raise RuntimeError("TR-Jacobi tree step on a layer whose KV layout was never checked "
+                           "(the TR-Jacobi runner chooses it when it allocates the KV cache)")
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -119,17 +138,51 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         if step is None or attn_metadata is None or not self._decoder():
             return super().forward(layer, query, key, value, kv_cache, attn_metadata,
                                    output, output_scale, output_block_scale)
-        kv = self.shadow_of(kv_cache)[step.key_slots]  # [R, L, 2, Hkv, D]
-        k = kv[:, :, 0].transpose(1, 2)
-        v = kv[:, :, 1].transpose(1, 2)
+        k, v = self.gather_kv(kv_cache, step.key_slots)  # [R, L, Hkv, D]
         q = query[step.query_index].transpose(1, 2)  # [R, H, Q, D]
         out = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=step.mask.unsqueeze(1),
-            scale=self.scale, enable_gqa=True,
+            q, k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+            attn_mask=step.mask.unsqueeze(1), scale=self.scale, enable_gqa=True,
         )
         out = out.transpose(1, 2)[step.query_valid]  # [T, H, D]
         output[step.query_index[step.query_valid]] = out.to(output.dtype)
         return output
+
+
+
+def read_packed_kv(kv_cache: torch.Tensor,
+                   slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V `[*slots.shape, kv_heads, head]` of cache slots `slots`, read from vLLM's
+    packed cache `[blocks, kv_heads, block_size, 2*head]` in the `vec` layout: per block
+    and KV head, the block's K stored transposed (`[head, block_size]`), then its V
+    row-major (`[block_size, head]`). Only where `packed_layout_readable` says so."""
+    num_blocks, num_kv_heads, block_size, two_head = kv_cache.shape
+    head = two_head // 2
+    halves = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head)
+    keys = halves[:, :, 0].view(num_blocks, num_kv_heads, head, block_size)
+    values = halves[:, :, 1].view(num_blocks, num_kv_heads, block_size, head)
+    block, offset = slots // block_size, slots % block_size
+    return keys.permute(0, 3, 1, 2)[block, offset], values.permute(0, 2, 1, 3)[block, offset]
+
+
+def packed_layout_readable(impl: CPUAttentionBackendImpl, layer,
+                           kv_cache: torch.Tensor, num_blocks: int = 3) -> bool:
+    """Whether `read_packed_kv` reads back exactly what vLLM's own writer stores in a
+    cache like `kv_cache` (its KV heads, block size, head size and dtype; the layer's ISA
+    and scales). Every slot of a small scratch cache gets a random row, in random order,
+    so a reader that misplaces any position, head or element fails."""
+    _, num_kv_heads, block_size, two_head = kv_cache.shape
+    generator = torch.Generator().manual_seed(0)
+    slots = torch.randperm(num_blocks * block_size, generator=generator)
+    shape = (slots.numel(), num_kv_heads, two_head // 2)
+    key = torch.randn(shape, generator=generator).to(kv_cache.dtype)
+    value = torch.randn(shape, generator=generator).to(kv_cache.dtype)
+    # The cache's own strides (its blocks may interleave with other layers' blocks).
+    scratch = torch.empty_strided((num_blocks, num_kv_heads, block_size, two_head),
+                                  kv_cache.stride(), dtype=kv_cache.dtype).zero_()
+    CPUAttentionBackendImpl.do_kv_cache_update(impl, layer, key, value, scratch, slots)
+    got_key, got_value = read_packed_kv(scratch, slots)
+    return torch.equal(got_key, key) and torch.equal(got_value, value)
 
 
 def build_tree_step(
@@ -176,7 +229,7 @@ def compact_kv(step: TreeStep, src_rows: torch.Tensor, dst_slots: torch.Tensor) 
 
     Sources are the K/V each layer computed this step (already RoPE'd at the node's depth
     position, which equals the destination position), written through the layer's own
-    `do_kv_cache_update`, i.e. the kernel's layout plus the shadow.
+    `do_kv_cache_update`, i.e. the kernel's layout plus the layer's mirror, if any.
     """
     stash, step.stash = step.stash, None  # the rewrite itself must not be stashed
     for impl, layer, key, value, kv_cache in stash or ():
