@@ -627,6 +627,41 @@ def split_cases(args, device, meta: dict) -> list[dict]:
     return rows
 
 
+def tile_cases(args, device) -> list[dict]:
+    """Decode (every batch and prefix) and short-prefix trees at several tiles x every split
+    count: the data behind ``default_tile_config``'s big-batch and short-prefix rules
+    (``kernels-h200-tiles.json``)."""
+    short = min(args.prefix_lens)
+    cases = [(m, b, p, 1) for m in args.models for b in args.batches for p in args.prefix_lens]
+    cases += [(m, b, short, t) for m in args.models for b in args.batches for t in args.tree_sizes if t > 1]
+    rows = []
+    for model, b, p, t in shard_of(cases, args.shard):
+        case = Case(model, b, p, t, torch.bfloat16, device)
+        if t == 1:
+            tiles = [TileConfig(16, 128, 4, 2), TileConfig(16, 64, 2, 2), TileConfig(16, 32, 4, 2),
+                     TileConfig(16, 64, 4, 2), TileConfig(16, 128, 2, 2), TileConfig(16, 32, 2, 2)]
+        else:
+            tiles = [case.default_tile(), TileConfig(64, 64, 4, 3), TileConfig(64, 32, 4, 2),
+                     TileConfig(64, 32, 4, 3, table_per_block=True), TileConfig(128, 64, 8, 2)]
+        for tile in tiles:
+            times = {}
+            for s in SPLIT_GRID:
+                if s > -(-case.seq_len // tile.block_n):
+                    break
+                times[s] = time_graph([lambda c=c, s=s, case=case, tile=tile: case.ours(c, tile, num_splits=s)
+                                       for c in range(case.copies)], target_ms=6, replays=5)
+            rows.append({"model": model, "batch": b, "prefix_len": p, "tree_size": t, "tile": tile.as_list(),
+                         "splits_us": {str(k): v for k, v in times.items()}})
+            best = min(times, key=times.get)
+            print(model, b, p, t, tile.as_list()[:4], f"best x{best} {times[best]:.1f}",
+                  " ".join(f"{k}:{v:.1f}" for k, v in times.items()), flush=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+        del case
+        if not SMOKE:
+            torch.cuda.empty_cache()
+    return rows
+
+
 def merge_sweeps(paths: list[Path], sweep_out: Path, configs_out: Path) -> None:
     rows, best = [], {}
     for path in paths:
@@ -676,10 +711,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=None)
     ap.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--phase", choices=["all", "sweep", "final", "splits"], default="all",
+    ap.add_argument("--phase", choices=["all", "sweep", "final", "splits", "tiles"], default="all",
                     help="all: (optional --sweep) then the cases; sweep: only the class sweep "
                          "(--sweep PATH); final: only the cases (with --configs); splits: every "
-                         "case at each split count of SPLIT_GRID with the default tile (--out)")
+                         "case at each split count of SPLIT_GRID with the default tile (--out); tiles: "
+                         "decode and short-prefix trees at several tiles x split counts (--out)")
     ap.add_argument("--sweep", type=Path, help="sweep kernel variants per case class, writing this JSON")
     ap.add_argument("--configs", type=Path, help="per-class best variants (from --merge-sweep) for the cases")
     ap.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
@@ -747,10 +783,10 @@ def main() -> None:
             "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_gbps": args.copy_gbps,
             "block_size": BLOCK_SIZE, "shard": list(args.shard)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.phase == "splits":
-        rows = split_cases(args, device, meta)
+    if args.phase in ("splits", "tiles"):
+        rows = split_cases(args, device, meta) if args.phase == "splits" else tile_cases(args, device)
         args.out.write_text(json.dumps(rows, indent=1))
-        print(f"splits done in {time.time() - t_start:.0f}s; wrote {args.out}", flush=True)
+        print(f"{args.phase} done in {time.time() - t_start:.0f}s; wrote {args.out}", flush=True)
         return
     rows = final_cases(args, device, meta, configs)
     # Take the better of two bandwidth readings (start and end) as the bound for every case.
