@@ -74,9 +74,9 @@ def test_tree_step_mask_and_slots():
     assert step.query_index[step.query_valid].tolist() == list(range(6))
 
 
-def _trained_planner(rungs, kernel, tree=None):
+def _trained_planner(rungs, kernel, tree=None, **kwargs):
     """A planner whose cost lines saw `kernel` / `tree` = [(tokens, seconds), ...]."""
-    p = CostPlanner(rungs, probe_every=10**9, tree_probe_every=10**9)
+    p = CostPlanner(rungs, probe_every=10**9, tree_probe_every=10**9, **kwargs)
     for _ in range(50):
         for path, points in (("kernel", kernel), ("tree", tree or [])):
             for tokens, seconds in points:
@@ -116,6 +116,20 @@ def test_planner_drafts_only_for_requests_likely_to_accept():
     assert p.history == {"chain": 2, NONE: 6}
 
 
+def test_planner_drafts_only_past_its_margin():
+    """A step drafts only if its expected rate beats not drafting by `min_gain`."""
+    # 8 requests at 10 ms + 1 ms per token: one 5-token chain accepting `acc` tokens
+    # makes (8 + acc) / 0.023 against 8 / 0.018 tokens per second.
+    for acc, drafts in ((2.3, False), (3.0, True)):  # +0.8% and +7.6%
+        p = _trained_planner([("chain", "kernel")], kernel=[(8, 0.018), (80, 0.090)])
+        p.record_request("chain", 3, 5, acc)
+        gain = (8 + acc) / 0.023 / (8 / 0.018) - 1
+        assert (gain > p.min_gain) == drafts, gain
+        assert (p.plan([3, 0, 0, 0, 0, 0, 0, 0]).count("chain") == 1) == drafts
+        p.min_gain = 0.0
+        assert p.plan([3, 0, 0, 0, 0, 0, 0, 0]).count("chain") == int(gain > 0)
+
+
 def test_planner_optimum_matches_brute_force():
     import itertools
     import random
@@ -126,7 +140,7 @@ def test_planner_optimum_matches_brute_force():
         a, b = rng.uniform(0.005, 0.05), rng.uniform(1e-4, 2e-3)
         ta, tb = a * rng.uniform(1, 3), b * rng.uniform(1, 3)
         p = _trained_planner(rungs, kernel=[(1, a + b), (64, a + 64 * b)],
-                             tree=[(1, ta + tb), (64, ta + 64 * tb)])
+                             tree=[(1, ta + tb), (64, ta + 64 * tb)], min_gain=0.0)
         for name, _ in rungs:
             for f in range(3):
                 nodes = {"chain": rng.randint(1, 10), "t8": 8, "t16": 16}[name]

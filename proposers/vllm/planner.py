@@ -36,6 +36,11 @@ FAST_PROBE_EVERY = 4
 # ones, and they may only draft chains (vLLM's rejection sampler verifies chains).
 SAMPLED = 16
 FEEDBACK = 4  # added to the feature when Jacobi feedback is available
+# A step drafts only if its expected rate beats not drafting by this much: the estimates
+# are noisy averages, and at batch 8 on 2 cores drafts the planner expected to pay by a
+# little (4-18% of request-steps on mt_bench, qa, summarization) made those groups
+# 2-14% slower than plain vLLM (benchmarks/results/vllm_cpu_msn_interleaved_b8.json).
+MIN_GAIN = 0.03
 
 
 @dataclass
@@ -93,10 +98,11 @@ class Rung:
 
 class CostPlanner:
     def __init__(self, rungs: list[tuple[str, str]], cost_aware: bool = True,
-                 probe_every: int = 16, tree_probe_every: int = 64):
+                 probe_every: int = 16, tree_probe_every: int = 64, min_gain: float = MIN_GAIN):
         if not rungs:
             raise ValueError("the planner needs at least one rung")
         self.cost_aware = cost_aware
+        self.min_gain = min_gain
         self.rungs = [Rung(name, path) for name, path in rungs]
         self._by_name = {r.name: r for r in self.rungs}
         self.lines = {KERNEL: _Line(), TREE: _Line()}
@@ -188,12 +194,15 @@ class CostPlanner:
                     others = self._dinkelbach(rest, rest_scales, batch, self.rungs, tree,
                                               fixed=fixed)
                     candidates.append(others[:i] + [r.name] + others[i:])
-        best = [NONE] * len(features)
-        best_rate = self.rate(features, batch, best, scales)
+        none = [NONE] * len(features)
+        best, best_rate = none, self.rate(features, batch, none, scales)
         for choice in candidates:
             rate = self.rate(features, batch, choice, scales)
             if rate is not None and rate > best_rate * 1.0001:
                 best, best_rate = choice, rate
+        # Draft only when the best plan clears the margin over not drafting at all.
+        if best_rate <= self.rate(features, batch, none, scales) * (1.0 + self.min_gain):
+            return none
         return best
 
     def _dinkelbach(self, features: list[int], scales: list[float], batch: int,
