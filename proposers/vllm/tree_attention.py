@@ -149,7 +149,6 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         return output
 
 
-
 def read_packed_kv(kv_cache: torch.Tensor,
                    slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V `[*slots.shape, kv_heads, head]` of cache slots `slots`, read from vLLM's
