@@ -440,10 +440,10 @@ def default_tile_config(max_query_len: int, group: int, head_dim: int, dtype: to
     ``num_kv_heads``, ``max_seq_len`` and ``num_sms`` describe the launch):
 
     * decode with at least two programs per SM before any split (Llama-3-8B at
-      B=64): 64-key tiles on 2 warps, 0.94-0.99x the time of the class tile;
+      B=64): 64-key tiles on 2 warps, 0.81-0.99x the time of the class tile;
     * prefixes of at most ``SHORT_PREFIX`` keys: decode with fewer programs than SMs
       on 32-key tiles (more key tiles to split: B=1, 512 keys, 6.8 vs 8.9 us), trees
-      on 64 rows x 64 keys with 3 stages (0.6-0.9x).
+      on 64 rows x 64 keys with 3 stages (0.71-1.05x; both at each tile's best split).
     """
     block_m = max(16, min(128 if head_dim <= 64 else 64, triton.next_power_of_2(max_query_len * group)))
     block_m = max(block_m, triton.next_power_of_2(group))
