@@ -43,6 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from kernels.tree_attention import (
+    SPLIT_CHOICES,
     TileConfig,
     default_tile_config,
     device_num_sms,
@@ -581,13 +582,22 @@ def final_cases(args, device, meta: dict, configs: dict) -> list[dict]:
     return rows
 
 
-SPLIT_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+def time_splits(case: Case, tile: TileConfig, target_ms: float) -> dict[int, float]:
+    """Microseconds of ``tile`` at each split count the kernel chooses from (up to one
+    key tile per split)."""
+    times = {}
+    for s in SPLIT_CHOICES:
+        if s > -(-case.seq_len // tile.block_n):
+            break
+        times[s] = time_graph([lambda c=c, s=s: case.ours(c, tile, num_splits=s) for c in range(case.copies)],
+                              target_ms=target_ms, replays=5)
+    return times
 
 
 def split_cases(args, device, meta: dict) -> list[dict]:
-    """Each case with the kernel's default tile at every split count of ``SPLIT_GRID``
-    (up to one key tile per split): the data the split heuristic is fitted to and checked
-    against (``num_splits_model``: what ``tree_attention`` picks by itself)."""
+    """Each case with its class tile at every split count of ``SPLIT_CHOICES`` (up to one
+    key tile per split): the data the split model is fitted to and checked against
+    (``num_splits_model``: what ``plan_num_splits`` picks for that tile)."""
     t_start = time.time()
     rows: list[dict] = []
     cases = all_cases(args)
@@ -598,15 +608,12 @@ def split_cases(args, device, meta: dict) -> list[dict]:
             print(f"budget reached; skipping {model} B={b} P={p} T={t}", flush=True)
             continue
         case = Case(model, b, p, t, torch.bfloat16, device)
-        tile = case.default_tile()
+        # The class tile (what the fitted split model and its test assume), not the
+        # shape-aware default.
+        tile = default_tile_config(t, case.num_heads // case.num_kv_heads, case.head_dim, case.dtype)
         ref = case.ours(0, tile, num_splits=1).float()
-        times, diffs = {}, {}
-        for s in SPLIT_GRID:
-            if s > -(-case.seq_len // tile.block_n):
-                break
-            diffs[s] = float((case.ours(0, tile, num_splits=s).float() - ref).abs().max())
-            times[s] = time_graph([lambda c=c, s=s, case=case, tile=tile: case.ours(c, tile, num_splits=s)
-                                   for c in range(case.copies)], target_ms=8, replays=5)
+        times = time_splits(case, tile, target_ms=8)
+        diffs = {s: float((case.ours(0, tile, num_splits=s).float() - ref).abs().max()) for s in times}
         sms = num_sms()
         row = {"model": model, "batch": b, "prefix_len": p, "tree_size": t,
                "num_heads": case.num_heads, "num_kv_heads": case.num_kv_heads, "head_dim": case.head_dim,
@@ -644,12 +651,7 @@ def tile_cases(args, device) -> list[dict]:
             tiles = [case.default_tile(), TileConfig(64, 64, 4, 3), TileConfig(64, 32, 4, 2),
                      TileConfig(64, 32, 4, 3, table_per_block=True), TileConfig(128, 64, 8, 2)]
         for tile in tiles:
-            times = {}
-            for s in SPLIT_GRID:
-                if s > -(-case.seq_len // tile.block_n):
-                    break
-                times[s] = time_graph([lambda c=c, s=s, case=case, tile=tile: case.ours(c, tile, num_splits=s)
-                                       for c in range(case.copies)], target_ms=6, replays=5)
+            times = time_splits(case, tile, target_ms=6)
             rows.append({"model": model, "batch": b, "prefix_len": p, "tree_size": t, "tile": tile.as_list(),
                          "splits_us": {str(k): v for k, v in times.items()}})
             best = min(times, key=times.get)
@@ -714,7 +716,7 @@ def main() -> None:
     ap.add_argument("--phase", choices=["all", "sweep", "final", "splits", "tiles"], default="all",
                     help="all: (optional --sweep) then the cases; sweep: only the class sweep "
                          "(--sweep PATH); final: only the cases (with --configs); splits: every "
-                         "case at each split count of SPLIT_GRID with the default tile (--out); tiles: "
+                         "case at each split count of SPLIT_CHOICES with its class tile (--out); tiles: "
                          "decode and short-prefix trees at several tiles x split counts (--out)")
     ap.add_argument("--sweep", type=Path, help="sweep kernel variants per case class, writing this JSON")
     ap.add_argument("--configs", type=Path, help="per-class best variants (from --merge-sweep) for the cases")

@@ -195,15 +195,14 @@ class CostPlanner:
                                               fixed=fixed)
                     candidates.append(others[:i] + [r.name] + others[i:])
         none = [NONE] * len(features)
-        best, best_rate = none, self.rate(features, batch, none, scales)
+        none_rate = self.rate(features, batch, none, scales)
+        best, best_rate = none, none_rate
         for choice in candidates:
             rate = self.rate(features, batch, choice, scales)
             if rate is not None and rate > best_rate * 1.0001:
                 best, best_rate = choice, rate
         # Draft only when the best plan clears the margin over not drafting at all.
-        if best_rate <= self.rate(features, batch, none, scales) * (1.0 + self.min_gain):
-            return none
-        return best
+        return best if best_rate > none_rate * (1.0 + self.min_gain) else none
 
     def _dinkelbach(self, features: list[int], scales: list[float], batch: int,
                     allowed: list[Rung], coef: tuple[float, float],
