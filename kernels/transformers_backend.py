@@ -66,7 +66,10 @@ class PagedTreeCache:
     The runner sets ``slots`` (logical positions written by this forward; the
     root and tree nodes sit in consecutive positions right after the prefix)
     and ``kv_len`` (keys visible to this forward, or None for the static CUDA
-    graph shape) before each forward.
+    graph shape) before each forward. ``key_bound`` (when set) bounds the keys any
+    forward of the static shape reads, for the kernel's launch shape: a CUDA graph
+    captured for prefixes up to some length launches for that length, not for the
+    whole capacity.
     """
 
     is_compileable = True
@@ -86,6 +89,7 @@ class PagedTreeCache:
         self.device = torch.device(device)
         self.slots = torch.zeros(0, dtype=torch.long, device=self.device)
         self.kv_len: int | None = None
+        self.key_bound: int | None = None
         self._meta: _StepMeta | None = None
         self._fresh: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -143,7 +147,10 @@ class PagedTreeCache:
         seq_lens = (slots[-1:] + 1).to(torch.int32)
         # Built on the device: this runs inside CUDA-graph capture, where host copies are illegal.
         cu = torch.arange(2, dtype=torch.int32, device=self.device) * q
-        max_seq_len = self.kv_len if self.kv_len is not None else self.capacity
+        if self.kv_len is not None:
+            max_seq_len = self.kv_len
+        else:
+            max_seq_len = min(self.key_bound or self.capacity, self.capacity)
         if attention_mask is None:
             return _StepMeta(cu, seq_lens, None, q, max_seq_len, prefill=False)
         mask = attention_mask.reshape(attention_mask.shape[-2:])

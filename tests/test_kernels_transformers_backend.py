@@ -72,6 +72,29 @@ def test_cache_packs_the_runner_mask_into_the_tree_bitmask():
     assert cache.physical_slots(pos).cpu().tolist() == (table[pos // 4] * 4 + pos % 4).tolist()
 
 
+def test_graph_buckets_bound_the_kernel_launch_by_prefix(tiny_model_and_tokenizer):
+    """CUDA graphs on the paged kernels are keyed by a power-of-two key bound, which the
+    cache hands the kernel as its max_seq_len instead of the whole capacity."""
+    from proposers.reference.cache import StaticKVCache
+
+    model, tok = tiny_model_and_tokenizer
+    runner = ReferenceRunner(copy.deepcopy(model), tok, DEVICE, attn_backend="paged-torch",
+                             use_cuda_graphs=False)
+    cache = PagedTreeCache(1, 1, 16, capacity=3000, dtype=torch.float32, device=DEVICE,
+                           use_triton=False)
+    assert [runner._key_bound(n, cache) for n in (1, 512, 513, 2048, 2049)] == \
+        [512, 512, 1024, 2048, 3000]
+    static = StaticKVCache.for_model(model.config, 64, torch.float32, DEVICE)
+    assert runner._key_bound(40, static) == 0  # SDPA reads the whole static cache anyway
+    cache.slots = torch.arange(2990, 2995, device=DEVICE)
+    cache.kv_len = None
+    assert cache.step_meta(None).max_seq_len == 3000
+    cache.key_bound, cache._meta = 1024, None
+    assert cache.step_meta(None).max_seq_len == 1024
+    cache.kv_len, cache._meta = 700, None  # an eager step knows its exact length
+    assert cache.step_meta(None).max_seq_len == 700
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_paged_attention_step_replays_in_a_cuda_graph():

@@ -31,3 +31,17 @@ def test_graph_and_eager_paths_agree(gpu_runner, base_model_path):
     prompt = gpu_runner.encode_chat("Explain what a hash map is.")
     cfg = GenerationConfig(method="tr-jacobi", max_new_tokens=40)
     assert gpu_runner.generate(prompt, cfg).token_ids == eager.generate(prompt, cfg).token_ids
+
+
+def test_paged_kernel_graphs_across_prefix_buckets_are_exact(base_model_path):
+    """Our kernels under CUDA graphs, one graph per (step size, prefix bucket): a prompt
+    that crosses the 512-key bucket while decoding gives plain greedy's tokens."""
+    paged = ReferenceRunner.load(base_model_path, device="cuda", dtype="float32",
+                                 attn_backend="paged-triton")
+    text = " ".join(q["turns"][0] for q in dev_questions(4))
+    prompt = paged.encode_chat(text)[:480]
+    ar = paged.generate(prompt, GenerationConfig(method="ar", max_new_tokens=64, ignore_eos=True))
+    tr = paged.generate(prompt, GenerationConfig(method="tr-jacobi", max_new_tokens=64,
+                                                 ignore_eos=True))
+    assert tr.token_ids == ar.token_ids
+    assert {bound for _, bound in paged._graphs} >= {512, 1024}

@@ -5,7 +5,11 @@ their steps (the H200 host is too slow for eager steps). The SDPA runner attends
 over its whole static cache under the explicit mask (static shapes for the
 graphs); ours reads only each step's real prefix through the block table.
 
-    python benchmarks/kernels/bench_runner_e2e.py --model PATH [--random-weights]
+    python benchmarks/kernels/bench_runner_e2e.py --model PATH [--random-weights] [--capacity-launch]
+
+``--capacity-launch`` adds a third runner on our kernels whose CUDA graphs launch for the
+whole cache capacity (one graph per step size, as before prefix buckets): the A/B of
+the per-prefix-bucket graphs in the same run.
 
 ``--random-weights`` builds the model from the folder's config (a checkpoint too
 large to carry to the GPU machine): the shapes, hence the cost of a step, are the
@@ -44,6 +48,9 @@ def main() -> None:
     ap.add_argument("--methods", default="ar,tr-jacobi")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--capacity-launch", action="store_true",
+                    help="also run our kernels with one graph per step size launched for the "
+                         "whole cache (no prefix buckets)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/runner-e2e-h200.json"))
     args = ap.parse_args()
 
@@ -64,8 +71,12 @@ def main() -> None:
     runners = {
         "sdpa": ReferenceRunner(model, tok, device),
         "paged-triton": ReferenceRunner(copy.deepcopy(model), tok, device,
-                                             attn_backend="paged-triton"),
+                                        attn_backend="paged-triton"),
     }
+    if args.capacity_launch:
+        whole = ReferenceRunner(copy.deepcopy(model), tok, device, attn_backend="paged-triton")
+        whole.MIN_KEY_BOUND = 1 << 30  # every bucket is the whole cache
+        runners["paged-triton-capacity"] = whole
     prompts = [runners["sdpa"].encode_chat(p) for p in PROMPTS]
     results = []
     outputs: dict[tuple[str, str], list[list[int]]] = {}
@@ -85,19 +96,22 @@ def main() -> None:
             row = {"method": method, "attention": name, "tokens": tokens, "steps": steps,
                        "mat": tokens / steps, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed}
             results.append(row)
-            print(f"{method:<10}{name:<14}{row['tokens_per_s']:9.1f} tok/s  MAT {row['mat']:.2f}  "
+            print(f"{method:<10}{name:<22}{row['tokens_per_s']:9.1f} tok/s  MAT {row['mat']:.2f}  "
                   f"{steps} steps", flush=True)
     for method in args.methods.split(","):
-        a, b = outputs[(method, "sdpa")], outputs[(method, "paged-triton")]
-        same = sum(x == y for x, y in zip(a, b))
-        common = [next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x)) for x, y in zip(a, b)]
+        a = outputs[(method, "sdpa")]
         sdpa_row = next(r for r in results if r["method"] == method and r["attention"] == "sdpa")
-        ours_row = next(r for r in results if r["method"] == method and r["attention"] == "paged-triton")
-        ours_row["speedup_vs_sdpa"] = ours_row["tokens_per_s"] / sdpa_row["tokens_per_s"]
-        ours_row["identical_outputs"] = f"{same}/{len(a)}"
-        ours_row["first_divergence"] = common
-        print(f"{method}: paged-triton / sdpa = {ours_row['speedup_vs_sdpa']:.2f}x; "
-              f"identical outputs {same}/{len(a)}; first divergence at {common}", flush=True)
+        for name in list(runners)[1:]:
+            b = outputs[(method, name)]
+            same = sum(x == y for x, y in zip(a, b))
+            common = [next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x))
+                      for x, y in zip(a, b)]
+            ours_row = next(r for r in results if r["method"] == method and r["attention"] == name)
+            ours_row["speedup_vs_sdpa"] = ours_row["tokens_per_s"] / sdpa_row["tokens_per_s"]
+            ours_row["identical_outputs"] = f"{same}/{len(a)}"
+            ours_row["first_divergence"] = common
+            print(f"{method}: {name} / sdpa = {ours_row['speedup_vs_sdpa']:.2f}x; "
+                  f"identical outputs {same}/{len(a)}; first divergence at {common}", flush=True)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     meta = {"command": " ".join(["python"] + sys.argv), "device": device_name,
                 "torch": torch.__version__, "dtype": args.dtype, "random_weights": args.random_weights,

@@ -155,14 +155,23 @@ def run(args) -> dict:
 
     def plugin_counters():
         spec = spec_decode_summary(engines["plugin"].get_metrics())
-        rungs = engines["plugin"].collective_rpc("trjacobi_stats")[0]["rungs"]
-        return spec.num_drafts, spec.num_accepted_tokens, rungs
+        stats = engines["plugin"].collective_rpc("trjacobi_stats")[0]
+        return spec.num_drafts, spec.num_accepted_tokens, stats
+
+    def stats_delta(s0: dict, s1: dict) -> tuple[dict, dict]:
+        """Rung counts and per-path step time of the plugin's engine between two reads."""
+        rungs = {k: v - s0["rungs"].get(k, 0) for k, v in s1["rungs"].items()
+                 if v - s0["rungs"].get(k, 0)}
+        paths = {p: {k: round(v - s0["paths"][p][k], 4) for k, v in cell.items()}
+                 for p, cell in s1["paths"].items()}
+        paths["drafting"] = {"seconds": round(s1["draft_seconds"] - s0["draft_seconds"], 4)}
+        return rungs, paths
 
     rows = []
     mismatches = 0
     step = 0
     for repeat in range(args.repeats):
-        for group in GROUPS:
+        for group in args.groups:
             prompts = [chat(q) for q in questions[group]]
             for batch in args.batch_sizes:
                 k = step % len(names)  # rotate who goes first
@@ -171,6 +180,7 @@ def run(args) -> dict:
                 d0, a0, r0 = plugin_counters()
                 res = {name: timed(name, prompts, batch) for name in order}
                 d1, a1, r1 = plugin_counters()
+                rungs, paths = stats_delta(r0, r1)
                 same = all(res[n][2] == res["plain"][2] for n in names)
                 mismatches += not same
                 rows.append({
@@ -180,16 +190,16 @@ def run(args) -> dict:
                     "tok_s": {n: round(res[n][0] / res[n][1], 3) for n in names},
                     "identical_outputs": same,
                     "plugin_mat": round(1 + (a1 - a0) / (d1 - d0), 3) if d1 > d0 else 1.0,
-                    "plugin_rungs": {k: v - r0.get(k, 0) for k, v in r1.items()
-                                     if v - r0.get(k, 0)}})
+                    "plugin_rungs": rungs, "plugin_paths": paths})
                 r = rows[-1]
                 ratios = " ".join(f"{n} {r['tok_s'][n] / r['tok_s']['plain']:.3f}x"
                                   for n in names if n != "plain")
                 print(f"repeat {repeat} {group:15s} batch {batch}: plain "
                       f"{r['tok_s']['plain']:6.1f} tok/s; {ratios}; plugin MAT "
-                      f"{r['plugin_mat']:.2f} rungs {r['plugin_rungs']}"
+                      f"{r['plugin_mat']:.2f} rungs {r['plugin_rungs']} paths {paths}"
                       f"{'' if same else '  OUTPUTS DIFFER'}", flush=True)
-    drafts, accepted, rungs = plugin_counters()
+    drafts, accepted, stats = plugin_counters()
+    rungs = stats["rungs"]
     return {"rows": rows, "engines": names, "mismatches": mismatches, "rungs": rungs,
             "plugin_mat": round(1 + accepted / drafts, 3) if drafts else 1.0}
 
@@ -198,6 +208,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     workload_args(ap, [8])
     ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--groups", nargs="+", choices=GROUPS, default=GROUPS,
+                    help="task groups to run (default: all)")
     ap.add_argument("--sync-plain", action="store_true",
                     help="also run plain vLLM with async scheduling off (what vLLM does to any "
                          "engine with a custom_class drafter), to size that cost")

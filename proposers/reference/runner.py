@@ -114,7 +114,11 @@ class ReferenceRunner:
         self.use_cuda_graphs = device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self.graph_capacity = min(graph_capacity, self.max_context + 128)
         self._trees: dict[str, TreeSpec] = {}
-        self._graphs: dict[int, _GraphStep] = {}
+        # Graphs by (step size, key bound): on our paged kernels the launch shape (key
+        # splits, tiles) depends on the prefix, so each step size gets a graph per
+        # power-of-two prefix bucket; transformers' SDPA reads the whole cache (bound 0).
+        self._graphs: dict[tuple[int, int], _GraphStep] = {}
+        self._graph_pool = None
         self._graph_cache: StaticKVCache | None = None
         # Slots above graph_capacity that only graph warm-up and capture write to: a graph
         # may be captured in the middle of a request, and its dry runs must not overwrite
@@ -294,9 +298,10 @@ class ReferenceRunner:
         """One verification forward. Returns per-node targets and top-K ids (on CPU)."""
         k = tree.template.top_k
         if self.use_cuda_graphs and cfg.temperature == 0:
-            graph = self._graphs.get(node_tokens.numel())
+            key = (node_tokens.numel(), self._key_bound(prefix + node_tokens.numel(), cache))
+            graph = self._graphs.get(key)
             if graph is None:
-                graph = self._graphs[node_tokens.numel()] = _GraphStep(self, cache, node_tokens.numel())
+                graph = self._graphs[key] = _GraphStep(self, cache, *key)
             return graph.run(tree, node_tokens, prefix, k)
         dev = self.device
         q = node_tokens.numel()
@@ -309,6 +314,18 @@ class ReferenceRunner:
         target = sample_targets(logits.cpu() if cfg.temperature > 0 else logits,
                                 cfg.temperature, cfg.top_p, gen)
         return target.cpu(), topk
+
+    MIN_KEY_BOUND = 512
+
+    def _key_bound(self, keys: int, cache) -> int:
+        """The graph bucket of a step reading `keys` keys: the next power of two from
+        MIN_KEY_BOUND (capped at the cache), or 0 where the launch ignores it."""
+        if not hasattr(cache, "key_bound"):
+            return 0
+        bound = self.MIN_KEY_BOUND
+        while bound < keys:
+            bound *= 2
+        return min(bound, cache.capacity)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -324,9 +341,9 @@ class _GraphStep:
 
     TOPK = 16
 
-    def __init__(self, runner: ReferenceRunner, cache: StaticKVCache, q: int):
+    def __init__(self, runner: ReferenceRunner, cache: StaticKVCache, q: int, key_bound: int = 0):
         dev = runner.device
-        self.runner, self.cache, self.q = runner, cache, q
+        self.runner, self.cache, self.q, self.key_bound = runner, cache, q, key_bound
         self.ids = torch.zeros(q, dtype=torch.long, device=dev)
         self.pos = torch.zeros(q, dtype=torch.long, device=dev)
         if q > runner.graph_scratch:
@@ -335,8 +352,7 @@ class _GraphStep:
         self.slots = torch.arange(cache.capacity - q, cache.capacity, device=dev)
         self.mask = torch.zeros(q, cache.capacity, dtype=torch.bool, device=dev)
         self.col = torch.arange(cache.capacity, device=dev)
-        cache.kv_len = None
-        cache.slots = self.slots
+        self._bind()
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
@@ -344,8 +360,16 @@ class _GraphStep:
                 self._body()
         torch.cuda.current_stream(dev).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        if runner._graph_pool is None:  # one memory pool: the graphs replay one at a time
+            runner._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(self.graph, pool=runner._graph_pool):
             self.target, self.topk = self._body()
+
+    def _bind(self) -> None:
+        self.cache.kv_len = None
+        self.cache.slots = self.slots
+        if self.key_bound:
+            self.cache.key_bound = self.key_bound
 
     def _body(self):
         logits = self.runner._forward(self.cache, self.ids, self.pos, self.mask)
@@ -361,8 +385,7 @@ class _GraphStep:
         rel = (self.col - prefix).clamp(0, q - 1)
         anc = tree.ancestors.to(dev, non_blocking=True)
         self.mask.copy_((self.col < prefix) | (anc[:, rel] & (self.col >= prefix) & (self.col < prefix + q)))
-        self.cache.kv_len = None
-        self.cache.slots = self.slots
+        self._bind()
         self.graph.replay()
         both = torch.cat([self.target.unsqueeze(-1), self.topk[:, :k]], dim=-1).cpu()
         return both[:, 0], both[:, 1:]

@@ -102,6 +102,11 @@ class TRJacobiRunner(CPUModelRunner):
         self._step_path = "kernel"
         self.tree_steps = 0
         self.compactions = 0
+        # Per attention path: steps, scheduled tokens, seconds of the forward + sampling;
+        # plus the seconds spent drafting (what the planner's cost lines do not see).
+        # ("kernel" steps split into those with and without drafted chains.)
+        self.path_stats = {"plain": [0, 0, 0.0], "chain": [0, 0, 0.0], "tree": [0, 0, 0.0]}
+        self.draft_seconds = 0.0
         # Sampled requests served without speculation (config `sampled="off"`).
         self.sampled_unspeculated = 0
         self._unspeculated: set[str] = set()
@@ -354,15 +359,22 @@ class TRJacobiRunner(CPUModelRunner):
 
     # -- drafting ------------------------------------------------------------------
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
-        seconds = time.perf_counter() - self._step_start
-        self.trj.planner.record_step(self._step_path,
-                                     scheduler_output.total_num_scheduled_tokens, seconds)
+        now = time.perf_counter()
+        seconds = now - self._step_start
+        tokens = scheduler_output.total_num_scheduled_tokens
+        self.trj.planner.record_step(self._step_path, tokens, seconds)
+        kind = "tree" if self._step_path == "tree" else (
+            "chain" if scheduler_output.scheduled_spec_decode_tokens else "plain")
+        stats = self.path_stats[kind]
+        stats[0], stats[1], stats[2] = stats[0] + 1, stats[1] + tokens, stats[2] + seconds
         req_ids = list(self.input_batch.req_ids)
         modes = [self.request_mode(r) for r in req_ids]
         self.trj.set_target_feedback(BatchFeedback(req_ids, modes, self._feedback))
         self._feedback = {}
-        return super().propose_draft_token_ids(scheduler_output, sampled_token_ids,
-                                               *args, **kwargs)
+        drafts = super().propose_draft_token_ids(scheduler_output, sampled_token_ids,
+                                                 *args, **kwargs)
+        self.draft_seconds += time.perf_counter() - now
+        return drafts
 
     def trjacobi_stats(self) -> dict:
         return {
@@ -372,6 +384,9 @@ class TRJacobiRunner(CPUModelRunner):
             "feedback_proposals": self.trj.num_feedback_proposals,
             "sampled_unspeculated": self.sampled_unspeculated,
             "rungs": dict(self.trj.planner.history),
+            "paths": {p: {"steps": n, "tokens": t, "seconds": round(sec, 4)}
+                      for p, (n, t, sec) in self.path_stats.items()},
+            "draft_seconds": round(self.draft_seconds, 4),
         }
 
 

@@ -1,0 +1,106 @@
+"""Why tree steps run below the bandwidth bound: compiled-code facts and a tile grid.
+
+For a few tree cases of ``bench_tree_attention.py`` (the throughput regime, B=64, and
+the latency regime, B=1) this prints, per launch shape, what Triton compiled (Hopper
+``wgmma`` or ``mma.sync`` dots, ``cp.async`` copies, registers, spills, shared memory)
+and times it at its best split count, against the default launch and against the
+matmul rate the case needs to reach the bound. It writes one JSON row per (case, tile).
+
+    python benchmarks/kernels/probe_tree_tiles.py --out probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from triton.runtime.errors import OutOfResources
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.kernels.bench_tree_attention import Case, time_graph
+from kernels.tree_attention import TileConfig, _tree_attention_kernel
+
+CASES = [("llama3-8b", 64, 32768, 16), ("llama3-8b", 1, 32768, 16), ("llama3-8b", 64, 4096, 64),
+         ("smollm2-135m", 64, 32768, 16), ("smollm2-135m", 1, 32768, 16),
+         ("llama3-8b", 8, 32768, 16), ("llama3-8b", 1, 4096, 16),
+         ("llama3-8b", 1, 32768, 64), ("llama3-8b", 64, 32768, 64),
+         ("smollm2-135m", 64, 32768, 64), ("smollm2-135m", 1, 4096, 64)]
+GRID = [(bn, w, st) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+
+
+def compiled_facts() -> dict[str, dict]:
+    """Facts of every compiled variant of the attention kernel, keyed by its constants."""
+    out = {}
+    for cache in getattr(_tree_attention_kernel, "device_caches", {}).values():
+        kernels = cache[0] if isinstance(cache, tuple) else cache
+        for key, k in kernels.items():
+            ptx = k.asm.get("ptx", "")
+            out[str(key)] = {
+                "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+                "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
+                "cp_async": len(re.findall(r"cp\.async\.(?:cg|ca)", ptx)),
+                "ld_global_v4": len(re.findall(r"ld\.global[.\w]*\.v4", ptx)),
+                "regs": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None),
+                "shared": getattr(k.metadata, "shared", None),
+                "num_warps": getattr(k.metadata, "num_warps", None),
+            }
+    return out
+
+
+def best_split(case: Case, tile: TileConfig) -> tuple[int, float]:
+    best = None
+    for s in ((1, 2) if case.batch > 8 else (16, 32, 64)):
+        if s > -(-case.seq_len // tile.block_n):
+            break
+        us = time_graph([lambda c=c, s=s: case.ours(c, tile, num_splits=s) for c in range(case.copies)],
+                        target_ms=10, replays=3)
+        if best is None or us < best[1]:
+            best = (s, us)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cases", type=int, nargs="+", default=list(range(len(CASES))),
+                    help="indices into CASES (default: all)")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    rows = []
+    for model, batch, prefix, tree in (CASES[i] for i in args.cases):
+        case = Case(model, batch, prefix, tree, torch.bfloat16, dev)
+        group = case.num_heads // case.num_kv_heads
+        default = case.default_tile()
+        block_ms = (64,) if tree * group <= 64 else (64, 128)
+        tiles = [default] + [TileConfig(bm, bn, w, st) for bm in block_ms for bn, w, st in GRID]
+        seen = set()
+        for tile in tiles:
+            if str(tile.as_list()) in seen:
+                continue
+            seen.add(str(tile.as_list()))
+            before = set(compiled_facts())
+            try:
+                split, us = best_split(case, tile)
+            except (OutOfResources, RuntimeError) as exc:  # record and go on
+                rows.append({"case": [model, batch, prefix, tree], "tile": tile.as_list(),
+                             "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+                continue
+            facts = compiled_facts()
+            new = [facts[k] for k in facts if k not in before]
+            row = {"case": [model, batch, prefix, tree], "tile": tile.as_list(),
+                   "default": tile == default, "best_split": split, "us": round(us, 2),
+                   "tflops": round(case.flops / us / 1e6, 1),
+                   "kv_tbps": round(case.kv_bytes / us / 1e6, 2),
+                   "compiled": new[0] if new else None}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            args.out.write_text(json.dumps(rows, indent=1))  # a timeout keeps what ran
+
+
+if __name__ == "__main__":
+    main()
