@@ -419,37 +419,36 @@ SHORT_PREFIX = 1024  # keys; at or below, the tiles of kernels-h200-tiles.json's
 def default_tile_config(max_query_len: int, group: int, head_dim: int, dtype: torch.dtype,
                         num_seqs: int = 1, num_kv_heads: int = 1, max_seq_len: int | None = None,
                         num_sms: int = 132) -> TileConfig:
-    """Launch shape picked by the H200 sweep (benchmarks/results/kernels-h200-configs.json).
+    """Launch shape for a step, from H200 measurements.
 
-    The rows of a tile are tokens x heads of one kv group (16 is tl.dot's
-    minimum); more rows re-read each K/V tile less often, until the fp32
-    accumulator crowds the registers. Half-precision classes, each the sweep's
-    winner over 4 shapes (B=1 P=32k, B=8 P=4k, B=64 P=4k, B=64 P=512) for
-    Llama-3-8B (head dim 128, group 4) and SmolLM2-135M (head dim 64, group 3):
+    The rows of a tile are tokens x heads of one kv group (16 is tl.dot's minimum);
+    more rows re-read each K/V tile less often, until the fp32 accumulator crowds the
+    registers. Every half-precision tile reads the block table once per key: reading it
+    once per cache block (``table_per_block``) reshapes the key offsets, and Triton then
+    loads K/V into registers without ``cp.async`` pipelining (no ``cp.async`` in the
+    PTX, 255 registers and spills: ``benchmarks/results/kernels-h200-probe.json``).
 
-    * decode (16 rows): 128-key tiles, one block-table read per key;
-    * up to 64 rows (trees of about 16 nodes): 64 rows, 32 keys and 3 stages
-      (head dim 128) or 64 keys and 2 stages (64), one table read per cache block;
-    * bigger trees: 64 (128) rows x 64 keys, 3 stages, per-key table reads.
-
-    The sweep also chose a programs-per-SM hint for the split count of each class;
-    the fitted split model (``choose_num_splits``) replaced those hints.
-
-    Two regimes the class sweep did not cover, from per-shape timings of tile x split
-    count (``benchmarks/results/kernels-h200-tiles.json``; ``num_seqs``,
-    ``num_kv_heads``, ``max_seq_len`` and ``num_sms`` describe the launch):
-
-    * decode with at least two programs per SM before any split (Llama-3-8B at
-      B=64): 64-key tiles on 2 warps, 0.81-0.99x the time of the class tile;
+    * decode (16 rows): 128-key tiles (the class sweep, ``kernels-h200-configs.json``);
+      with at least two programs per SM before any split (Llama-3-8B at B=64), 64-key
+      tiles on 2 warps (``kernels-h200-tiles.json``: 0.81-0.99x the 128-key tile);
+    * trees up to 64 rows (about 16 nodes): 64 rows x 64 keys, 2 stages (head dim 128)
+      or x 128 keys, 3 stages (64): within 1% of the probe's fastest tile in its 6 tree-16
+      cases, 0.51-0.86x the time of the per-block-table tile the class sweep had chosen;
+    * bigger trees: 128 rows x 64 keys, 2 stages (head dim 128; 0.81-0.84x the 64-row
+      tile in the probe's 3 Llama tree-64 cases), or 128 x 64, 3 stages (64);
     * prefixes of at most ``SHORT_PREFIX`` keys: decode with fewer programs than SMs
       on 32-key tiles (more key tiles to split: B=1, 512 keys, 6.8 vs 8.9 us), trees
-      on 64 rows x 64 keys with 3 stages (0.71-1.05x; both at each tile's best split).
+      on 64 rows x 64 keys with 3 stages (0.71-1.05x; ``kernels-h200-tiles.json``).
+
+    ``num_seqs``, ``num_kv_heads``, ``max_seq_len`` and ``num_sms`` describe the launch.
+    The split count is a separate model (``choose_num_splits``).
     """
-    block_m = max(16, min(128 if head_dim <= 64 else 64, triton.next_power_of_2(max_query_len * group)))
-    block_m = max(block_m, triton.next_power_of_2(group))
     wide = head_dim > 64
     if dtype == torch.float32:  # twice the bytes per key: keep tiles (and shared memory) small
-        return TileConfig(block_m, 64, num_warps=4, num_stages=2)
+        block_m = max(16, min(128 if not wide else 64, triton.next_power_of_2(max_query_len * group)))
+        return TileConfig(max(block_m, triton.next_power_of_2(group)), 64, num_warps=4, num_stages=2)
+    block_m = max(16, min(128, triton.next_power_of_2(max_query_len * group)),
+                  triton.next_power_of_2(group))
     short = max_seq_len is not None and max_seq_len <= SHORT_PREFIX
     if block_m <= 16:
         programs = num_seqs * num_kv_heads
@@ -459,11 +458,9 @@ def default_tile_config(max_query_len: int, group: int, head_dim: int, dtype: to
                           num_stages=2)
     if short:
         return TileConfig(min(block_m, 64), 64, num_warps=4, num_stages=3)
-    if max_query_len * group <= 64:
-        if wide:
-            return TileConfig(block_m, 32, num_warps=4, num_stages=3, table_per_block=True)
-        return TileConfig(block_m, 64, num_warps=4, num_stages=2, table_per_block=True)
-    return TileConfig(block_m, 64, num_warps=4, num_stages=3)
+    if block_m <= 64:
+        return TileConfig(block_m, 64, 4, 2) if wide else TileConfig(block_m, 128, 4, 3)
+    return TileConfig(block_m, 64, num_warps=4, num_stages=2 if wide else 3)
 
 
 def tree_attention(

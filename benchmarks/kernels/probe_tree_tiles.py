@@ -64,12 +64,39 @@ def best_split(case: Case, tile: TileConfig) -> tuple[int, float]:
     return best
 
 
+def launch_bound_rows(capacity: int = 4352, bound: int = 512, prefix: int = 300) -> list[dict]:
+    """One step of the reference runner's CUDA graphs (B=1, a ``prefix``-token prompt):
+    the kernel launched for the whole cache (``max_seq_len=capacity``) vs for the
+    graph's prefix bucket (``bound``); default tiles and split counts for each."""
+    from kernels.tree_attention import tree_attention
+
+    rows = []
+    for model in ("smollm2-135m", "llama3-8b"):
+        for tree in (1, 16, 64):
+            case = Case(model, 1, prefix, tree, torch.bfloat16, torch.device("cuda"))
+            row = {"launch_bound": True, "case": [model, 1, prefix, tree]}
+            for name, max_seq_len in (("capacity", capacity), ("bucket", bound)):
+                def step(c, n=max_seq_len, x=case, t=tree):
+                    return tree_attention(x.query, x.k_pool, x.v_pool, x.tables[c], x.cu, x.seq_lens,
+                                          x.tree_mask, max_query_len=t, max_seq_len=n)
+                row[f"{name}_us"] = round(time_graph([lambda c=c, f=step: f(c) for c in range(case.copies)],
+                                                     target_ms=10, replays=5), 2)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--cases", type=int, nargs="+", default=list(range(len(CASES))),
                     help="indices into CASES (default: all)")
+    ap.add_argument("--launch-bound", action="store_true",
+                    help="instead: the runner's graph launch for the whole cache vs its prefix bucket")
     args = ap.parse_args()
+    if args.launch_bound:
+        args.out.write_text(json.dumps(launch_bound_rows(), indent=1))
+        return
     dev = torch.device("cuda")
     rows = []
     for model, batch, prefix, tree in (CASES[i] for i in args.cases):
