@@ -392,16 +392,27 @@ def choose_num_splits(
     return best
 
 
+SHORT_PREFIX = 1024  # keys; at or below, the tiles of kernels-h200-tiles.json's short cases
+
+
 def plan_num_splits(tile: TileConfig, num_seqs: int, total_q: int, num_heads: int, num_kv_heads: int,
                     head_dim: int, max_query_len: int, max_seq_len: int, elt: int, num_sms: int,
                     **model: float) -> int:
     """The split count ``tree_attention`` picks for ``tile`` when the caller gives none
     (``model``: overrides of ``choose_num_splits``' constants). A tile's
-    ``programs_per_sm`` overrides the model's saturation (benchmark sweeps)."""
+    ``programs_per_sm`` overrides the model's saturation (benchmark sweeps).
+
+    Tiles of 128 rows split prefixes longer than ``SHORT_PREFIX`` at least in 2: their
+    single-split variant (which normalises and stores in the kernel) ran 1.17-1.45x
+    slower than 2 splits in all four B=64 tree-64 cases of
+    ``kernels-h200-splits-trees.json``, where the model, seeing enough programs already,
+    would not split (at 512 keys one split was fastest: ``kernels-h200-splits.json``)."""
     group = num_heads // num_kv_heads
     q_blocks = -(-max_query_len // (tile.block_m // (tile.head_pack * group)))
     if tile.programs_per_sm:
         model.setdefault("saturation", tile.programs_per_sm)
+    if tile.block_m >= 128 and tile.use_dot and max_seq_len > SHORT_PREFIX:
+        model.setdefault("choices", tuple(s for s in SPLIT_CHOICES if s >= 2))
     # Tensor-core rate for half precision; fp32 runs exact (IEEE) dots, about 8x slower.
     model.setdefault("flop_rate", 4.0e14 if elt <= 2 else 5.0e13)
     return choose_num_splits(
@@ -411,9 +422,6 @@ def plan_num_splits(tile: TileConfig, num_seqs: int, total_q: int, num_heads: in
         flops=4.0 * total_q * num_heads * max_seq_len * head_dim,
         **model,
     )
-
-
-SHORT_PREFIX = 1024  # keys; at or below, the tiles of kernels-h200-tiles.json's short cases
 
 
 def default_tile_config(max_query_len: int, group: int, head_dim: int, dtype: torch.dtype,
