@@ -180,6 +180,11 @@ def test_tree_mechanics_exercised(runs):
     _, plugin = runs
     stats, spec = plugin["stats"], plugin["spec"]
     assert stats["tree_steps"] > 0
+    # The per-path step timing saw the tree steps and every other step, each timed.
+    paths = stats["paths"]
+    assert 0 < paths["tree"]["steps"] <= stats["tree_steps"]
+    assert paths["plain"]["steps"] > 0
+    assert all(p["seconds"] > 0 for p in paths.values() if p["steps"])
     # A compaction happens only when the accepted path is not the first branch, i.e.
     # depth positions, the tree mask and the KV move all had to be right.
     assert stats["compactions"] > 0
