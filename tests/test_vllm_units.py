@@ -779,3 +779,19 @@ def test_runner_mirrors_only_unreadable_layouts_and_checks_memory(monkeypatch, c
     msg = str(err.value)
     assert "20.00 GiB more" in msg and "3.00 GiB is free" in msg
     assert "VLLM_CPU_KVCACHE_SPACE=11 (GiB) or less" in msg  # (3 + 20 - 1) / 2
+
+
+def test_prefill_tokens_counts_prompt_tokens_beyond_sample_and_drafts():
+    """The planner's cost lines skip steps with prompt tokens (runner.prefill_tokens)."""
+    from types import SimpleNamespace
+
+    from proposers.vllm.runner import prefill_tokens
+
+    def step(scheduled, spec):
+        return SimpleNamespace(num_scheduled_tokens=scheduled, scheduled_spec_decode_tokens=spec)
+
+    assert prefill_tokens(step({"a": 1, "b": 1}, {})) == 0  # plain decode
+    assert prefill_tokens(step({"a": 6, "b": 1}, {"a": [5, 6, 7, 8, 9]})) == 0  # a chain
+    assert prefill_tokens(step({"a": 1, "c": 300}, {})) == 299  # c's prompt (one samples)
+    # A middle chunk of a longer prompt samples nothing; any count > 0 marks the step.
+    assert prefill_tokens(step({"c": 512}, {})) == 511

@@ -190,7 +190,8 @@ def run(args) -> dict:
                     "tok_s": {n: round(res[n][0] / res[n][1], 3) for n in names},
                     "identical_outputs": same,
                     "plugin_mat": round(1 + (a1 - a0) / (d1 - d0), 3) if d1 > d0 else 1.0,
-                    "plugin_rungs": rungs, "plugin_paths": paths})
+                    "plugin_rungs": rungs, "plugin_paths": paths,
+                    "plugin_cost_lines": r1.get("cost_lines")})
                 r = rows[-1]
                 ratios = " ".join(f"{n} {r['tok_s'][n] / r['tok_s']['plain']:.3f}x"
                                   for n in names if n != "plain")
