@@ -795,3 +795,23 @@ def test_prefill_tokens_counts_prompt_tokens_beyond_sample_and_drafts():
     assert prefill_tokens(step({"a": 1, "c": 300}, {})) == 299  # c's prompt (one samples)
     # A middle chunk of a longer prompt samples nothing; any count > 0 marks the step.
     assert prefill_tokens(step({"c": 512}, {})) == 511
+
+
+def test_cost_line_keeps_its_slope_while_steps_have_one_size():
+    """After drafting stops, every step has the batch's size: the fitted per-token cost
+    stays (it does not fall back to cost proportional to tokens, 3x too steep at batch 8)."""
+    from proposers.vllm.planner import _Line
+
+    line = _Line()
+    for _ in range(20):
+        line.add(8, 0.080 + 8 * 0.005)
+        line.add(20, 0.080 + 20 * 0.005)
+    a, b = line.coefficients()
+    assert abs(b - 0.005) < 1e-9 and abs(a - 0.080) < 1e-9
+    for _ in range(300):  # the drafted steps decay away
+        line.add(8, 0.120)
+    a, b = line.coefficients()
+    assert abs(b - 0.005) < 1e-6 and abs(a + 8 * b - 0.120) < 1e-6
+    fresh = _Line()
+    fresh.add(8, 0.120)
+    assert fresh.coefficients() == (0.0, 0.015)  # no slope seen yet: proportional

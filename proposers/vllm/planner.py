@@ -53,6 +53,9 @@ class _Line:
     sy: float = 0.0
     sxx: float = 0.0
     sxy: float = 0.0
+    # The slope of the last fit with spread in size: while every recent step has the same
+    # size (no drafts for a while), the per-token cost is still what it was.
+    slope: float | None = None
 
     def add(self, x: float, y: float) -> None:
         d = self.decay
@@ -61,16 +64,23 @@ class _Line:
         self.sy = self.sy * d + y
         self.sxx = self.sxx * d + x * x
         self.sxy = self.sxy * d + x * y
+        mx, my = self.sx / self.w, self.sy / self.w
+        var = self.sxx / self.w - mx * mx
+        if var >= 1.0:
+            self.slope = max((self.sxy / self.w - mx * my) / var, 0.0)
 
     def coefficients(self) -> tuple[float, float] | None:
-        """(intercept, slope) in seconds and seconds per token, or None without data."""
+        """(intercept, slope) in seconds and seconds per token, or None without data.
+
+        Samples all at one size give no slope: the last fitted one is kept (intercept
+        through the mean), or, before any, cost proportional to tokens."""
         if self.w < 1.0:
             return None
         mx, my = self.sx / self.w, self.sy / self.w
         var = self.sxx / self.w - mx * mx
-        if var < 1.0:  # all samples at one size: assume cost proportional to tokens
+        if var < 1.0 and self.slope is None:
             return 0.0, my / max(mx, 1.0)
-        slope = max((self.sxy / self.w - mx * my) / var, 0.0)
+        slope = self.slope if var < 1.0 else max((self.sxy / self.w - mx * my) / var, 0.0)
         return max(my - slope * mx, 0.0), slope
 
 
