@@ -13,9 +13,11 @@ where B is the number of decoding requests, `f_i` a cheap per-request feature (t
 length of the n-gram the retrieval lookup matched now, 0-3, plus FEEDBACK when the
 target's top-K from the request's previous drafts is at hand, which Jacobi guesses
 need; offset by SAMPLED for sampled requests, which draft chains only), `accepted` / `nodes` exponential averages per (rung, feature) of
-what the runner observed, and `cost` a line fitted to measured step times per attention
-path ("kernel": vLLM's own CPU kernel, used by plain and chain steps; "tree": the
-PyTorch tree path, taken by the whole batch as soon as one request drafts a tree).
+what the runner observed, and `cost` a line fitted to measured times of decode steps per
+attention path ("kernel": vLLM's own CPU kernel, used by plain and chain steps; "tree": the
+PyTorch tree path, taken by the whole batch as soon as one request drafts a tree). Steps
+with prompt tokens are left out of the fit (runner.prefill_tokens): a prompt token costs a
+fraction of a draft token, and a few prefill steps would flatten the slope.
 The ratio is maximised exactly per path with Dinkelbach's method: for a guess `lam` of
 the rate, each request independently picks the rung maximising
 `accepted - lam * slope * nodes`; the resulting rate is the next guess.
