@@ -14,8 +14,10 @@ NEW_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def prompts(runner):
-    # 12 prompts: the first two of each of the six Spec-Bench task groups.
-    return [runner.encode_chat(q["turns"][0]) for q in dev_questions(2)]
+    # 6 prompts: the first question of each of the six Spec-Bench task groups (two per
+    # group took 10 of CI's 26 minutes; the vLLM plugin's exactness test adds 17 dev
+    # requests and the benchmarks 18 prompts per method, all compared token for token).
+    return [runner.encode_chat(q["turns"][0]) for q in dev_questions(1)]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def test_method_equals_ar_token_for_token(runner, prompts, ar_outputs, method):
         assert out.text == ref.text and out.finish_reason == ref.finish_reason
         total_steps += out.num_steps
         total_tokens += len(out.token_ids)
-    assert len(prompts) >= 12
+    assert len(prompts) == 6
     assert total_steps <= total_tokens  # each step emits at least one token
 
 
