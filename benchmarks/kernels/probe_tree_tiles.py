@@ -3,8 +3,10 @@
 For a few tree cases of ``bench_tree_attention.py`` (the throughput regime, B=64, and
 the latency regime, B=1) this prints, per launch shape, what Triton compiled (Hopper
 ``wgmma`` or ``mma.sync`` dots, ``cp.async`` copies, registers, spills, shared memory)
-and times it at its best split count, against the default launch and against the
-matmul rate the case needs to reach the bound. It writes one JSON row per (case, tile).
+and times it at the best of a few split counts (1, 2 at B > 8; 16, 32, 64 otherwise),
+with the matmul rate and K/V read rate that time implies; the kernel's default launch is
+marked. It writes one JSON row per (case, tile); ``--launch-bound`` instead times a
+reference-runner graph step launched for the whole cache vs for its prefix bucket.
 
     python benchmarks/kernels/probe_tree_tiles.py --out probe.json
 """
