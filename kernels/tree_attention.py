@@ -612,7 +612,15 @@ def tree_mask_from_parents(parents: torch.Tensor, cu_seqlens_q: torch.Tensor) ->
         alive = cur >= 0
         visible[rows[alive], cur[alive]] = True
         cur = torch.where(alive, parents[(start + cur).clamp(min=0)], cur)
-    bits = visible.view(total_q, num_words, 32).to(torch.long) << torch.arange(32, device=device)
+    return pack_visibility(visible)
+
+
+def pack_visibility(visible: torch.Tensor) -> torch.Tensor:
+    """Bool ``[rows, num_words * 32]`` visibility -> the kernel's int32 ``[rows, num_words]``
+    bitmask (bit ``j % 32`` of word ``j // 32`` is column ``j``)."""
+    rows, cols = visible.shape
+    assert cols % 32 == 0, cols
+    bits = visible.view(rows, cols // 32, 32).to(torch.long) << torch.arange(32, device=visible.device)
     words = bits.sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+# Without CUDA, kernels/ switches Triton to its interpreter. That must happen before
+# anything imports Triton (vLLM does, at import), or Triton's own @jit helpers (tl.cdiv,
+# ...) stay compiled-only and interpreted kernels that call them fail.
+import kernels  # noqa: F401
+
 
 def dev_questions(per_group: int) -> list[dict]:
     from benchmarks.specbench import load_questions

@@ -13,7 +13,9 @@ from typing import Any
 from proposers.templates import load_template
 
 PROPOSER_PATH = "proposers.vllm.TRJacobiProposer"
-WORKER_PATH = "proposers.vllm.runner.TRJacobiWorker"
+WORKER_PATH = "proposers.vllm.runner.TRJacobiWorker"  # vLLM-CPU
+GPU_WORKER_PATH = "proposers.vllm.runner.TRJacobiGPUWorker"  # CUDA (never run in an engine)
+TREE_BACKEND_CUDA = "TRITON_ATTN"  # the backend tree_attention_gpu.py overrides
 CONFIG_KEY = "trjacobi"
 MODES = ("tree", "chain", "retrieval", "off")
 SAMPLED_MODES = ("auto", "off", "chain", "retrieval")
@@ -120,28 +122,54 @@ def engine_kwargs(config: TRJacobiConfig | None = None, max_num_seqs: int = 16,
     the worker would then stop with an error (`TRJacobiRunner.initialize_kv_cache`). An
     explicit setting wins. On CPU this variable also overrides vLLM's
     `kv_cache_memory_bytes`: to choose the size, set the variable.
+
+    On CUDA the worker is `runner.TRJacobiGPUWorker` (V1 GPU runner), with synchronous
+    scheduling (the runner reads each step's drafts on the host), and in tree mode the
+    `TRITON_ATTN` backend (overridden by `tree_attention_gpu.py`) with CUDA graphs at
+    most `PIECEWISE`: attention and the KV write then run eagerly, where tree steps can
+    switch to our kernel (a full graph would replay vLLM's stock kernel). These CUDA
+    settings have never run in an engine: no GPU build of vLLM exists on our machines.
     """
     config = config or TRJacobiConfig(**overrides)
     num_spec = config.max_draft_tokens()
+    cuda = _cuda_platform()
     if config.mode == "tree":
         os.environ["MSN_TRJACOBI_TREE_ATTN"] = "1"
         if not os.environ.get(KV_CACHE_SPACE_ENV) and _cpu_platform():
             os.environ[KV_CACHE_SPACE_ENV] = str(default_kv_cache_space())
-    return {
+    kwargs = {
         "speculative_config": {
             "method": "custom_class",
             "model": PROPOSER_PATH,
             "num_speculative_tokens": num_spec,
         },
-        "worker_cls": WORKER_PATH,
+        "worker_cls": GPU_WORKER_PATH if cuda else WORKER_PATH,
         "additional_config": {CONFIG_KEY: config.to_dict()},
         "max_num_seqs": max_num_seqs,
         # Budget for every running request's full tree, or the scheduler truncates trees.
         "max_num_batched_tokens": max(2048, max_num_seqs * (num_spec + 1)),
     }
+    if cuda:
+        kwargs.update(cuda_engine_kwargs(config))
+    return kwargs
+
+
+def cuda_engine_kwargs(config: TRJacobiConfig) -> dict[str, Any]:
+    """The CUDA-only engine arguments of `engine_kwargs` (vLLM 0.32 `EngineArgs` names)."""
+    kwargs: dict[str, Any] = {"async_scheduling": False}
+    if config.mode == "tree":
+        kwargs["attention_backend"] = TREE_BACKEND_CUDA
+        kwargs["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
+    return kwargs
 
 
 def _cpu_platform() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+def _cuda_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()

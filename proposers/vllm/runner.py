@@ -1,9 +1,10 @@
 """The TR-Jacobi worker and model runner: every override of vLLM internals lives here.
 
 vLLM 0.32's V1 runner verifies drafts as a chain and never shows a proposer the target's
-logits. `TRJacobiRunner` subclasses the CPU runner and overrides four private methods
+logits. `TRJacobiRunnerMixin` overrides four private methods of vLLM's V1 runner
 (vllm-integration.md sections 2-3; `tests/test_vllm_plugin.py` fails loudly if their
-signatures move):
+signatures move); `TRJacobiRunner` mixes it into the CPU runner, `TRJacobiGPURunner`
+into the CUDA one (`GPUModelRunner`):
 
 - `_update_states`: frees a request's proposer state when it finishes or is preempted.
 - `_prepare_inputs`: for requests whose drafts are a tree, rewrites RoPE positions to
@@ -17,12 +18,24 @@ signatures move):
 - `propose_draft_token_ids`: hands feedback, request ids and modes to the proposer
   before vLLM calls its `propose`, and feeds measured step costs to the planner.
 
-It also extends the public `initialize_kv_cache`: once vLLM has allocated the KV cache,
-it chooses per layer whether tree steps read vLLM's packed cache or need a plain
-mirror (tree_attention.py), and allocates any mirror there, after checking it fits.
+The platforms differ in the tree step they publish for attention (`_publish_tree_step`):
+the CPU runner builds the padded `tree_attention.TreeStep` and checks its key gather
+against vLLM's slot mapping; the CUDA runner builds `kernels.tree_step.KernelTreeStep`
+on the device (our Triton kernel reads vLLM's block table itself). The CPU runner also
+extends the public `initialize_kv_cache`: once vLLM has allocated the KV cache, it
+chooses per layer whether tree steps read vLLM's packed cache or need a plain mirror
+(tree_attention.py), and allocates any mirror there, after checking it fits. The CUDA
+runner needs neither: the Triton backend's cache layout is plain.
 
-`TRJacobiWorker` installs the runner (the CPU worker builds its runner inline in
-`init_device`) and the tree-attention backend before the model is built.
+`TRJacobiWorker` installs the CPU runner (the CPU worker builds its runner inline in
+`init_device`) and the tree-attention backend before the model is built;
+`TRJacobiGPUWorker` does the same on CUDA through `Worker._make_model_runner`.
+
+Never run: `TRJacobiGPURunner` and `TRJacobiGPUWorker` inside a vLLM engine. No GPU
+build of vLLM exists on our machines, so the CUDA classes are untested end to end;
+only their pieces are tested (kernel step and kernel: tests/test_vllm_tree_triton.py
+on CPU, tests/test_tree_step_gpu.py on a GPU; the shared runner logic through the CPU
+runner's tests).
 
 It also replaces one broken CPU kernel of vLLM 0.32.0 (`fix_cpu_expand_kernel`): the C++
 stand-in for the rejection sampler's `expand_kernel` converts its float output to a new
@@ -43,7 +56,10 @@ import numpy as np
 import torch
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.worker.gpu_worker import Worker as GPUWorker
 
+from kernels.tree_step import build_kernel_tree_step
 from proposers.tree import TreeSpec
 from proposers.verify import accept
 from proposers.vllm.config import (
@@ -56,13 +72,16 @@ from proposers.vllm.proposer import BatchFeedback, TRJacobiProposer
 from proposers.vllm.tree_attention import (
     MIRROR,
     PACKED,
-    RUNTIME,
     TreeCPUAttentionImpl,
     build_tree_step,
-    compact_kv,
     packed_layout_readable,
     register_tree_backend,
 )
+from proposers.vllm.tree_attention_gpu import (
+    TreeTritonAttentionImpl,
+    register_tree_triton_backend,
+)
+from proposers.vllm.tree_runtime import RUNTIME, compact_kv
 from proposers.vllm.version import check_vllm_version
 
 logger = logging.getLogger(__name__)
@@ -85,7 +104,15 @@ class _DraftedRow:
     is_tree: bool
 
 
-class TRJacobiRunner(CPUModelRunner):
+class TRJacobiRunnerMixin:
+    """The platform-neutral TR-Jacobi runner; mixed into vLLM's CPU or GPU V1 runner.
+
+    Platform hooks: `tree_impl_cls` / `tree_backend_name` (the attention impl tree mode
+    needs) and `_publish_tree_step` (the per-step tree description that impl reads)."""
+
+    tree_impl_cls: type  # set by each platform's runner
+    tree_backend_name: str
+
     def __init__(self, vllm_config, device):
         check_vllm_version()
         super().__init__(vllm_config, device)
@@ -119,79 +146,16 @@ class TRJacobiRunner(CPUModelRunner):
         impls = [getattr(layer, "impl", None)
                  for layer in self.compilation_config.static_forward_context.values()]
         impls = [i for i in impls if i is not None]
-        wrong = [type(i).__name__ for i in impls if not isinstance(i, TreeCPUAttentionImpl)]
+        wrong = [type(i).__name__ for i in impls if not isinstance(i, self.tree_impl_cls)]
         if not impls or wrong:
             raise RuntimeError(
-                "TR-Jacobi tree mode needs the tree-attention CPU backend, but the model's "
+                f"TR-Jacobi tree mode needs the tree-attention {self.tree_backend_name} "
+                "backend, but the model's "
                 f"attention layers use {sorted(set(wrong)) or 'nothing'}; the backend must be "
                 "registered before the model is built (MSN_TRJACOBI_TREE_ATTN=1)"
             )
         for impl in impls:
             impl.check_tree_support()
-
-    def initialize_kv_cache(self, kv_cache_config, is_profiling=False,
-                            kv_cache_allocation_context=None) -> None:
-        super().initialize_kv_cache(kv_cache_config, is_profiling,
-                                    kv_cache_allocation_context=kv_cache_allocation_context)
-        if self.tree_mode:
-            self._choose_tree_kv_sources()
-
-    def _choose_tree_kv_sources(self) -> None:
-        """Per attention layer, where tree steps read K/V (tree_attention.py): vLLM's
-        packed cache where `packed_layout_readable` passes for the layer's shape, dtype
-        and ISA (known only now: the metadata builders set `layer.isa`), else a plain
-        mirror, allocated here and not on the first step. vLLM-CPU sizes its cache to
-        most of RAM unless VLLM_CPU_KVCACHE_SPACE is set, and a mirror of that size
-        allocated mid-run got the worker OOM-killed without a message; so the mirror is
-        checked against the free memory first, with an error that says what fits."""
-        mirrored: dict[tuple, list[TreeCPUAttentionImpl]] = {}  # per distinct cache tensor
-        caches: dict[tuple, torch.Tensor] = {}
-        isas: set[str] = set()
-        packed = 0
-        for layer in self.compilation_config.static_forward_context.values():
-            impl, kv_cache = getattr(layer, "impl", None), getattr(layer, "kv_cache", None)
-            if not (isinstance(impl, TreeCPUAttentionImpl) and impl._decoder()
-                    and isinstance(kv_cache, torch.Tensor) and kv_cache.dim() == 4):
-                continue
-            impl.kv_source, impl.mirror = None, None
-            if packed_layout_readable(impl, layer, kv_cache):
-                impl.kv_source = PACKED
-                packed += 1
-                continue
-            # Layers sharing a cache (vLLM's cross-layer KV sharing) share its mirror.
-            key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.dtype)
-            mirrored.setdefault(key, []).append(impl)
-            caches[key] = kv_cache
-            isas.add(f"{layer.isa} {str(kv_cache.dtype).removeprefix('torch.')}")
-        if not mirrored:
-            logger.info("TR-Jacobi tree attention reads vLLM's packed KV cache directly "
-                        "in all %d layers (no mirror)", packed)
-            return
-        need = sum(c.numel() * c.element_size() for c in caches.values())
-        free, _ = available_memory()
-        if need + MIRROR_HEADROOM > free:
-            cache = sum(t.size for t in self.kv_cache_config.kv_cache_tensors)
-            fits = (free + cache - MIRROR_HEADROOM) * cache / (cache + need) // GiB
-            advice = (f"Set {KV_CACHE_SPACE_ENV}={int(fits)} (GiB) or less" if fits >= 1 else
-                      f"Free memory: even {KV_CACHE_SPACE_ENV}=1 leaves no room for it")
-            raise RuntimeError(
-                f"TR-Jacobi tree attention cannot read vLLM's packed KV layout for "
-                f"{', '.join(sorted(isas))} and needs a plain mirror of the KV cache: "
-                f"{need / GiB:.2f} GiB more, but {free / GiB:.2f} GiB is free (keeping "
-                f"{MIRROR_HEADROOM / GiB:.1f} GiB for activations; the KV cache takes "
-                f"{cache / GiB:.2f} GiB). {advice}."
-            )
-        for key, impls in mirrored.items():
-            num_blocks, num_kv_heads, block_size, two_head = caches[key].shape
-            mirror = torch.zeros(num_blocks * block_size, 2, num_kv_heads, two_head // 2,
-                                 dtype=caches[key].dtype)
-            for impl in impls:
-                impl.kv_source, impl.mirror = MIRROR, mirror
-        logger.info(
-            "TR-Jacobi tree attention cannot read vLLM's packed KV layout for %s: %d "
-            "layers mirror their K/V into a plain cache (%.2f GiB more memory, one more "
-            "K/V write per layer every step); %d layers read the packed cache",
-            ", ".join(sorted(isas)), sum(map(len, mirrored.values())), need / GiB, packed)
 
     # -- request lifecycle ---------------------------------------------------------
     def _update_states(self, scheduler_output):
@@ -279,30 +243,21 @@ class TRJacobiRunner(CPUModelRunner):
             self._rows.append(row)
             if is_tree:
                 s = row.query_start
-                self.positions[s: s + n + 1] = self.positions[s] + tree.depth
+                depth = tree.depth.to(self.positions.device)
+                self.positions[s: s + n + 1] = self.positions[s] + depth
                 trees[req_idx] = tree.ancestors
         if trees:
             if len(self.input_batch.block_table.block_tables) != 1:
                 raise NotImplementedError("TR-Jacobi trees support one KV cache group")
-            table = self.input_batch.block_table[0]
-            step = build_tree_step(
-                qsl, self.input_batch.num_computed_tokens_cpu[:num_reqs].tolist(),
-                table.block_table.cpu[:num_reqs], table.block_size, trees,
-            )
-            # Our key gather must agree with vLLM's own slot mapping for the new tokens.
-            slots = table.slot_mapping.cpu[: qsl[-1]].long()
-            got = step.key_slots.gather(
-                1, (torch.tensor(self.input_batch.num_computed_tokens_cpu[:num_reqs],
-                                 dtype=torch.long)[:, None]
-                    + step.query_index - torch.tensor(qsl[:-1])[:, None]).clamp(min=0)
-            )
-            if not torch.equal(got[step.query_valid], slots[step.query_index[step.query_valid]]):
-                raise RuntimeError("TR-Jacobi tree step: key slots disagree with vLLM's slot "
-                                   "mapping (block table layout changed?)")
-            RUNTIME.step = step
+            RUNTIME.step = self._publish_tree_step(qsl, num_reqs, trees)
             self.tree_steps += 1
         self._step_path = "tree" if trees else "kernel"
         return out
+
+    def _publish_tree_step(self, qsl: list[int], num_reqs: int,
+                           trees: dict[int, torch.Tensor]):
+        """The tree step this platform's attention impl reads (set in `RUNTIME`)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _publish_tree_step")
 
     # -- verification --------------------------------------------------------------
     def _sample(self, logits, spec_decode_metadata):
@@ -316,7 +271,9 @@ class TRJacobiRunner(CPUModelRunner):
             for row in rows:
                 lo = int(offsets[row.req_idx])
                 block = logits[lo: lo + row.tree.num_nodes + 1]
-                plans[row.req_id] = (block.argmax(-1), block.topk(self.trj.feedback_k, -1).indices)
+                # On the host (a no-op on CPU): acceptance and feedback run there.
+                plans[row.req_id] = (block.argmax(-1).cpu(),
+                                     block.topk(self.trj.feedback_k, -1).indices.cpu())
         output = super()._sample(logits, spec_decode_metadata)
         step = RUNTIME.step
         RUNTIME.step = None
@@ -350,7 +307,8 @@ class TRJacobiRunner(CPUModelRunner):
                                         max(num_accepted, 0))
         if src_rows:
             assert step is not None
-            slot_mapping = self.input_batch.block_table[0].slot_mapping.cpu
+            # `.gpu` is the device copy vLLM computed (the CPU runner aliases it to `.cpu`).
+            slot_mapping = self.input_batch.block_table[0].slot_mapping.gpu
             dst_slots = slot_mapping[torch.tensor(dst_rows)]
             compact_kv(step, torch.tensor(src_rows), dst_slots)
             self.compactions += 1
@@ -391,6 +349,126 @@ class TRJacobiRunner(CPUModelRunner):
             # The planner's fitted step cost per path: (seconds, seconds per token).
             "cost_lines": {p: line.coefficients() for p, line in self.trj.planner.lines.items()},
         }
+
+
+class TRJacobiRunner(TRJacobiRunnerMixin, CPUModelRunner):
+    """The CPU runner: tree steps read K/V with PyTorch (tree_attention.py)."""
+
+    tree_impl_cls = TreeCPUAttentionImpl
+    tree_backend_name = "CPU"
+
+    def initialize_kv_cache(self, kv_cache_config, is_profiling=False,
+                            kv_cache_allocation_context=None) -> None:
+        super().initialize_kv_cache(kv_cache_config, is_profiling,
+                                    kv_cache_allocation_context=kv_cache_allocation_context)
+        if self.tree_mode:
+            self._choose_tree_kv_sources()
+
+    def _choose_tree_kv_sources(self) -> None:
+        """Per attention layer, where tree steps read K/V (tree_attention.py): vLLM's
+        packed cache where `packed_layout_readable` passes for the layer's shape, dtype
+        and ISA (known only now: the metadata builders set `layer.isa`), else a plain
+        mirror, allocated here and not on the first step. vLLM-CPU sizes its cache to
+        most of RAM unless VLLM_CPU_KVCACHE_SPACE is set, and a mirror of that size
+        allocated mid-run got the worker OOM-killed without a message; so the mirror is
+        checked against the free memory first, with an error that says what fits."""
+        mirrored: dict[tuple, list[TreeCPUAttentionImpl]] = {}  # per distinct cache tensor
+        caches: dict[tuple, torch.Tensor] = {}
+        isas: set[str] = set()
+        packed = 0
+        for layer in self.compilation_config.static_forward_context.values():
+            impl, kv_cache = getattr(layer, "impl", None), getattr(layer, "kv_cache", None)
+            if not (isinstance(impl, TreeCPUAttentionImpl) and impl._decoder()
+                    and isinstance(kv_cache, torch.Tensor) and kv_cache.dim() == 4):
+                continue
+            impl.kv_source, impl.mirror = None, None
+            if packed_layout_readable(impl, layer, kv_cache):
+                impl.kv_source = PACKED
+                packed += 1
+                continue
+            # Layers sharing a cache (vLLM's cross-layer KV sharing) share its mirror.
+            key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.dtype)
+            mirrored.setdefault(key, []).append(impl)
+            caches[key] = kv_cache
+            isas.add(f"{layer.isa} {str(kv_cache.dtype).removeprefix('torch.')}")
+        if not mirrored:
+            logger.info("TR-Jacobi tree attention reads vLLM's packed KV cache directly "
+                        "in all %d layers (no mirror)", packed)
+            return
+        need = sum(c.numel() * c.element_size() for c in caches.values())
+        free, _ = available_memory()
+        if need + MIRROR_HEADROOM > free:
+            cache = sum(t.size for t in self.kv_cache_config.kv_cache_tensors)
+            fits = (free + cache - MIRROR_HEADROOM) * cache / (cache + need) // GiB
+            advice = (f"Set {KV_CACHE_SPACE_ENV}={int(fits)} (GiB) or less" if fits >= 1 else
+                      f"Free memory: even {KV_CACHE_SPACE_ENV}=1 leaves no room for it")
+            raise RuntimeError(
+                f"TR-Jacobi tree attention cannot read vLLM's packed KV layout for "
+                f"{', '.join(sorted(isas))} and needs a plain mirror of the KV cache: "
+                f"{need / GiB:.2f} GiB more, but {free / GiB:.2f} GiB is free (keeping "
+                f"{MIRROR_HEADROOM / GiB:.1f} GiB for activations; the KV cache takes "
+                f"{cache / GiB:.2f} GiB). {advice}."
+            )
+        for key, impls in mirrored.items():
+            num_blocks, num_kv_heads, block_size, two_head = caches[key].shape
+            mirror = torch.zeros(num_blocks * block_size, 2, num_kv_heads, two_head // 2,
+                                 dtype=caches[key].dtype)
+            for impl in impls:
+                impl.kv_source, impl.mirror = MIRROR, mirror
+        logger.info(
+            "TR-Jacobi tree attention cannot read vLLM's packed KV layout for %s: %d "
+            "layers mirror their K/V into a plain cache (%.2f GiB more memory, one more "
+            "K/V write per layer every step); %d layers read the packed cache",
+            ", ".join(sorted(isas)), sum(map(len, mirrored.values())), need / GiB, packed)
+
+    def _publish_tree_step(self, qsl: list[int], num_reqs: int,
+                           trees: dict[int, torch.Tensor]):
+        table = self.input_batch.block_table[0]
+        step = build_tree_step(
+            qsl, self.input_batch.num_computed_tokens_cpu[:num_reqs].tolist(),
+            table.block_table.cpu[:num_reqs], table.block_size, trees,
+        )
+        # Our key gather must agree with vLLM's own slot mapping for the new tokens.
+        slots = table.slot_mapping.cpu[: qsl[-1]].long()
+        got = step.key_slots.gather(
+            1, (torch.tensor(self.input_batch.num_computed_tokens_cpu[:num_reqs],
+                             dtype=torch.long)[:, None]
+                + step.query_index - torch.tensor(qsl[:-1])[:, None]).clamp(min=0)
+        )
+        if not torch.equal(got[step.query_valid], slots[step.query_index[step.query_valid]]):
+            raise RuntimeError("TR-Jacobi tree step: key slots disagree with vLLM's slot "
+                               "mapping (block table layout changed?)")
+        return step
+
+
+
+class TRJacobiGPURunner(TRJacobiRunnerMixin, GPUModelRunner):
+    """The CUDA runner: tree steps run our Triton kernel (tree_attention_gpu.py).
+
+    Built and unit-tested pieces only: no GPU build of vLLM exists on our machines, so this
+    class has never run inside an engine (see the module docstring)."""
+
+    tree_impl_cls = TreeTritonAttentionImpl
+    tree_backend_name = "CUDA (Triton)"
+
+    def __init__(self, vllm_config, device):
+        super().__init__(vllm_config, device)
+        if self.use_async_scheduling:
+            raise RuntimeError(
+                "TR-Jacobi on CUDA needs async_scheduling=False: the runner reads this "
+                "step's draft tokens and plans on the host (proposers.vllm.engine_kwargs "
+                "sets it)")
+        if self.tree_mode and self.uses_mrope:
+            raise NotImplementedError("TR-Jacobi tree mode on CUDA: M-RoPE models (the "
+                                      "depth positions rewrite only `positions`)")
+
+    def _publish_tree_step(self, qsl: list[int], num_reqs: int,
+                           trees: dict[int, torch.Tensor]):
+        """The kernel's step, built on the host and copied to the device. The kernel reads
+        vLLM's block table itself, so unlike on CPU there is no slot gather to check."""
+        return build_kernel_tree_step(
+            qsl, self.input_batch.num_computed_tokens_cpu[:num_reqs].tolist(), trees,
+            self.device)
 
 
 def prefill_tokens(scheduler_output) -> int:
@@ -461,6 +539,29 @@ class TRJacobiWorker(CPUWorker):
             register_tree_backend()  # before the model (and its attention) is built
         super().init_device()
         self.model_runner = TRJacobiRunner(self.vllm_config, torch.device("cpu"))
+
+    def trjacobi_stats(self) -> dict:
+        return self.model_runner.trjacobi_stats()
+
+
+class TRJacobiGPUWorker(GPUWorker):
+    """vLLM's CUDA worker with the TR-Jacobi runner and the Triton tree backend.
+
+    Never run: no GPU build of vLLM exists on our machines (module docstring)."""
+
+    def init_device(self):
+        check_vllm_version()
+        if TRJacobiConfig.from_vllm(self.vllm_config).mode == "tree":
+            register_tree_triton_backend()  # before the model (and its attention) is built
+        super().init_device()
+
+    def _make_model_runner(self) -> TRJacobiGPURunner:
+        if self.use_v2_model_runner:
+            raise RuntimeError(
+                "TR-Jacobi subclasses vLLM's V1 GPU model runner, but this engine selected "
+                "Model Runner V2; set VLLM_USE_V2_MODEL_RUNNER=0 (custom_class speculation "
+                "normally makes vLLM pick V1 by itself)")
+        return TRJacobiGPURunner(self.vllm_config, self.device)
 
     def trjacobi_stats(self) -> dict:
         return self.model_runner.trjacobi_stats()

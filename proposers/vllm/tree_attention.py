@@ -21,8 +21,9 @@ allocates mirrors when vLLM allocates the KV cache (`TRJacobiRunner.initialize_k
 KV compaction goes through `do_kv_cache_update`, so it rewrites the packed cache (in the
 kernel's own layout) and the mirror, if any.
 
-The per-step tree description travels runner -> backend through `TreeStep`, a module
-global of the worker process, because `CommonAttentionMetadata` has no slot for it.
+The per-step tree description travels runner -> backend through `TreeStep`, published
+in `tree_runtime.RUNTIME` (shared with the CUDA path, `tree_attention_gpu.py`), because
+`CommonAttentionMetadata` has no slot for it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,19 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
 )
+
+from proposers.vllm.tree_runtime import (
+    RUNTIME,
+    backend_overridden,
+    compact_kv,
+    override_backend,
+    refuse_unsupported,
+    stash_kv,
+)
+
+__all__ = ["RUNTIME", "TreeCPUAttentionBackend", "TreeCPUAttentionImpl", "TreeStep",
+           "build_tree_step", "compact_kv", "packed_layout_readable", "read_packed_kv",
+           "register_tree_backend", "tree_backend_registered"]
 
 BACKEND_PATH = "proposers.vllm.tree_attention.TreeCPUAttentionBackend"
 PACKED, MIRROR = "packed", "mirror"  # where a layer's tree steps read K/V
@@ -58,25 +72,13 @@ class TreeStep:
     stash: list | None = field(default_factory=list)  # (impl, layer, key, value, kv_cache)
 
 
-class _Runtime:
-    step: TreeStep | None = None
-
-
-RUNTIME = _Runtime()
-
-
 def register_tree_backend() -> None:
     """Point `CPU_ATTN` at our subclass (idempotent; before any model is built)."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    if AttentionBackendEnum.CPU_ATTN.get_path() != BACKEND_PATH:
-        register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+    override_backend("CPU_ATTN", BACKEND_PATH)
 
 
 def tree_backend_registered() -> bool:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    return AttentionBackendEnum.CPU_ATTN.get_path() == BACKEND_PATH
+    return backend_overridden("CPU_ATTN", BACKEND_PATH)
 
 
 class TreeCPUAttentionBackend(CPUAttentionBackend):
@@ -95,18 +97,13 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         return self.attn_type == AttentionType.DECODER
 
     def check_tree_support(self) -> None:
-        unsupported = {
+        refuse_unsupported("CPU", {
             "sliding window": self.sliding_window != -1,
             "ALiBi": self.alibi_slopes is not None,
             "logits soft-cap": bool(self.logits_soft_cap),
             "attention sinks": self.sinks is not None,
             "quantized KV cache": self.is_fp8_kv_cache,
-        }
-        bad = [name for name, on in unsupported.items() if on]
-        if bad and self._decoder():
-            raise NotImplementedError(
-                f"TR-Jacobi tree attention on CPU does not support {', '.join(bad)}"
-            )
+        }, self._decoder())
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
@@ -117,9 +114,7 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
             slots = slot_mapping[:n].long()
             self.mirror[slots, 0] = key[:n]
             self.mirror[slots, 1] = value[:n]
-        step = RUNTIME.step
-        if step is not None and step.stash is not None:
-            step.stash.append((self, layer, key[:n], value[:n], kv_cache))
+        stash_kv(self, layer, key, value, kv_cache, n)
 
     def gather_kv(self, kv_cache: torch.Tensor,
                   slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,15 +216,3 @@ def build_tree_step(
         mask[r, :ql, nc:sl] = inner
         mask[r, ql:, 0] = True  # padding rows: any key, so SDPA stays finite
     return TreeStep(query_index, query_valid, key_slots, mask)
-
-
-def compact_kv(step: TreeStep, src_rows: torch.Tensor, dst_slots: torch.Tensor) -> None:
-    """Rewrite the KV of flat token rows `src_rows` into `dst_slots`, in every layer.
-
-    Sources are the K/V each layer computed this step (already RoPE'd at the node's depth
-    position, which equals the destination position), written through the layer's own
-    `do_kv_cache_update`, i.e. the kernel's layout plus the layer's mirror, if any.
-    """
-    stash, step.stash = step.stash, None  # the rewrite itself must not be stashed
-    for impl, layer, key, value, kv_cache in stash or ():
-        impl.do_kv_cache_update(layer, key[src_rows], value[src_rows], kv_cache, dst_slots)
