@@ -366,6 +366,11 @@ def test_gpu_runner_publishes_a_kernel_step_and_worker_refuses_v2():
     ks = TRJacobiGPURunner._publish_tree_step(fake, [0, n, n + 1, n + 1], 2, {0: anc})
     assert isinstance(ks, KernelTreeStep)
     assert ks.seq_lens.tolist() == [21 + n, 5] and ks.num_tokens == n + 1
+    # Compaction's destination slots: the device copy on CUDA, the host one on CPU.
+    mapping = types.SimpleNamespace(cpu=torch.arange(4), gpu=torch.arange(4) + 10)
+    fake.input_batch.block_table = [types.SimpleNamespace(slot_mapping=mapping)]
+    assert TRJacobiGPURunner._step_slot_mapping(fake) is mapping.gpu
+    assert TRJacobiRunner._step_slot_mapping(fake) is mapping.cpu
     worker = types.SimpleNamespace(use_v2_model_runner=True)
     with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
         TRJacobiGPUWorker._make_model_runner(worker)

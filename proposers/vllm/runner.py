@@ -108,7 +108,8 @@ class TRJacobiRunnerMixin:
     """The platform-neutral TR-Jacobi runner; mixed into vLLM's CPU or GPU V1 runner.
 
     Platform hooks: `tree_impl_cls` / `tree_backend_name` (the attention impl tree mode
-    needs) and `_publish_tree_step` (the per-step tree description that impl reads)."""
+    needs), `_publish_tree_step` (the per-step tree description that impl reads) and
+    `_step_slot_mapping` (where compaction finds the slots of this step's rows)."""
 
     tree_impl_cls: type  # set by each platform's runner
     tree_backend_name: str
@@ -259,6 +260,10 @@ class TRJacobiRunnerMixin:
         """The tree step this platform's attention impl reads (set in `RUNTIME`)."""
         raise NotImplementedError(f"{type(self).__name__} must define _publish_tree_step")
 
+    def _step_slot_mapping(self) -> torch.Tensor:
+        """This step's slot of each flat token row, where vLLM computed it."""
+        raise NotImplementedError(f"{type(self).__name__} must define _step_slot_mapping")
+
     # -- verification --------------------------------------------------------------
     def _sample(self, logits, spec_decode_metadata):
         rows, self._rows = self._rows, []
@@ -307,9 +312,7 @@ class TRJacobiRunnerMixin:
                                         max(num_accepted, 0))
         if src_rows:
             assert step is not None
-            # `.gpu` is the device copy vLLM computed (the CPU runner aliases it to `.cpu`).
-            slot_mapping = self.input_batch.block_table[0].slot_mapping.gpu
-            dst_slots = slot_mapping[torch.tensor(dst_rows)]
+            dst_slots = self._step_slot_mapping()[torch.tensor(dst_rows)]
             compact_kv(step, torch.tensor(src_rows), dst_slots)
             self.compactions += 1
         self._feedback = feedback
@@ -421,6 +424,9 @@ class TRJacobiRunner(TRJacobiRunnerMixin, CPUModelRunner):
             "K/V write per layer every step); %d layers read the packed cache",
             ", ".join(sorted(isas)), sum(map(len, mirrored.values())), need / GiB, packed)
 
+    def _step_slot_mapping(self) -> torch.Tensor:
+        return self.input_batch.block_table[0].slot_mapping.cpu
+
     def _publish_tree_step(self, qsl: list[int], num_reqs: int,
                            trees: dict[int, torch.Tensor]):
         table = self.input_batch.block_table[0]
@@ -439,7 +445,6 @@ class TRJacobiRunner(TRJacobiRunnerMixin, CPUModelRunner):
             raise RuntimeError("TR-Jacobi tree step: key slots disagree with vLLM's slot "
                                "mapping (block table layout changed?)")
         return step
-
 
 
 class TRJacobiGPURunner(TRJacobiRunnerMixin, GPUModelRunner):
@@ -461,6 +466,9 @@ class TRJacobiGPURunner(TRJacobiRunnerMixin, GPUModelRunner):
         if self.tree_mode and self.uses_mrope:
             raise NotImplementedError("TR-Jacobi tree mode on CUDA: M-RoPE models (the "
                                       "depth positions rewrite only `positions`)")
+
+    def _step_slot_mapping(self) -> torch.Tensor:
+        return self.input_batch.block_table[0].slot_mapping.gpu  # computed on the device
 
     def _publish_tree_step(self, qsl: list[int], num_reqs: int,
                            trees: dict[int, torch.Tensor]):
