@@ -13,7 +13,7 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
-from proposers.vllm.planner import NONE, ClosedBatch, CostPlanner
+from proposers.vllm.planner import NONE, CostPlanner
 from proposers.vllm.tree_attention import build_tree_step
 from proposers.vllm.version import UnsupportedVLLMError, check_vllm_version
 
@@ -46,12 +46,6 @@ def test_overridden_vllm_internals_unchanged():
                        "attn_metadata", "output"], fwd
     upd = list(inspect.signature(CPUAttentionBackendImpl.do_kv_cache_update).parameters)
     assert upd == ["self", "layer", "key", "value", "kv_cache", "slot_mapping"], upd
-    # The scheduler override and what it reads.
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    sched = list(inspect.signature(Scheduler.schedule).parameters)
-    assert sched == ["self", "throttle_prefills"], f"vLLM changed Scheduler.schedule: {sched}"
-    assert list(inspect.signature(Scheduler.get_request_counts).parameters) == ["self"]
     # Attributes the runner reads.
     src = inspect.getsource(CPUModelRunner.__mro__[1]._prepare_inputs)
     for attr in ("self.positions", "self.query_start_loc", "compute_slot_mapping"):
@@ -157,78 +151,6 @@ def test_planner_optimum_matches_brute_force():
         best = max(p.rate(features, len(features), list(c))
                    for c in itertools.product(options, repeat=len(features)))
         assert got == pytest.approx(best, rel=1e-6)
-
-
-def test_closed_batch_only_the_back_of_the_batch_drafts():
-    """Nothing waits: a request ahead of the batch's last one cannot shorten the batch,
-    so it decodes plainly until the back catches up; requests at the back plan as usual,
-    and with requests waiting (no ClosedBatch) everyone plans for throughput."""
-    # Batch 8 on 2 cores, measured: ~100 ms a step + 5 ms a token.
-    p = _trained_planner([("chain", "kernel")], kernel=[(8, 0.14), (80, 0.50)])
-    p.record_request("chain", 3, 6, 3.0)  # a retrieval hit: 3 of 6 accepted
-    p.record_request("chain", 1, 6, 0.1)
-    mixed = [3, 3, 3, 1, 1, 1, 1, 1]
-    throughput = ["chain"] * 3 + [NONE] * 5  # worth +29% a step
-    assert p.plan(mixed) == throughput
-    assert p.plan(mixed, closed=ClosedBatch([100] * 8)) == throughput  # all at the back
-    assert p.closed_steps == 1
-    # Requests 0-1 are 20 tokens ahead (band: max(8, 10% of 120)): they wait.
-    ahead = ClosedBatch([100, 100] + [120] * 6)
-    assert ahead.tail() == [False, False] + [True] * 6
-    assert p.plan(mixed, closed=ahead) == [NONE, NONE, "chain"] + [NONE] * 5
-    # Within the band they still draft; an unplanned request further back holds all.
-    assert p.plan(mixed, closed=ClosedBatch([110] * 2 + [120] * 6)) == throughput
-    assert p.plan(mixed, closed=ClosedBatch([100] * 8, others=[200])) == [NONE] * 8
-    assert ClosedBatch([3, 10, 12]).tail() == [False, True, True]  # band of 8 at least
-    # One request: nothing changes.
-    for f in (1, 3):
-        assert p.plan([f]) == p.plan([f], closed=ClosedBatch([50]))
-    with pytest.raises(ValueError, match="remaining lengths"):
-        p.plan(mixed, closed=ClosedBatch([100]))
-
-
-def test_runner_reports_remaining_tokens_only_when_nothing_waits(caplog):
-    """The runner hands the planner each request's tokens left (max_tokens, capped by
-    the model length) when TRJacobiScheduler says nothing waits; without that scheduler
-    it says so once and plans for throughput."""
-    from types import SimpleNamespace
-
-    from proposers.vllm.runner import TRJacobiRunner
-    from proposers.vllm.scheduler import WAITING_ATTR
-
-    def request(prompt, out, max_tokens):
-        return SimpleNamespace(num_tokens=prompt + out, output_token_ids=[0] * out,
-                               sampling_params=SimpleNamespace(max_tokens=max_tokens))
-
-    runner = SimpleNamespace(max_model_len=100, _warned_no_waiting=False, requests={
-        "a": request(10, 5, 20), "b": request(90, 3, 50), "c": request(10, 20, 20)})
-    closed = SimpleNamespace(**{WAITING_ATTR: 0})
-    remaining = TRJacobiRunner._remaining_if_closed
-    assert remaining(runner, closed, ["a", "b", "c"]) == [15, 7, 1]
-    assert remaining(runner, SimpleNamespace(**{WAITING_ATTR: 2}), ["a"]) is None
-    with caplog.at_level("WARNING"):
-        assert remaining(runner, SimpleNamespace(), ["a"]) is None
-        assert remaining(runner, SimpleNamespace(), ["a"]) is None
-    assert sum("does not report waiting requests" in r.message for r in caplog.records) == 1
-
-
-def test_scheduler_reports_waiting_requests(monkeypatch):
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    from proposers.vllm.config import SCHEDULER_PATH
-    from proposers.vllm.scheduler import WAITING_ATTR, TRJacobiScheduler, waiting_requests
-
-    assert SCHEDULER_PATH == f"{TRJacobiScheduler.__module__}.{TRJacobiScheduler.__name__}"
-    out = SimpleOutput()
-    monkeypatch.setattr(Scheduler, "schedule", lambda self, *a, **k: out)
-    monkeypatch.setattr(Scheduler, "get_request_counts", lambda self: (4, 3))
-    got = TRJacobiScheduler.schedule(object.__new__(TRJacobiScheduler))
-    assert got is out and getattr(out, WAITING_ATTR) == 3 and waiting_requests(out) == 3
-    assert waiting_requests(SimpleOutput()) is None
-
-
-class SimpleOutput:
-    """Stands in for vLLM's SchedulerOutput (a plain dataclass: attributes can be added)."""
 
 
 def test_planner_scales_expected_acceptance_per_request():

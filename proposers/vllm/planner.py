@@ -22,21 +22,6 @@ The ratio is maximised exactly per path with Dinkelbach's method: for a guess `l
 the rate, each request independently picks the rung maximising
 `accepted - lam * slope * nodes`; the resulting rate is the next guess.
 
-When no request waits for a slot (`plan(..., closed=...)`: the batch is all the work
-there is), the batch ends with its last request, so tokens accepted by a request that is
-ahead of the others shorten no step: they only drop it from later steps, worth the
-per-token slope b, never more than the b each of its draft tokens costs. Then only the
-requests at the back of the batch (`ClosedBatch.tail`: at most `TAIL_BAND` of the
-longest's remaining tokens, and at least `MIN_TAIL_BAND` tokens, short of it) may
-draft, chosen as above; the others decode one token a step until the back catches up.
-Measured at batch 8 on 2 cores before this rule: drafts for requests ahead made such
-batches 2-11% slower than plain vLLM on the groups where few requests accept well
-(benchmarks/results/vllm_cpu_msn_interleaved_b8*.json). A plan for the batch's exact
-finish time from per-request acceptance was tried first and lost translation's gain
-(1.36x -> 1.01x in one repeat): retrieval hits come and go per request, so a request
-that accepts nothing now will accept a lot later, and that plan never drafted. With one
-request nothing changes.
-
 (rung, feature) pairs never tried, or not tried for a while, are probed on one request
 now and then (tree rungs more rarely, since a tree step moves the whole batch to the
 tree path), so the estimates follow the workload at a small cost.
@@ -58,9 +43,6 @@ FEEDBACK = 4  # added to the feature when Jacobi feedback is available
 # little (4-18% of request-steps on mt_bench, qa, summarization) made those groups
 # 2-14% slower than plain vLLM (benchmarks/results/vllm_cpu_msn_interleaved_b8.json).
 MIN_GAIN = 0.03
-# With nothing waiting, requests more than this share of the longest's remaining tokens
-# (and at least MIN_TAIL_BAND tokens) ahead of it do not draft (module docstring).
-TAIL_BAND, MIN_TAIL_BAND = 0.1, 8.0
 
 
 @dataclass
@@ -121,24 +103,6 @@ class _Estimate:
 
 
 @dataclass(frozen=True)
-class ClosedBatch:
-    """Nothing waits for a slot: the batch ends with its last request.
-
-    `remaining[i]`: tokens left to request i of the planned features (this step's
-    included); `others`: tokens left to each running request the planner does not plan
-    (they move one token a step)."""
-
-    remaining: list[float]
-    others: list[float] = field(default_factory=list)
-
-    def tail(self) -> list[bool]:
-        """Per planned request: whether it is at the back of the batch (may draft)."""
-        longest = max(self.remaining + self.others, default=0.0)
-        band = max(MIN_TAIL_BAND, TAIL_BAND * longest)
-        return [r >= longest - band for r in self.remaining]
-
-
-@dataclass(frozen=True)
 class Rung:
     name: str
     path: str  # KERNEL or TREE
@@ -160,7 +124,6 @@ class CostPlanner:
         self.step = 0
         self._last_tree_probe = 0
         self.history: dict[str, int] = {}  # rung -> request-steps it was chosen for
-        self.closed_steps = 0  # steps planned with nothing waiting (ClosedBatch)
 
     # -- observations --------------------------------------------------------------
     def record_step(self, path: str, num_tokens: int, seconds: float) -> None:
@@ -176,16 +139,13 @@ class CostPlanner:
 
     # -- decisions -----------------------------------------------------------------
     def plan(self, features: list[int], batch: int | None = None,
-             scales: list[float] | None = None,
-             closed: ClosedBatch | None = None) -> list[str]:
+             scales: list[float] | None = None) -> list[str]:
         """A rung (or NONE) for each request in `features`, one step.
 
         `batch` is the number of decoding requests in the step (default: all of these);
         requests outside `features` are counted as one token each. `scales[i]` multiplies
         the accepted tokens expected of request i (its own record against the shared
         estimates: a request whose text the drafts miss more than average drafts less).
-        `closed`, when no request waits for a slot: only the requests at the back of the
-        batch may draft (module docstring).
         """
         self.step += 1
         batch = len(features) if batch is None else batch
@@ -194,20 +154,10 @@ class CostPlanner:
         scales = [1.0] * len(features) if scales is None else list(scales)
         if len(scales) != len(features):
             raise ValueError(f"{len(scales)} scales for {len(features)} requests")
-        if closed is not None and len(closed.remaining) != len(features):
-            raise ValueError(f"{len(closed.remaining)} remaining lengths for "
-                             f"{len(features)} requests")
         if not self.cost_aware:
             choice = [self._largest(f) for f in features]
         else:
-            if closed is None:
-                choice = self._best(features, batch, scales)
-            else:
-                self.closed_steps += 1
-                tail = closed.tail()
-                picked = self._best([f for f, t in zip(features, tail) if t], batch,
-                                    [sc for sc, t in zip(scales, tail) if t]) if any(tail) else []
-                choice = [picked.pop(0) if t else NONE for t in tail]
+            choice = self._best(features, batch, scales)
             self._probe(features, choice)
         for f, name in zip(features, choice):
             self.history[name] = self.history.get(name, 0) + 1

@@ -26,15 +26,7 @@ from proposers.retrieval import ngram_match
 from proposers.templates import chain, load_template
 from proposers.tree import TreeSpec, compile_tree
 from proposers.vllm.config import TRJacobiConfig
-from proposers.vllm.planner import (
-    FEEDBACK,
-    KERNEL,
-    NONE,
-    SAMPLED,
-    TREE,
-    ClosedBatch,
-    CostPlanner,
-)
+from proposers.vllm.planner import FEEDBACK, KERNEL, NONE, SAMPLED, TREE, CostPlanner
 from proposers.vllm.version import check_vllm_version
 
 logger = logging.getLogger(__name__)
@@ -65,10 +57,6 @@ class BatchFeedback:
     req_ids: list[str]
     modes: list[str]  # per row: tree / auto / chain / retrieval / off
     topk: dict[str, torch.Tensor] = field(default_factory=dict)  # [m, K] for depths 1..m
-    # Per row, tokens the request has left, when no request waits for a slot (the planner
-    # then lets only the requests at the back of the batch draft); None while requests
-    # wait, or unknown.
-    remaining: list[int] | None = None
 
 
 # A request's own acceptance record against the planner's shared estimates: each verified
@@ -185,13 +173,8 @@ class TRJacobiProposer:
                     for row in planned}
         scales = [self.states[batch.req_ids[r]].skill if batch.req_ids[r] in self.states
                   else 1.0 for r in planned]
-        closed = None
-        if batch.remaining is not None:
-            others = [batch.remaining[r] for r in rows if batch.modes[r] not in PLANNED_MODES]
-            closed = ClosedBatch([batch.remaining[r] for r in planned], others)
         rungs = dict(zip(planned, self.planner.plan([features[r] for r in planned],
-                                                   batch=len(rows), scales=scales,
-                                                   closed=closed)))
+                                                   batch=len(rows), scales=scales)))
         for row in rows:
             req_id, mode = batch.req_ids[row], batch.modes[row]
             state = self.states.setdefault(req_id, RequestState())
