@@ -107,7 +107,8 @@ def build_engine(settings):
         if speculative is None and settings.vllm_speculation == "tr-jacobi":
             from proposers.vllm import engine_kwargs
 
-            plugin = engine_kwargs(max_num_seqs=settings.max_running or 8)
+            plugin = engine_kwargs(max_num_seqs=settings.max_running or 8,
+                                   usage_context="OPENAI_API_SERVER")
             speculative = plugin.pop("speculative_config")
             engine_args = {**plugin, **engine_args}
         return VLLMEngine(model_path, dtype=settings.dtype, engine_args=engine_args,

@@ -561,6 +561,26 @@ def test_chain_modes_need_no_tree_templates():
         proposer(small)
 
 
+def test_engine_kwargs_keep_vllms_batched_token_default():
+    """The token budget fits every request's largest tree but never drops below vLLM's
+    own default (4096 for the LLM class on CPU: at 2048 long prompts prefilled in twice
+    the steps, and the engine with drafting off ran 5% behind plain vLLM)."""
+    from proposers.vllm.config import default_batched_tokens, engine_kwargs
+
+    llm, server = default_batched_tokens(), default_batched_tokens("OPENAI_API_SERVER")
+    assert llm >= server >= 256
+    kwargs = engine_kwargs(max_num_seqs=8)
+    need = 8 * (kwargs["speculative_config"]["num_speculative_tokens"] + 1)
+    assert kwargs["max_num_batched_tokens"] == max(llm, need)
+    assert engine_kwargs(max_num_seqs=8, usage_context="OPENAI_API_SERVER")[
+        "max_num_batched_tokens"] == max(server, need)
+    big = engine_kwargs(max_num_seqs=256)
+    assert big["max_num_batched_tokens"] == 256 * (
+        big["speculative_config"]["num_speculative_tokens"] + 1) > llm
+    with pytest.raises(ValueError, match="unknown vLLM usage context"):
+        engine_kwargs(usage_context="NOPE")
+
+
 def test_engine_kwargs_default_kv_cache_space(monkeypatch):
     """Tree mode on CPU: a KV cache size when the user set none (vLLM-CPU's own default
     is most of the RAM, no room for a mirror); an explicit one wins; other modes keep

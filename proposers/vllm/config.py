@@ -108,8 +108,12 @@ def default_kv_cache_space() -> int:
 
 
 def engine_kwargs(config: TRJacobiConfig | None = None, max_num_seqs: int = 16,
-                  **overrides: Any) -> dict[str, Any]:
+                  usage_context: str = "LLM_CLASS", **overrides: Any) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM(...)` / `AsyncEngineArgs(...)` that enable TR-Jacobi.
+
+    `max_num_batched_tokens` fits every running request's largest tree and is never below
+    vLLM's own default for `usage_context` (`default_batched_tokens`; the server passes
+    OPENAI_API_SERVER).
 
     Also sets `MSN_TRJACOBI_TREE_ATTN=1` in this process's environment, so the
     general plugin installs the tree-attention backend in every process vLLM spawns.
@@ -146,8 +150,10 @@ def engine_kwargs(config: TRJacobiConfig | None = None, max_num_seqs: int = 16,
         "worker_cls": GPU_WORKER_PATH if cuda else WORKER_PATH,
         "additional_config": {CONFIG_KEY: config.to_dict()},
         "max_num_seqs": max_num_seqs,
-        # Budget for every running request's full tree, or the scheduler truncates trees.
-        "max_num_batched_tokens": max(2048, max_num_seqs * (num_spec + 1)),
+        # Budget for every running request's full tree, or the scheduler truncates trees;
+        # never below vLLM's own default (fewer prompt tokens a step = slower prefill).
+        "max_num_batched_tokens": max(default_batched_tokens(usage_context),
+                                      max_num_seqs * (num_spec + 1)),
     }
     if cuda:
         kwargs.update(cuda_engine_kwargs(config))
@@ -161,6 +167,26 @@ def cuda_engine_kwargs(config: TRJacobiConfig) -> dict[str, Any]:
         kwargs["attention_backend"] = TREE_BACKEND_CUDA
         kwargs["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
     return kwargs
+
+
+def default_batched_tokens(usage_context: str = "LLM_CLASS") -> int:
+    """vLLM's default `max_num_batched_tokens` on this platform for `usage_context` (a
+    `vllm.usage.usage_lib.UsageContext` name: LLM_CLASS for `vllm.LLM`, OPENAI_API_SERVER
+    for the server), one GPU / CPU socket. Our engines set the value explicitly (to fit
+    every running request's tree), and a value below vLLM's default prefills long
+    prompts in more, slower steps: on this CPU vLLM's LLM class uses 4096, and at 2048
+    the plugin's engine with drafting off ran summarization at batch 8 at 0.95x of plain
+    vLLM (benchmarks/results/vllm_cpu_msn_interleaved_b8-contested.json)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    try:
+        context = UsageContext[usage_context]
+    except KeyError:
+        raise ValueError(f"unknown vLLM usage context {usage_context!r}; one of "
+                         f"{', '.join(c.name for c in UsageContext)}") from None
+    defaults, _ = EngineArgs.get_batch_defaults(world_size=1)
+    return int(defaults.get(context, 2048))
 
 
 def _cpu_platform() -> bool:
