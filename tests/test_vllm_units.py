@@ -277,7 +277,7 @@ def test_general_plugin_entry_point(tmp_path, monkeypatch):
 from proposers.templates import TreeTemplate
 from proposers.tree import compile_tree
 from proposers.verify import accept
-from proposers.vllm.tree_attention import compact_kv
+from proposers.vllm.tree_runtime import compact_kv
 
 ORACLE = TreeTemplate("oracle", 3, 3, ((0,), (1,), (2,), (0, 0), (2, 0), (2, 1), (2, 1, 0)))
 TRUE_PATH = (3, 6, 7)  # nodes of depth 1, 2, 3 holding the true continuation
@@ -690,7 +690,7 @@ def test_layout_self_check_rejects_a_wrong_layout(monkeypatch):
 
 
 def _tree_forward(impl, layer, kv_cache, query, step):
-    from proposers.vllm.tree_attention import RUNTIME
+    from proposers.vllm.tree_runtime import RUNTIME
 
     output = torch.zeros_like(query)
     RUNTIME.step = step

@@ -41,15 +41,10 @@ from vllm.v1.attention.backends.cpu_attn import (
 from proposers.vllm.tree_runtime import (
     RUNTIME,
     backend_overridden,
-    compact_kv,
     override_backend,
     refuse_unsupported,
     stash_kv,
 )
-
-__all__ = ["RUNTIME", "TreeCPUAttentionBackend", "TreeCPUAttentionImpl", "TreeStep",
-           "build_tree_step", "compact_kv", "packed_layout_readable", "read_packed_kv",
-           "register_tree_backend", "tree_backend_registered"]
 
 BACKEND_PATH = "proposers.vllm.tree_attention.TreeCPUAttentionBackend"
 PACKED, MIRROR = "packed", "mirror"  # where a layer's tree steps read K/V
