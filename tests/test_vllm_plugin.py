@@ -116,6 +116,9 @@ def run_engine(mode: str, out: Path) -> None:
     else:
         result["greedy"] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy)]
 
+    if mode == "plugin":
+        result["cache_hit_admission"] = cache_hit_admission(llm, tok.encode(chat(REPEAT_PROMPT)))
+
     prefix = chat(REPEAT_PROMPT) + "the red fox jumps over the lazy dog. the red fox"
 
     def sample(extra_args=None) -> list[list[int]]:
@@ -138,6 +141,33 @@ def run_engine(mode: str, out: Path) -> None:
         result["preemptions"] = sum(int(m.value) for m in metrics
                                     if m.name == "vllm:num_preemptions")
     out.write_text(json.dumps(result))
+
+
+def cache_hit_admission(llm, seed_ids: list[int]) -> dict:
+    """A prompt of 2 blocks + 1 token, sent twice with drafting off: the second time the
+    prefix cache covers all but its last token, the admission vLLM 0.32's scheduler pads
+    to full draft width with placeholder drafts unless a draft schedule is set
+    (`config.no_uniform_decode_padding`). Returns the draft tokens vLLM counted and the
+    prefix-cache hits over the second run."""
+    from vllm import SamplingParams, TokensPrompt
+
+    from proposers.vllm.metrics import spec_decode_summary
+
+    block = llm.llm_engine.vllm_config.cache_config.block_size
+    ids = (seed_ids * (2 * block // len(seed_ids) + 2))[: 2 * block + 1]
+    off = SamplingParams(temperature=0.0, max_tokens=4, extra_args={"trjacobi": "off"})
+    llm.generate([TokensPrompt(prompt_token_ids=ids)], off, use_tqdm=False)
+
+    def counters() -> tuple[int, int]:
+        metrics = llm.get_metrics()
+        hits = sum(int(m.value) for m in metrics if m.name == "vllm:prefix_cache_hits")
+        return spec_decode_summary(metrics).num_draft_tokens, hits
+
+    drafted, hits = counters()
+    llm.generate([TokensPrompt(prompt_token_ids=ids)], off, use_tqdm=False)
+    drafted2, hits2 = counters()
+    return {"block_size": block, "prompt_tokens": len(ids), "draft_tokens": drafted2 - drafted,
+            "prefix_cache_hits": hits2 - hits}
 
 
 # ------------------------------------------------------------------ tests
@@ -192,6 +222,18 @@ def test_tree_mechanics_exercised(runs):
     assert spec["num_accepted_tokens"] > 0
     assert spec["mean_accepted_tokens"] > 1.0
     assert plugin["preemptions"] > 0  # the small KV cache forced preemption and resume
+
+
+def test_cache_hit_admission_drafts_nothing(runs):
+    """A request whose prompt the prefix cache covers up to its last token, with drafting
+    off, drafts nothing: vLLM 0.32 would pad its admission to full draft width with
+    placeholder drafts (measured at batch 8 on summarization: 402 junk draft tokens a
+    batch, the drafting-off engine 8.9% behind plain vLLM), which `engine_kwargs` turns
+    off (`config.no_uniform_decode_padding`)."""
+    _, plugin = runs
+    check = plugin["cache_hit_admission"]
+    assert check["prefix_cache_hits"] >= 2 * check["block_size"]  # the cache did cover it
+    assert check["draft_tokens"] == 0
 
 
 def _assert_same_distribution(plain: list[list[int]], other: list[list[int]]) -> None:

@@ -581,6 +581,30 @@ def test_engine_kwargs_keep_vllms_batched_token_default():
         engine_kwargs(usage_context="NOPE")
 
 
+def test_engine_kwargs_turn_off_uniform_decode_padding():
+    """`engine_kwargs` sets a flat draft schedule (`no_uniform_decode_padding`): it keeps
+    every batch size at the full draft width, and vLLM's scheduler
+    still pads admissions only without one (a tripwire on the vLLM source: if this
+    moves, placeholder drafts of full width come back; the engine-level check is
+    tests/test_vllm_plugin.py::test_cache_hit_admission_drafts_nothing)."""
+    import inspect
+
+    from vllm.config import SpeculativeConfig
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+    from proposers.vllm.config import engine_kwargs
+
+    spec = engine_kwargs(max_num_seqs=8)["speculative_config"]
+    width = spec["num_speculative_tokens"]
+    schedule = spec["num_speculative_tokens_per_batch_size"]
+    assert build_dynamic_sd_schedule_lookup(schedule, 8, width)[1:] == [width] * 8
+    assert SpeculativeConfig.__dataclass_fields__["num_speculative_tokens_per_batch_size"]
+    source = inspect.getsource(Scheduler.schedule)
+    assert "pad_spec_decode = True" in source
+    assert "self.dynamic_sd_lookup is None" in source
+
+
 def test_engine_kwargs_default_kv_cache_space(monkeypatch):
     """Tree mode on CPU: a KV cache size when the user set none (vLLM-CPU's own default
     is most of the RAM, no room for a mirror); an explicit one wins; other modes keep

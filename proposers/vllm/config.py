@@ -146,6 +146,10 @@ def engine_kwargs(config: TRJacobiConfig | None = None, max_num_seqs: int = 16,
             "method": "custom_class",
             "model": PROPOSER_PATH,
             "num_speculative_tokens": num_spec,
+            # One flat batch-size schedule: no per-batch change, but it switches off
+            # vLLM's uniform-decode padding (`no_uniform_decode_padding`).
+            "num_speculative_tokens_per_batch_size": no_uniform_decode_padding(
+                max_num_seqs, num_spec),
         },
         "worker_cls": GPU_WORKER_PATH if cuda else WORKER_PATH,
         "additional_config": {CONFIG_KEY: config.to_dict()},
@@ -158,6 +162,28 @@ def engine_kwargs(config: TRJacobiConfig | None = None, max_num_seqs: int = 16,
     if cuda:
         kwargs.update(cuda_engine_kwargs(config))
     return kwargs
+
+
+def no_uniform_decode_padding(max_num_seqs: int, num_spec: int) -> list[tuple[int, int, int]]:
+    """A `num_speculative_tokens_per_batch_size` schedule that keeps `num_spec` at every
+    batch size, so that vLLM's scheduler does not pad admissions to full draft width.
+
+    vLLM 0.32's scheduler (`Scheduler.schedule`, waiting queue) pads a request admitted
+    with a single new token (a prefix-cache hit that covers all but the last prompt
+    token, or a resumed request) to `1 + num_speculative_tokens` query rows of
+    placeholder drafts, so that decode steps stay uniform for full CUDA graphs; only
+    with no dynamic schedule set. For us that is a verification of 67 junk draft tokens
+    (paper-68's width), rejected in full: on CPU at batch 8 such a row costs more than
+    the decode step it rides on. Measured on summarization at batch 8 (its first prompt,
+    769 tokens, is 1 mod the block size, so each repeat hit the cache with one token
+    left): the plugin's engine with drafting off for every request drafted 402 junk
+    tokens a batch and ran 8.7% behind plain vLLM (wall, median of 4 repeats). We
+    never capture full graphs (CPU: none; CUDA: at most PIECEWISE), and the custom_class
+    proposer ignores the per-step draft count the schedule passes, so a flat schedule
+    changes nothing else (`tests/test_vllm_units.py::test_engine_kwargs_turn_off_
+    uniform_decode_padding` guards both facts; `tests/test_vllm_plugin.py` checks that
+    such an admission drafts nothing in the engine)."""
+    return [(1, max(1, max_num_seqs), num_spec)]
 
 
 def cuda_engine_kwargs(config: TRJacobiConfig) -> dict[str, Any]:
