@@ -219,6 +219,9 @@ def test_tree_mechanics_exercised(runs):
     # depth positions, the tree mask and the KV move all had to be right.
     assert stats["compactions"] > 0
     assert stats["feedback_proposals"] > 0  # Jacobi feedback reached the proposer
+    # TRJacobiScheduler's waiting count reached the worker: once the last of the 34
+    # requests got a slot (max_num_seqs=16), steps were planned for a closed batch.
+    assert stats["closed_batch_steps"] > 0
     assert spec["num_accepted_tokens"] > 0
     assert spec["mean_accepted_tokens"] > 1.0
     assert plugin["preemptions"] > 0  # the small KV cache forced preemption and resume

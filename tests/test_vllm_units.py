@@ -46,6 +46,12 @@ def test_overridden_vllm_internals_unchanged():
                        "attn_metadata", "output"], fwd
     upd = list(inspect.signature(CPUAttentionBackendImpl.do_kv_cache_update).parameters)
     assert upd == ["self", "layer", "key", "value", "kv_cache", "slot_mapping"], upd
+    # The scheduler override (scheduler.py) and what it reads.
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    sched = list(inspect.signature(Scheduler.schedule).parameters)
+    assert sched == ["self", "throttle_prefills"], f"vLLM changed Scheduler.schedule: {sched}"
+    assert list(inspect.signature(Scheduler.get_request_counts).parameters) == ["self"]
     # Attributes the runner reads.
     src = inspect.getsource(CPUModelRunner.__mro__[1]._prepare_inputs)
     for attr in ("self.positions", "self.query_start_loc", "compute_slot_mapping"):
@@ -92,6 +98,82 @@ def test_planner_turns_speculation_off_when_it_does_not_pay():
         p.record_request("big", f, 30, 0)
     choices = [c for _ in range(200) for c in p.plan([1] * 8)]
     assert set(choices) == {NONE}
+
+
+def test_closed_batch_drafts_together_or_not_at_all():
+    """Nothing waits: a few requests drafting shorten no step of the batch, so the batch
+    drafts all together (each request its best known rung) or not at all; with requests
+    waiting the same features plan for throughput; one request plans the same either way."""
+    # Batch 8 on 2 cores, measured: ~100 ms a step + 5 ms a token.
+    p = _trained_planner([("chain", "kernel")], kernel=[(8, 0.14), (80, 0.50)])
+    p.record_request("chain", 3, 6, 3.0)  # a retrieval hit: 3 of 6 accepted
+    p.record_request("chain", 1, 6, 0.1)
+    mixed = [3, 3, 3, 1, 1, 1, 1, 1]
+    assert p.plan(mixed) == ["chain"] * 3 + [NONE] * 5  # throughput: +29% a step
+    # All eight drafting: (8 + 9.5) / (0.10 + 0.005 * 56) = 46 tok/s < 8 / 0.14 = 57.
+    assert p.plan(mixed, closed=True) == [NONE] * 8
+    assert p.closed_steps == 1
+    hits = [3] * 7 + [1]  # nearly everyone hits: all draft, the eighth too
+    assert p.plan(hits, closed=True) == ["chain"] * 8
+    assert p.plan(hits) == ["chain"] * 7 + [NONE]
+    # A request with no known rung cannot join; the others still decide together.
+    assert p.plan([3] * 7 + [2], closed=True) == ["chain"] * 7 + [NONE]
+    for f in (1, 3):
+        assert p.plan([f]) == p.plan([f], closed=True)
+
+
+def test_closed_batch_tree_plans_draft_together():
+    """On the tree path too: once one request drafts a tree, the others draft (their
+    best rung on the tree line) or the step does not draft at all."""
+    p = _trained_planner([("chain", "kernel"), ("tree", "tree")],
+                         kernel=[(8, 0.14), (80, 0.50)], tree=[(8, 0.15), (200, 1.10)])
+    p.record_request("tree", 3, 30, 12.0)
+    p.record_request("chain", 3, 6, 3.0)
+    p.record_request("chain", 1, 6, 0.1)
+    p.record_request("tree", 1, 30, 0.2)
+    features = [3, 1, 1, 1, 1, 1, 1, 1]
+    open_plan = p.plan(features)
+    assert open_plan[0] != NONE and set(open_plan[1:]) == {NONE}
+    assert p.plan(features, closed=True) == [NONE] * 8
+    assert NONE not in p.plan([3] * 8, closed=True)
+
+
+def test_runner_says_whether_the_batch_is_closed(caplog):
+    """The runner asks TRJacobiScheduler's count; without that scheduler it says so once
+    and plans every step for throughput."""
+    from types import SimpleNamespace
+
+    from proposers.vllm.runner import TRJacobiRunner
+    from proposers.vllm.scheduler import WAITING_ATTR
+
+    runner = SimpleNamespace(_warned_no_waiting=False)
+    closed = TRJacobiRunner._closed_batch
+    assert closed(runner, SimpleNamespace(**{WAITING_ATTR: 0})) is True
+    assert closed(runner, SimpleNamespace(**{WAITING_ATTR: 2})) is False
+    with caplog.at_level("WARNING"):
+        assert closed(runner, SimpleNamespace()) is False
+        assert closed(runner, SimpleNamespace()) is False
+    assert sum("does not report waiting requests" in r.message for r in caplog.records) == 1
+
+
+def test_scheduler_reports_waiting_requests(monkeypatch):
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from proposers.vllm.config import SCHEDULER_PATH, engine_kwargs
+    from proposers.vllm.scheduler import WAITING_ATTR, TRJacobiScheduler, waiting_requests
+
+    assert SCHEDULER_PATH == f"{TRJacobiScheduler.__module__}.{TRJacobiScheduler.__name__}"
+    assert engine_kwargs()["scheduler_cls"] == SCHEDULER_PATH
+    out = _SchedulerOutput()
+    monkeypatch.setattr(Scheduler, "schedule", lambda self, *a, **k: out)
+    monkeypatch.setattr(Scheduler, "get_request_counts", lambda self: (4, 3))
+    got = TRJacobiScheduler.schedule(object.__new__(TRJacobiScheduler))
+    assert got is out and getattr(out, WAITING_ATTR) == 3 and waiting_requests(out) == 3
+    assert waiting_requests(_SchedulerOutput()) is None
+
+
+class _SchedulerOutput:
+    """Stands in for vLLM's SchedulerOutput (a plain dataclass: attributes can be added)."""
 
 
 def test_planner_speculates_when_acceptance_is_high():

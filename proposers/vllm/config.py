@@ -14,6 +14,7 @@ from proposers.templates import load_template
 
 PROPOSER_PATH = "proposers.vllm.TRJacobiProposer"
 WORKER_PATH = "proposers.vllm.runner.TRJacobiWorker"  # vLLM-CPU
+SCHEDULER_PATH = "proposers.vllm.scheduler.TRJacobiScheduler"  # reports waiting requests
 GPU_WORKER_PATH = "proposers.vllm.runner.TRJacobiGPUWorker"  # CUDA (never run in an engine)
 TREE_BACKEND_CUDA = "TRITON_ATTN"  # the backend tree_attention_gpu.py overrides
 CONFIG_KEY = "trjacobi"
@@ -152,6 +153,7 @@ def engine_kwargs(config: TRJacobiConfig | None = None, max_num_seqs: int = 16,
                 max_num_seqs, num_spec),
         },
         "worker_cls": GPU_WORKER_PATH if cuda else WORKER_PATH,
+        "scheduler_cls": SCHEDULER_PATH,
         "additional_config": {CONFIG_KEY: config.to_dict()},
         "max_num_seqs": max_num_seqs,
         # Budget for every running request's full tree, or the scheduler truncates trees;

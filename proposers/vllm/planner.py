@@ -22,6 +22,21 @@ The ratio is maximised exactly per path with Dinkelbach's method: for a guess `l
 the rate, each request independently picks the rung maximising
 `accepted - lam * slope * nodes`; the resulting rate is the next guess.
 
+When no request waits for a slot (`plan(..., closed=True)`: the batch is all the work
+there is; `scheduler.TRJacobiScheduler` tells), the batch ends with its last request, and
+requests start and run side by side: tokens accepted by a few of them shorten no step,
+they only drop those requests from the batch's last steps, worth the per-token slope b,
+never more than the b each of their draft tokens costs. So a closed batch drafts all
+together or not at all: every planned request takes its best rung (Dinkelbach as above,
+with no speculation left out of each request's options), and that plan must beat not
+drafting by the margin. Measured at batch 8 on 2 cores with the subset plan, drafts on a
+few request-steps (probes and retrieval hits, 2-4% of them) left mt_bench, qa and math
+9-10%, 10% and 3% below the same engine with drafting off (geometric means over 4
+repeats, benchmarks/results/vllm_cpu_msn_interleaved_b8-nopad.json). With one request
+nothing changes. An earlier rule that let only the requests at the back of the batch
+draft (by tokens left) lost translation's gain (1.37x -> 1.11x; retrieval hits come and
+go, so who is last changes; vllm_cpu_msn_interleaved_b8-tail.json).
+
 (rung, feature) pairs never tried, or not tried for a while, are probed on one request
 now and then (tree rungs more rarely, since a tree step moves the whole batch to the
 tree path), so the estimates follow the workload at a small cost.
@@ -124,6 +139,7 @@ class CostPlanner:
         self.step = 0
         self._last_tree_probe = 0
         self.history: dict[str, int] = {}  # rung -> request-steps it was chosen for
+        self.closed_steps = 0  # steps planned for a closed batch (nothing waiting)
 
     # -- observations --------------------------------------------------------------
     def record_step(self, path: str, num_tokens: int, seconds: float) -> None:
@@ -139,13 +155,15 @@ class CostPlanner:
 
     # -- decisions -----------------------------------------------------------------
     def plan(self, features: list[int], batch: int | None = None,
-             scales: list[float] | None = None) -> list[str]:
+             scales: list[float] | None = None, closed: bool = False) -> list[str]:
         """A rung (or NONE) for each request in `features`, one step.
 
         `batch` is the number of decoding requests in the step (default: all of these);
         requests outside `features` are counted as one token each. `scales[i]` multiplies
         the accepted tokens expected of request i (its own record against the shared
         estimates: a request whose text the drafts miss more than average drafts less).
+        `closed`: no request waits for a slot, so the planned requests draft all together
+        or not at all (module docstring).
         """
         self.step += 1
         batch = len(features) if batch is None else batch
@@ -157,7 +175,8 @@ class CostPlanner:
         if not self.cost_aware:
             choice = [self._largest(f) for f in features]
         else:
-            choice = self._best(features, batch, scales)
+            self.closed_steps += closed
+            choice = self._best(features, batch, scales, together=closed)
             self._probe(features, choice)
         for f, name in zip(features, choice):
             self.history[name] = self.history.get(name, 0) + 1
@@ -181,12 +200,16 @@ class CostPlanner:
         known = self._known(rung_, feature) if rung_ is not None else None
         return None if known is None else known[0]
 
-    def _best(self, features: list[int], batch: int, scales: list[float]) -> list[str]:
+    def _best(self, features: list[int], batch: int, scales: list[float],
+              together: bool = False) -> list[str]:
+        """The plan of best expected rate, or no drafts unless it clears the margin.
+        `together`: every request drafts (its best known rung) or none does."""
         kernel = self.lines[KERNEL].coefficients()
         if kernel is None:
             return [NONE] * len(features)  # first steps: measure plain decoding first
         kernel_rungs = [r for r in self.rungs if r.path == KERNEL]
-        candidates = [self._dinkelbach(features, scales, batch, kernel_rungs, kernel)]
+        candidates = [self._dinkelbach(features, scales, batch, kernel_rungs, kernel,
+                                       force=together)]
         tree = self._coefficients(TREE)
         if tree is not None:
             # A tree step has at least one tree request: fix which (feature, rung) that
@@ -204,7 +227,7 @@ class CostPlanner:
                         continue
                     fixed = (known[0] * scales[i], known[1])
                     others = self._dinkelbach(rest, rest_scales, batch, self.rungs, tree,
-                                              fixed=fixed)
+                                              fixed=fixed, force=together)
                     candidates.append(others[:i] + [r.name] + others[i:])
         none = [NONE] * len(features)
         none_rate = self.rate(features, batch, none, scales)
@@ -218,17 +241,18 @@ class CostPlanner:
 
     def _dinkelbach(self, features: list[int], scales: list[float], batch: int,
                     allowed: list[Rung], coef: tuple[float, float],
-                    fixed: tuple[float, float] = (0.0, 0.0)) -> list[str]:
+                    fixed: tuple[float, float] = (0.0, 0.0), force: bool = False) -> list[str]:
         """Rungs for `features` maximising (batch + accepted) / (a + b * (batch + nodes))
-        on one cost line, with `fixed` (accepted, nodes) already in the step."""
+        on one cost line, with `fixed` (accepted, nodes) already in the step. `force`:
+        no speculation only for requests with no known rung."""
         a, b = coef
         keys = list(zip(features, scales))
-        options = {
-            (f, sc): [(NONE, 0.0, 0.0)] + [
-                (r.name, known[0] * sc, known[1]) for r in allowed
-                if _eligible(r, f) and (known := self._known(r, f)) is not None]
-            for f, sc in set(keys)
-        }
+        options = {}
+        for f, sc in set(keys):
+            known_rungs = [(r.name, known[0] * sc, known[1]) for r in allowed
+                           if _eligible(r, f) and (known := self._known(r, f)) is not None]
+            options[(f, sc)] = known_rungs if force and known_rungs else (
+                [(NONE, 0.0, 0.0)] + known_rungs)
 
         def ratio(acc: float, nodes: float) -> float:
             return (batch + fixed[0] + acc) / max(a + b * (batch + fixed[1] + nodes), 1e-12)

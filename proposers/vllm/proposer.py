@@ -57,6 +57,9 @@ class BatchFeedback:
     req_ids: list[str]
     modes: list[str]  # per row: tree / auto / chain / retrieval / off
     topk: dict[str, torch.Tensor] = field(default_factory=dict)  # [m, K] for depths 1..m
+    # No request waits for a slot (the batch is all the work there is): the planner then
+    # lets the batch draft all together or not at all (planner.py).
+    closed: bool = False
 
 
 # A request's own acceptance record against the planner's shared estimates: each verified
@@ -174,7 +177,8 @@ class TRJacobiProposer:
         scales = [self.states[batch.req_ids[r]].skill if batch.req_ids[r] in self.states
                   else 1.0 for r in planned]
         rungs = dict(zip(planned, self.planner.plan([features[r] for r in planned],
-                                                   batch=len(rows), scales=scales)))
+                                                   batch=len(rows), scales=scales,
+                                                   closed=batch.closed)))
         for row in rows:
             req_id, mode = batch.req_ids[row], batch.modes[row]
             state = self.states.setdefault(req_id, RequestState())

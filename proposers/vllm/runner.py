@@ -64,11 +64,13 @@ from proposers.tree import TreeSpec
 from proposers.verify import accept
 from proposers.vllm.config import (
     KV_CACHE_SPACE_ENV,
+    SCHEDULER_PATH,
     GiB,
     TRJacobiConfig,
     available_memory,
 )
 from proposers.vllm.proposer import BatchFeedback, TRJacobiProposer
+from proposers.vllm.scheduler import waiting_requests
 from proposers.vllm.tree_attention import (
     MIRROR,
     PACKED,
@@ -139,6 +141,7 @@ class TRJacobiRunnerMixin:
         self.sampled_unspeculated = 0
         self._unspeculated: set[str] = set()
         self._warned_sampled = False
+        self._warned_no_waiting = False
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
@@ -331,12 +334,28 @@ class TRJacobiRunnerMixin:
         stats[0], stats[1], stats[2] = stats[0] + 1, stats[1] + tokens, stats[2] + seconds
         req_ids = list(self.input_batch.req_ids)
         modes = [self.request_mode(r) for r in req_ids]
-        self.trj.set_target_feedback(BatchFeedback(req_ids, modes, self._feedback))
+        self.trj.set_target_feedback(BatchFeedback(req_ids, modes, self._feedback,
+                                                   self._closed_batch(scheduler_output)))
         self._feedback = {}
         drafts = super().propose_draft_token_ids(scheduler_output, sampled_token_ids,
                                                  *args, **kwargs)
         self.draft_seconds += time.perf_counter() - now
         return drafts
+
+    def _closed_batch(self, scheduler_output) -> bool:
+        """Whether no request waits for a slot (planner.py: the batch then drafts all
+        together or not at all). Without `TRJacobiScheduler` the count is unknown: said
+        once in the log, and every step is planned for throughput."""
+        waiting = waiting_requests(scheduler_output)
+        if waiting is None:
+            if not self._warned_no_waiting:
+                self._warned_no_waiting = True
+                logger.warning(
+                    "TR-Jacobi: the engine's scheduler does not report waiting requests "
+                    "(scheduler_cls is not %s), so the drafting planner cannot tell a "
+                    "closed batch and plans every step for throughput", SCHEDULER_PATH)
+            return False
+        return waiting == 0
 
     def trjacobi_stats(self) -> dict:
         return {
@@ -346,6 +365,7 @@ class TRJacobiRunnerMixin:
             "feedback_proposals": self.trj.num_feedback_proposals,
             "sampled_unspeculated": self.sampled_unspeculated,
             "rungs": dict(self.trj.planner.history),
+            "closed_batch_steps": self.trj.planner.closed_steps,
             "paths": {p: {"steps": n, "tokens": t, "seconds": round(sec, 4)}
                       for p, (n, t, sec) in self.path_stats.items()},
             "draft_seconds": round(self.draft_seconds, 4),
