@@ -172,6 +172,21 @@ def test_scheduler_reports_waiting_requests(monkeypatch):
     assert waiting_requests(_SchedulerOutput()) is None
 
 
+def test_closed_batches_follow_the_usage_context():
+    """Offline batches (the LLM class) plan closed batches; the server plans for every
+    user's own speed; an explicit setting wins."""
+    from proposers.vllm.config import CONFIG_KEY, TRJacobiConfig, engine_kwargs
+
+    def closed(**kwargs) -> bool:
+        return engine_kwargs(**kwargs)["additional_config"][CONFIG_KEY]["closed_batches"]
+
+    assert closed() is True
+    assert closed(usage_context="OPENAI_API_SERVER") is False
+    assert closed(config=TRJacobiConfig(closed_batches=True),
+                  usage_context="OPENAI_API_SERVER") is True
+    assert closed(closed_batches=False) is False
+
+
 class _SchedulerOutput:
     """Stands in for vLLM's SchedulerOutput (a plain dataclass: attributes can be added)."""
 

@@ -7,7 +7,7 @@ process (engine core, workers) sees the same values without extra plumbing.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from proposers.templates import load_template
@@ -57,6 +57,12 @@ class TRJacobiConfig:
     cost_aware: bool = True
     chain_rung: bool = True
     fill_noise: bool = False  # noise nodes pay off only for MSN-trained models
+    # Plan a batch with no request waiting as one job that ends with its last request
+    # (planner.py: it drafts all together or not at all). Right for offline batches
+    # (`vllm.LLM.generate`), where the batch's finish time is what counts; a server
+    # keeps planning for throughput, i.e. every user's own speed. None: `engine_kwargs`
+    # decides from its usage context (LLM_CLASS: on; OPENAI_API_SERVER: off).
+    closed_batches: bool | None = None
     max_ngram: int = 3
     seed: int = 0
 
@@ -114,7 +120,8 @@ def engine_kwargs(config: TRJacobiConfig | None = None, max_num_seqs: int = 16,
 
     `max_num_batched_tokens` fits every running request's largest tree and is never below
     vLLM's own default for `usage_context` (`default_batched_tokens`; the server passes
-    OPENAI_API_SERVER).
+    OPENAI_API_SERVER). The usage context also decides `closed_batches` when the config
+    leaves it open: on for the LLM class (offline batches), off for the server.
 
     Also sets `MSN_TRJACOBI_TREE_ATTN=1` in this process's environment, so the
     general plugin installs the tree-attention backend in every process vLLM spawns.
@@ -136,6 +143,8 @@ def engine_kwargs(config: TRJacobiConfig | None = None, max_num_seqs: int = 16,
     settings have never run in an engine: no GPU build of vLLM exists on our machines.
     """
     config = config or TRJacobiConfig(**overrides)
+    if config.closed_batches is None:
+        config = replace(config, closed_batches=usage_context == "LLM_CLASS")
     num_spec = config.max_draft_tokens()
     cuda = _cuda_platform()
     if config.mode == "tree":

@@ -172,10 +172,10 @@ class CostPlanner:
         scales = [1.0] * len(features) if scales is None else list(scales)
         if len(scales) != len(features):
             raise ValueError(f"{len(scales)} scales for {len(features)} requests")
+        self.closed_steps += closed
         if not self.cost_aware:
             choice = [self._largest(f) for f in features]
         else:
-            self.closed_steps += closed
             choice = self._best(features, batch, scales, together=closed)
             self._probe(features, choice)
         for f, name in zip(features, choice):

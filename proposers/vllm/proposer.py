@@ -178,7 +178,8 @@ class TRJacobiProposer:
                   else 1.0 for r in planned]
         rungs = dict(zip(planned, self.planner.plan([features[r] for r in planned],
                                                    batch=len(rows), scales=scales,
-                                                   closed=batch.closed)))
+                                                   closed=batch.closed
+                                                   and bool(self.config.closed_batches))))
         for row in rows:
             req_id, mode = batch.req_ids[row], batch.modes[row]
             state = self.states.setdefault(req_id, RequestState())
