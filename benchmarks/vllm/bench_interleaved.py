@@ -4,7 +4,9 @@
 the machine's load between the two (this CPU is shared) moves the ratio: the same cell of
 plain vLLM has varied by up to 28% between runs. Here the engines live in one process and
 take turns: for each repeat and task group, the same batch of requests runs on each
-engine back to back (who goes first rotates), so all see the same minutes of the machine.
+engine back to back (who goes first rotates over groups and repeats, and each engine
+gets an untimed warm-up generation just before its timed one), so all see the same
+minutes of the machine.
 Each repeat gives one paired ratio to plain vLLM per group; the report gives, per batch
 size and group, the median ratio and its range over the repeats, plus the overall ratio
 (total tokens / total seconds of each engine). Outputs must be identical (greedy).
@@ -31,6 +33,8 @@ from pathlib import Path
 
 from benchmarks.vllm.bench_vllm import ENGINE_ENV, GROUPS, ROOT, group_questions, workload_args
 
+WARM_TOKENS = 4  # untimed warm-up generation before each timed one (tokens)
+SETTLE_SECONDS = 0.5  # pause after it, for other engines' threads to go idle
 SYNC = "plain-sync"  # plain vLLM with async scheduling off, as any custom_class drafter runs
 OFF = "plugin-off"  # the plugin's engine, every request with extra_args trjacobi=off
 
@@ -137,12 +141,22 @@ def run(args) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     off_params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
                                 extra_args={"trjacobi": "off"})
+    warm_params = SamplingParams(temperature=0.0, max_tokens=WARM_TOKENS,
+                                 extra_args={"trjacobi": "off"})
     for llm in engines.values():  # first-call costs stay out of the figures
         llm.generate([chat("Hello")], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
 
     def timed(name: str, prompts: list[str], batch: int) -> tuple[int, float, list]:
         llm = engines[name]
         sp = off_params if name == OFF else params
+        # Untimed, just before: the engine that ran last is warm (its process's caches;
+        # on 2 cores, vLLM-CPU's OpenMP threads of an engine that just stopped still spin
+        # a while), so without this the engine that follows itself (the plugin after the
+        # drafting-off control: one engine) ran up to ~15% faster than one that follows
+        # another (vllm_cpu_msn_interleaved_b8-together.json, whose order per group
+        # never rotated). No drafts in it, so the planner learns nothing from it.
+        llm.generate(prompts[:1], warm_params, use_tqdm=False)
+        time.sleep(SETTLE_SECONDS)
         t0 = time.perf_counter()
         if batch == 1:
             outs = [llm.generate([p], sp, use_tqdm=False)[0] for p in prompts]
@@ -169,13 +183,14 @@ def run(args) -> dict:
 
     rows = []
     mismatches = 0
-    step = 0
     for repeat in range(args.repeats):
-        for group in args.groups:
+        for gi, group in enumerate(args.groups):
             prompts = [chat(q) for q in questions[group]]
-            for batch in args.batch_sizes:
-                k = step % len(names)  # rotate who goes first
-                step += 1
+            for bi, batch in enumerate(args.batch_sizes):
+                # Who goes first rotates per repeat too: a step count alone repeats the
+                # same order for a group whenever the cells per repeat are a multiple of
+                # the number of engines (6 groups, 3 engines).
+                k = (repeat + gi + bi) % len(names)
                 order = names[k:] + names[:k]
                 d0, a0, r0 = plugin_counters()
                 res = {name: timed(name, prompts, batch) for name in order}
