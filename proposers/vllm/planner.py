@@ -29,11 +29,13 @@ they only drop those requests from the batch's last steps, worth the per-token s
 never more than the b each of their draft tokens costs. So a closed batch drafts all
 together or not at all: every planned request takes its best rung (Dinkelbach as above,
 with no speculation left out of each request's options), and that plan must beat not
-drafting by the margin. Measured at batch 8 on 2 cores with the subset plan, drafts on a
-few request-steps (probes and retrieval hits, 2-4% of them) left mt_bench, qa and math
-9-10%, 10% and 3% below the same engine with drafting off (geometric means over 4
-repeats, benchmarks/results/vllm_cpu_msn_interleaved_b8-nopad.json). With one request
-nothing changes. An earlier rule that let only the requests at the back of the batch
+drafting by the margin. With one request nothing changes. Why: at batch 8 on 2 cores the
+subset plan drafted on 2-4% of request-steps on mt_bench, qa and math and measured 9%,
+10% and 3% below the same engine with drafting off (geometric means over 4 repeats,
+benchmarks/results/vllm_cpu_msn_interleaved_b8-nopad.json, a run whose fixed engine order
+favoured the control there). Whether this rule helps is not resolved on that machine:
+with a fair order (`-fair.json`) mt_bench and qa still measure 0.90 and 0.93 of the
+control, while one cell's noise is larger than that (README). An earlier rule that let only the requests at the back of the batch
 draft (by tokens left) lost translation's gain (1.37x -> 1.11x; retrieval hits come and
 go, so who is last changes; vllm_cpu_msn_interleaved_b8-tail.json).
 
