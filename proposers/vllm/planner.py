@@ -35,9 +35,10 @@ subset plan drafted on 2-4% of request-steps on mt_bench, qa and math and measur
 benchmarks/results/vllm_cpu_msn_interleaved_b8-nopad.json, a run whose fixed engine order
 favoured the control there). Whether this rule helps is not resolved on that machine:
 with a fair order (`-fair.json`) mt_bench and qa still measure 0.90 and 0.93 of the
-control, while one cell's noise is larger than that (README). An earlier rule that let only the requests at the back of the batch
-draft (by tokens left) lost translation's gain (1.37x -> 1.11x; retrieval hits come and
-go, so who is last changes; vllm_cpu_msn_interleaved_b8-tail.json).
+control, while one cell's noise is larger than that (README). An earlier rule that let
+only the requests at the back of the batch draft (by tokens left) lost translation's gain
+(1.37x -> 1.11x; retrieval hits come and go, so who is last changes;
+vllm_cpu_msn_interleaved_b8-tail.json).
 
 (rung, feature) pairs never tried, or not tried for a while, are probed on one request
 now and then (tree rungs more rarely, since a tree step moves the whole batch to the
