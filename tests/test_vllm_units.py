@@ -661,7 +661,7 @@ def test_chain_modes_need_no_tree_templates():
 def test_engine_kwargs_keep_vllms_batched_token_default():
     """The token budget fits every request's largest tree but never drops below vLLM's
     own default (4096 for the LLM class on CPU: at 2048 long prompts prefilled in twice
-    the steps, and the engine with drafting off ran 5% behind plain vLLM)."""
+    the steps)."""
     from proposers.vllm.config import default_batched_tokens, engine_kwargs
 
     llm, server = default_batched_tokens(), default_batched_tokens("OPENAI_API_SERVER")

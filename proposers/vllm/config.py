@@ -213,7 +213,9 @@ def default_batched_tokens(usage_context: str = "LLM_CLASS") -> int:
     every running request's tree), and a value below vLLM's default prefills long
     prompts in more, slower steps: on this CPU vLLM's LLM class uses 4096, and at 2048
     the plugin's engine with drafting off ran summarization at batch 8 at 0.95x of plain
-    vLLM (benchmarks/results/vllm_cpu_msn_interleaved_b8-contested.json)."""
+    vLLM (benchmarks/results/vllm_cpu_msn_interleaved_b8-contested.json; that run
+    was also hit by the admission padding `no_uniform_decode_padding` removes, likely the
+    larger share)."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.usage.usage_lib import UsageContext
 
