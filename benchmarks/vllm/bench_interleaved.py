@@ -116,7 +116,7 @@ def run(args) -> dict:
     from vllm import LLM, SamplingParams
 
     from msn.models import resolve_model
-    from proposers.vllm import engine_kwargs
+    from proposers.vllm import TRJacobiConfig, engine_kwargs
     from proposers.vllm.metrics import spec_decode_summary
 
     model = str(resolve_model(args.model))
@@ -128,6 +128,9 @@ def run(args) -> dict:
     if args.sync_plain:
         engines[SYNC] = LLM(**common, async_scheduling=False)
     engines["plugin"] = LLM(**{**common, **engine_kwargs(max_num_seqs=max(args.batch_sizes))})
+    for name, overrides in args.plugin_variant:
+        engines[name] = LLM(**{**common, **engine_kwargs(TRJacobiConfig(**overrides),
+                                                        max_num_seqs=max(args.batch_sizes))})
     names = list(engines)
     if args.plugin_off:
         engines[OFF] = engines["plugin"]
@@ -220,6 +223,22 @@ def run(args) -> dict:
             "plugin_mat": round(1 + accepted / drafts, 3) if drafts else 1.0}
 
 
+def plugin_variant(text: str) -> tuple[str, dict]:
+    """`NAME=JSON` of --plugin-variant: an engine name and TRJacobiConfig overrides."""
+    from proposers.vllm.config import TRJacobiConfig
+
+    name, sep, raw = text.partition("=")
+    if not sep or not name or name in ("plain", "plugin", SYNC, OFF):
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=JSON with a new engine name, got {text!r}")
+    try:
+        overrides = json.loads(raw)
+        TRJacobiConfig(**overrides)  # unknown keys and bad values fail here, not later
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{name}: {exc}") from None
+    return name, overrides
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     workload_args(ap, [8])
@@ -232,6 +251,11 @@ def main() -> None:
     ap.add_argument("--plugin-off", action="store_true",
                     help="also run the plugin's engine with drafting off for every request "
                          "(what the spec-decode path costs before any draft)")
+    ap.add_argument("--plugin-variant", action="append", default=[], type=plugin_variant,
+                    metavar="NAME=JSON",
+                    help="also run a plugin engine named NAME whose TR-Jacobi settings "
+                         "override the defaults with JSON, e.g. "
+                         "'chain2={\"templates\": [\"chain-2\", \"tree-8\"]}' (repeatable)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_cpu_interleaved"))
     args = ap.parse_args()
     if args.repeats < 1 or args.per_group < 1 or min(args.batch_sizes) < 1:
