@@ -28,15 +28,19 @@ from pathlib import Path
 from benchmarks.vllm.bench_vllm import DEV_SET, GROUPS, ROOT
 
 
-def worktree(rev: str, where: Path) -> str:
-    """A detached worktree of `rev` at `where`; returns the full commit hash."""
+def resolve(rev: str) -> str:
+    """The full commit hash of `rev`; exit 2 with one line if it names no commit."""
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
-                            capture_output=True, text=True)
+                            check=False, capture_output=True, text=True)
     if commit.returncode:
-        sys.exit(f"ab_revisions: {rev!r} is not a commit of {ROOT}")
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-f", "--detach", str(where),
-                    commit.stdout.strip()], check=True, capture_output=True)
+        print(f"ab_revisions: error: {rev!r} is not a commit of {ROOT}", file=sys.stderr)
+        sys.exit(2)
     return commit.stdout.strip()
+
+
+def worktree(commit: str, where: Path) -> None:
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-f", "--detach", str(where),
+                    commit], check=True, capture_output=True)
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -89,24 +93,26 @@ def main() -> None:
     ap.add_argument("rev_b")
     ap.add_argument("--rounds", type=int, default=1, help="ABBA rounds (default 1: 4 runs)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_cpu_ab"))
-    ap.add_argument("bench_args", nargs=argparse.REMAINDER,
-                    help="after --: arguments for bench_vllm.py (--out is set here)")
-    args = ap.parse_args()
-    bench = [a for a in args.bench_args if a != "--"]
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    ap.epilog = "Arguments after -- go to bench_vllm.py (its --out is set here)."
+    args = ap.parse_args(argv[:cut])
+    bench = argv[cut + 1:]
     if args.rounds < 1:
         ap.error("--rounds must be positive")
     if "--out" in bench:
         ap.error("give --out before --, not to bench_vllm.py")
     if "--dev-set" not in bench:  # a worktree's default would point next to the worktree
         bench += ["--dev-set", str(DEV_SET)]
+    commits = {"A": resolve(args.rev_a), "B": resolve(args.rev_b)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="ab-") as tmp:
         trees = {"A": Path(tmp) / "a", "B": Path(tmp) / "b"}
-        commits = {side: worktree(rev, trees[side])
-                   for side, rev in (("A", args.rev_a), ("B", args.rev_b))}
         try:
+            for side in "AB":
+                worktree(commits[side], trees[side])
             for i, side in enumerate("ABBA" * args.rounds):
                 target = Path(tmp) / f"run{i}-{side}"
                 print(f"run {i + 1}/{4 * args.rounds}: {side} ({commits[side][:10]})", flush=True)
@@ -119,7 +125,7 @@ def main() -> None:
         finally:
             for path in trees.values():
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
-                                str(path)], capture_output=True)
+                                str(path)], check=False, capture_output=True)
     summary = summarise(runs)
     labels = {"A": f"A {args.rev_a} ({commits['A'][:10]})",
               "B": f"B {args.rev_b} ({commits['B'][:10]})"}
