@@ -14,7 +14,9 @@ size and group, the median ratio and its range over the repeats, plus the overal
 `--sync-plain` adds plain vLLM with async scheduling off: vLLM 0.32 turns async
 scheduling off for every `custom_class` drafter, ours included, so that engine shows what
 the plugin pays before it drafts anything; `--plugin-off` runs the plugin's engine with
-drafting off for every request, which adds the cost of vLLM's spec-decode path.
+drafting off for every request, which adds the cost of vLLM's spec-decode path;
+`--plugin-variant NAME=JSON` adds a plugin engine with other TR-Jacobi settings (e.g. a
+different ladder), to compare settings on the same minutes of the machine.
 
     python -m benchmarks.vllm.bench_interleaved --model msn --batch-sizes 8 --sync-plain --plugin-off
 
