@@ -38,3 +38,14 @@ def test_ab_summary_is_the_geometric_mean_ratio_per_cell():
     assert cell["A"] == [10.0, 10.0] and cell["B"] == [20.0, 5.0]
     assert cell["ratio_b_over_a"] == pytest.approx(1.0)  # sqrt(20 * 5) / 10
     assert cell["mat"] == {"A": [2.0, 2.0], "B": [2.0, 2.0]}
+
+
+def test_geo_interval_brackets_the_geometric_mean():
+    from benchmarks.vllm.bench_interleaved import geo_interval, geomean
+
+    ratios = [0.9, 1.1, 1.0, 0.95, 1.05]
+    lo, hi = geo_interval(ratios)
+    assert min(ratios) <= lo <= geomean(ratios) <= hi <= max(ratios)
+    assert geo_interval([1.2]) == (1.2, 1.2)  # one repeat: no spread to resample
+    assert geo_interval([1.0, 1.0, 1.0]) == (1.0, 1.0)
+    assert geo_interval(ratios) == (lo, hi)  # fixed seed: the report is reproducible

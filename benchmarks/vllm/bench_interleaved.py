@@ -8,7 +8,8 @@ engine back to back (who goes first rotates over groups and repeats, and each en
 gets an untimed warm-up generation just before its timed one), so all see the same
 minutes of the machine.
 Each repeat gives one paired ratio to plain vLLM per group; the report gives, per batch
-size and group, the median ratio and its range over the repeats, plus the overall ratio
+size and group, the median ratio and its range over the repeats, the geometric mean with a
+90% bootstrap interval (resampled repeats), plus the overall ratio
 (total tokens / total seconds of each engine). Outputs must be identical (greedy).
 
 `--sync-plain` adds plain vLLM with async scheduling off: vLLM 0.32 turns async
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import shlex
 import statistics
 import sys
@@ -57,9 +60,11 @@ def paired_summary(rows: list[dict], engines: list[str]) -> dict:
                 if not cells:
                     continue
                 ratios = [r["tok_s"][name] / r["tok_s"]["plain"] for r in cells]
+                lo, hi = geo_interval(ratios)
                 table[group] = {
                     "median": round(statistics.median(ratios), 3),
                     "min": round(min(ratios), 3), "max": round(max(ratios), 3),
+                    "geomean": round(geomean(ratios), 3), "ci90": [round(lo, 3), round(hi, 3)],
                     "repeats": len(ratios),
                     "plain_tok_s": round(statistics.median(r["tok_s"]["plain"] for r in cells), 2),
                     "tok_s": round(statistics.median(r["tok_s"][name] for r in cells), 2)}
@@ -75,6 +80,21 @@ def paired_summary(rows: list[dict], engines: list[str]) -> dict:
             by_engine[name] = table
         out[str(batch)] = by_engine
     return out
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(sum(map(math.log, xs)) / len(xs))
+
+
+def geo_interval(ratios: list[float], level: float = 0.9, resamples: int = 2000) -> tuple[float, float]:
+    """Bootstrap interval (percentile, fixed seed) of the geometric mean of per-repeat
+    ratios: whether a group's ratio is below 1 or only noisy. One repeat: no interval."""
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    rng = random.Random(0)
+    means = sorted(geomean(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    tail = (1.0 - level) / 2
+    return means[int(tail * resamples)], means[int((1.0 - tail) * resamples) - 1]
 
 
 def _rate(cells: list[dict], name: str) -> float:
