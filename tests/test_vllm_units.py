@@ -956,3 +956,23 @@ def test_cost_line_keeps_its_slope_while_steps_have_one_size():
     fresh = _Line()
     fresh.add(8, 0.120)
     assert fresh.coefficients() == (0.0, 0.015)  # no slope seen yet: proportional
+
+
+def test_min_gain_setting_reaches_the_planner():
+    """`TRJacobiConfig.min_gain` (the margin a plan must clear over not drafting) travels
+    through vLLM's config to the planner; out-of-range values are refused up front."""
+    import types
+
+    from proposers.vllm.config import TRJacobiConfig, engine_kwargs
+    from proposers.vllm.planner import MIN_GAIN
+    from proposers.vllm.proposer import TRJacobiProposer
+
+    assert TRJacobiConfig().min_gain == MIN_GAIN
+    kwargs = engine_kwargs(TRJacobiConfig(mode="chain", min_gain=0.1))
+    p = TRJacobiProposer(types.SimpleNamespace(
+        speculative_config=types.SimpleNamespace(num_speculative_tokens=10),
+        additional_config=kwargs["additional_config"]))
+    assert p.planner.min_gain == 0.1
+    for bad in (-0.01, 1.0):
+        with pytest.raises(ValueError, match="min_gain"):
+            TRJacobiConfig(min_gain=bad)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from proposers.templates import load_template
+from proposers.vllm.planner import MIN_GAIN
 
 PROPOSER_PATH = "proposers.vllm.TRJacobiProposer"
 WORKER_PATH = "proposers.vllm.runner.TRJacobiWorker"  # vLLM-CPU
@@ -63,6 +64,10 @@ class TRJacobiConfig:
     # keeps planning for throughput, i.e. every user's own speed. None: `engine_kwargs`
     # decides from its usage context (LLM_CLASS: on; OPENAI_API_SERVER: off).
     closed_batches: bool | None = None
+    # A step drafts only if its expected rate beats not drafting by this fraction
+    # (planner.MIN_GAIN): the estimates are noisy, and a plan picked for looking best
+    # is on average overestimated.
+    min_gain: float = MIN_GAIN
     max_ngram: int = 3
     seed: int = 0
 
@@ -74,6 +79,8 @@ class TRJacobiConfig:
                 f"trjacobi sampled must be one of {SAMPLED_MODES}, got {self.sampled!r}")
         if not self.templates:
             raise ValueError("trjacobi templates: give at least one template")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise ValueError(f"trjacobi min_gain must be in [0, 1), got {self.min_gain!r}")
         object.__setattr__(self, "templates", tuple(self.templates))
 
     @classmethod

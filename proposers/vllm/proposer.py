@@ -115,7 +115,8 @@ class TRJacobiProposer:
                       for n in self.config.templates]
         else:  # no tree ladder (config.draft_templates): planned requests get chains
             rungs = [(CHAIN_RUNG, KERNEL)]
-        self.planner = CostPlanner(rungs, cost_aware=self.config.cost_aware)
+        self.planner = CostPlanner(rungs, cost_aware=self.config.cost_aware,
+                                   min_gain=self.config.min_gain)
         self.states: dict[str, RequestState] = {}
         self._chains: dict[int, TreeSpec] = {}
         self.batch: BatchFeedback | None = None
