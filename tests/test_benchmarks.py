@@ -49,3 +49,23 @@ def test_geo_interval_brackets_the_geometric_mean():
     assert geo_interval([1.2]) == (1.2, 1.2)  # one repeat: no spread to resample
     assert geo_interval([1.0, 1.0, 1.0]) == (1.0, 1.0)
     assert geo_interval(ratios) == (lo, hi)  # fixed seed: the report is reproducible
+
+
+def test_step_split_accounts_for_the_whole_wall_time():
+    from benchmarks.vllm.bench_step_split import delta, summarise
+
+    def stats(steps, seconds, draft, between, rungs):
+        return {"paths": {"plain": {"steps": steps, "tokens": 8 * steps, "seconds": seconds},
+                          "chain": {"steps": 0, "tokens": 0, "seconds": 0.0},
+                          "tree": {"steps": 0, "tokens": 0, "seconds": 0.0}},
+                "draft_seconds": draft, "between_steps_seconds": between, "rungs": rungs}
+
+    s0 = stats(10, 1.0, 0.1, 0.2, {"none": 5})
+    s1 = stats(30, 3.0, 0.2, 0.5, {"none": 9, "chain": 1})
+    d = delta(s0, s1, wall=2.5)
+    assert d["steps"] == 20 and d["steps_seconds"] == 2.0
+    assert d["draft_seconds"] == 0.1 and d["between_seconds"] == 0.3
+    assert d["other_seconds"] == 0.1  # 2.5 - 2.0 - 0.1 - 0.3
+    assert d["rungs"] == {"none": 4, "chain": 1}
+    rows = [{"group": "qa", "on": d, "off": {**d, "wall": 5.0}}]
+    assert summarise(rows)["qa"]["speedup_on_over_off"] == 2.0

@@ -93,6 +93,10 @@ MIRROR_HEADROOM = GiB  # memory a KV mirror must leave free (step activations)
 EXTRA_ARGS_KEY = "trjacobi"  # SamplingParams(extra_args={"trjacobi": "off"}) per request
 
 
+# A longer pause between two steps is the engine idling (no request), not step overhead.
+BUSY_GAP = 0.25
+
+
 @dataclass
 class _DraftedRow:
     """A request that carries drafts this step."""
@@ -137,6 +141,10 @@ class TRJacobiRunnerMixin:
         # ("kernel" steps split into those with and without drafted chains.)
         self.path_stats = {"plain": [0, 0, 0.0], "chain": [0, 0, 0.0], "tree": [0, 0, 0.0]}
         self.draft_seconds = 0.0
+        # Seconds between one step's drafts and the next step's start (the engine core's
+        # scheduling and output handling, the worker's IPC), gaps of a busy engine only.
+        self.between_seconds = 0.0
+        self._step_end: float | None = None
         # Sampled requests served without speculation (config `sampled="off"`).
         self.sampled_unspeculated = 0
         self._unspeculated: set[str] = set()
@@ -170,6 +178,8 @@ class TRJacobiRunnerMixin:
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         self._step_start = time.perf_counter()
+        if self._step_end is not None and self._step_start - self._step_end < BUSY_GAP:
+            self.between_seconds += self._step_start - self._step_end
         return super().execute_model(scheduler_output, intermediate_tensors)
 
     def request_mode(self, req_id: str) -> str:
@@ -339,7 +349,8 @@ class TRJacobiRunnerMixin:
         self._feedback = {}
         drafts = super().propose_draft_token_ids(scheduler_output, sampled_token_ids,
                                                  *args, **kwargs)
-        self.draft_seconds += time.perf_counter() - now
+        self._step_end = time.perf_counter()
+        self.draft_seconds += self._step_end - now
         return drafts
 
     def _closed_batch(self, scheduler_output) -> bool:
@@ -369,6 +380,7 @@ class TRJacobiRunnerMixin:
             "paths": {p: {"steps": n, "tokens": t, "seconds": round(sec, 4)}
                       for p, (n, t, sec) in self.path_stats.items()},
             "draft_seconds": round(self.draft_seconds, 4),
+            "between_steps_seconds": round(self.between_seconds, 4),
             # The planner's fitted step cost per path: (seconds, seconds per token).
             "cost_lines": {p: line.coefficients() for p, line in self.trj.planner.lines.items()},
         }
