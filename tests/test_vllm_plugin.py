@@ -215,6 +215,8 @@ def test_tree_mechanics_exercised(runs):
     assert 0 < paths["tree"]["steps"] <= stats["tree_steps"]
     assert paths["plain"]["steps"] > 0
     assert all(p["seconds"] > 0 for p in paths.values() if p["steps"])
+    # Time between steps is counted for a busy engine: some, and less than the steps'.
+    assert 0 < stats["between_steps_seconds"] < sum(p["seconds"] for p in paths.values())
     # A compaction happens only when the accepted path is not the first branch, i.e.
     # depth positions, the tree mask and the KV move all had to be right.
     assert stats["compactions"] > 0
