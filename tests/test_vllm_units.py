@@ -122,6 +122,41 @@ def test_closed_batch_drafts_together_or_not_at_all():
         assert p.plan([f]) == p.plan([f], closed=True)
 
 
+def test_closed_batch_least_value_needs_every_request_to_advance():
+    """closed_value="least": a closed batch's plan counts as advancing the batch by its
+    least-advanced request, so seven sure hits do not carry an eighth that will not
+    advance; the open (throughput) plan and single requests are unchanged."""
+    p = _trained_planner([("chain", "kernel")], kernel=[(8, 0.14), (80, 0.50)])
+    p.closed_value = "least"
+    p.record_request("chain", 3, 6, 3.0)
+    p.record_request("chain", 1, 6, 0.1)
+    hits = [3] * 7 + [1]
+    assert p.plan(hits, closed=True) == [NONE] * 8  # "sum" drafts all eight here
+    assert p.plan(hits) == ["chain"] * 7 + [NONE]
+    # Everyone expects 3 of 6: (8 + 8 * 3) / (0.10 + 0.005 * 56) = 84 tok/s > 57.
+    assert p.plan([3] * 8, closed=True) == ["chain"] * 8
+    for f in (1, 3):
+        assert p.plan([f]) == p.plan([f], closed=True)
+    with pytest.raises(ValueError, match="closed_value"):
+        type(p)([("chain", "kernel")], closed_value="max")
+
+
+def test_closed_value_setting_reaches_the_planner():
+    import types
+
+    from proposers.vllm.config import TRJacobiConfig, engine_kwargs
+    from proposers.vllm.proposer import TRJacobiProposer
+
+    assert TRJacobiConfig().closed_value == "sum"
+    kwargs = engine_kwargs(TRJacobiConfig(mode="chain", closed_value="least"))
+    p = TRJacobiProposer(types.SimpleNamespace(
+        speculative_config=types.SimpleNamespace(num_speculative_tokens=10),
+        additional_config=kwargs["additional_config"]))
+    assert p.planner.closed_value == "least"
+    with pytest.raises(ValueError, match="closed_value"):
+        TRJacobiConfig(closed_value="max")
+
+
 def test_closed_batch_tree_plans_draft_together():
     """On the tree path too: once one request drafts a tree, the others draft (their
     best rung on the tree line) or the step does not draft at all."""

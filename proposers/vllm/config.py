@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from proposers.templates import load_template
-from proposers.vllm.planner import MIN_GAIN
+from proposers.vllm.planner import CLOSED_VALUES, MIN_GAIN
 
 PROPOSER_PATH = "proposers.vllm.TRJacobiProposer"
 WORKER_PATH = "proposers.vllm.runner.TRJacobiWorker"  # vLLM-CPU
@@ -68,6 +68,9 @@ class TRJacobiConfig:
     # (planner.MIN_GAIN): the estimates are noisy, and a plan picked for looking best
     # is on average overestimated.
     min_gain: float = MIN_GAIN
+    # How a closed batch values a drafting plan (planner.CLOSED_VALUES): "sum" (default)
+    # every accepted token, "least" the least-advanced request times the batch size.
+    closed_value: str = "sum"
     max_ngram: int = 3
     seed: int = 0
 
@@ -79,6 +82,9 @@ class TRJacobiConfig:
                 f"trjacobi sampled must be one of {SAMPLED_MODES}, got {self.sampled!r}")
         if not self.templates:
             raise ValueError("trjacobi templates: give at least one template")
+        if self.closed_value not in CLOSED_VALUES:
+            raise ValueError(f"trjacobi closed_value must be one of {CLOSED_VALUES}, "
+                             f"got {self.closed_value!r}")
         if not 0.0 <= self.min_gain < 1.0:
             raise ValueError(f"trjacobi min_gain must be in [0, 1), got {self.min_gain!r}")
         object.__setattr__(self, "templates", tuple(self.templates))

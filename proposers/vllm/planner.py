@@ -66,6 +66,11 @@ FEEDBACK = 4  # added to the feature when Jacobi feedback is available
 # little (4-18% of request-steps on mt_bench, qa, summarization) made those groups
 # 2-14% slower than plain vLLM (benchmarks/results/vllm_cpu_msn_interleaved_b8.json).
 MIN_GAIN = 0.03
+# How a closed batch's drafting plan is valued: "sum" counts every accepted token (as an
+# open batch does); "least" counts the batch as advancing by its least-advanced planned
+# request (B times the smallest expected acceptance), since requests running side by
+# side to the same length finish with the slowest (module docstring, known gap).
+CLOSED_VALUES = ("sum", "least")
 
 
 @dataclass
@@ -133,9 +138,13 @@ class Rung:
 
 class CostPlanner:
     def __init__(self, rungs: list[tuple[str, str]], cost_aware: bool = True,
-                 probe_every: int = 16, tree_probe_every: int = 64, min_gain: float = MIN_GAIN):
+                 probe_every: int = 16, tree_probe_every: int = 64, min_gain: float = MIN_GAIN,
+                 closed_value: str = "sum"):
         if not rungs:
             raise ValueError("the planner needs at least one rung")
+        if closed_value not in CLOSED_VALUES:
+            raise ValueError(f"closed_value must be one of {CLOSED_VALUES}, got {closed_value!r}")
+        self.closed_value = closed_value
         self.cost_aware = cost_aware
         self.min_gain = min_gain
         self.rungs = [Rung(name, path) for name, path in rungs]
@@ -240,8 +249,9 @@ class CostPlanner:
         none = [NONE] * len(features)
         none_rate = self.rate(features, batch, none, scales)
         best, best_rate = none, none_rate
+        least = together and self.closed_value == "least"
         for choice in candidates:
-            rate = self.rate(features, batch, choice, scales)
+            rate = self.rate(features, batch, choice, scales, least=least)
             if rate is not None and rate > best_rate * 1.0001:
                 best, best_rate = choice, rate
         # Draft only when the best plan clears the margin over not drafting at all.
@@ -277,24 +287,29 @@ class CostPlanner:
         return [pick[k][0] for k in keys]
 
     def rate(self, features: list[int], batch: int, choice: list[str],
-             scales: list[float] | None = None) -> float | None:
-        """Expected tokens per second of a step that drafts `choice`."""
+             scales: list[float] | None = None, least: bool = False) -> float | None:
+        """Expected tokens per second of a step that drafts `choice`. `least`: the batch
+        advances by its least-advanced request in `features` (CLOSED_VALUES)."""
         by_name = self._by_name
-        acc = nodes = 0.0
+        accs: list[float] = []
+        nodes = 0.0
         path = KERNEL
         scales = [1.0] * len(features) if scales is None else scales
         for f, sc, name in zip(features, scales, choice):
             if name == NONE:
+                accs.append(0.0)
                 continue
             known = self._known(by_name[name], f)
             if known is None:
                 return None
-            acc, nodes = acc + known[0] * sc, nodes + known[1]
+            accs.append(known[0] * sc)
+            nodes += known[1]
             if by_name[name].path == TREE:
                 path = TREE
         coef = self._coefficients(path)
         if coef is None:
             return None
+        acc = batch * min(accs) if least and accs else sum(accs)
         return (batch + acc) / max(coef[0] + coef[1] * (batch + nodes), 1e-12)
 
     def _coefficients(self, path: str) -> tuple[float, float] | None:

@@ -116,7 +116,8 @@ class TRJacobiProposer:
         else:  # no tree ladder (config.draft_templates): planned requests get chains
             rungs = [(CHAIN_RUNG, KERNEL)]
         self.planner = CostPlanner(rungs, cost_aware=self.config.cost_aware,
-                                   min_gain=self.config.min_gain)
+                                   min_gain=self.config.min_gain,
+                                   closed_value=self.config.closed_value)
         self.states: dict[str, RequestState] = {}
         self._chains: dict[int, TreeSpec] = {}
         self.batch: BatchFeedback | None = None
