@@ -42,8 +42,10 @@ vllm_cpu_msn_interleaved_b8-tail.json).
 Known gap: even together, the rate above counts every accepted token, while a closed
 batch of requests running side by side to the same length takes as many steps as its
 least-advanced request. On mt_bench, qa and math at batch 8 the drafts were accepted yet
-saved 0-3 of 129 steps (benchmarks/results/vllm_cpu_step_split.json); valuing a closed
-plan by its least-advanced request is the fix this points to, not done.
+saved 0-3 of 129 steps (benchmarks/results/vllm_cpu_step_split.json). Valuing a closed
+plan by its least-advanced request (`closed_value="least"`, opt-in) drafts less there but
+measured no faster overall (vllm_cpu_msn_interleaved_b8-least.json: it lost rag's gain),
+so the default stays "sum".
 
 (rung, feature) pairs never tried, or not tried for a while, are probed on one request
 now and then (tree rungs more rarely, since a tree step moves the whole batch to the
