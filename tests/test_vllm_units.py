@@ -141,22 +141,6 @@ def test_closed_batch_least_value_needs_every_request_to_advance():
         type(p)([("chain", "kernel")], closed_value="max")
 
 
-def test_closed_value_setting_reaches_the_planner():
-    import types
-
-    from proposers.vllm.config import TRJacobiConfig, engine_kwargs
-    from proposers.vllm.proposer import TRJacobiProposer
-
-    assert TRJacobiConfig().closed_value == "sum"
-    kwargs = engine_kwargs(TRJacobiConfig(mode="chain", closed_value="least"))
-    p = TRJacobiProposer(types.SimpleNamespace(
-        speculative_config=types.SimpleNamespace(num_speculative_tokens=10),
-        additional_config=kwargs["additional_config"]))
-    assert p.planner.closed_value == "least"
-    with pytest.raises(ValueError, match="closed_value"):
-        TRJacobiConfig(closed_value="max")
-
-
 def test_closed_batch_tree_plans_draft_together():
     """On the tree path too: once one request drafts a tree, the others draft (their
     best rung on the tree line) or the step does not draft at all."""
@@ -993,9 +977,10 @@ def test_cost_line_keeps_its_slope_while_steps_have_one_size():
     assert fresh.coefficients() == (0.0, 0.015)  # no slope seen yet: proportional
 
 
-def test_min_gain_setting_reaches_the_planner():
-    """`TRJacobiConfig.min_gain` (the margin a plan must clear over not drafting) travels
-    through vLLM's config to the planner; out-of-range values are refused up front."""
+def test_planner_settings_reach_the_planner():
+    """`TRJacobiConfig.min_gain` (the margin a plan must clear over not drafting) and
+    `closed_value` travel through vLLM's config to the planner; bad values are refused
+    up front."""
     import types
 
     from proposers.vllm.config import TRJacobiConfig, engine_kwargs
@@ -1003,11 +988,12 @@ def test_min_gain_setting_reaches_the_planner():
     from proposers.vllm.proposer import TRJacobiProposer
 
     assert TRJacobiConfig().min_gain == MIN_GAIN
-    kwargs = engine_kwargs(TRJacobiConfig(mode="chain", min_gain=0.1))
+    assert TRJacobiConfig().closed_value == "sum"
+    kwargs = engine_kwargs(TRJacobiConfig(mode="chain", min_gain=0.1, closed_value="least"))
     p = TRJacobiProposer(types.SimpleNamespace(
         speculative_config=types.SimpleNamespace(num_speculative_tokens=10),
         additional_config=kwargs["additional_config"]))
-    assert p.planner.min_gain == 0.1
-    for bad in (-0.01, 1.0):
-        with pytest.raises(ValueError, match="min_gain"):
-            TRJacobiConfig(min_gain=bad)
+    assert (p.planner.min_gain, p.planner.closed_value) == (0.1, "least")
+    for bad in ({"min_gain": -0.01}, {"min_gain": 1.0}, {"closed_value": "max"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TRJacobiConfig(**bad)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.vllm.bench_interleaved import geomean
 from benchmarks.vllm.bench_vllm import DEV_SET, GROUPS, ROOT
 
 
@@ -58,7 +58,7 @@ def summarise(runs: list[dict]) -> dict:
     for by_batch in out.values():
         for table in by_batch.values():
             for cell in table.values():
-                geo = {s: math.exp(sum(map(math.log, cell[s])) / len(cell[s])) for s in "AB"}
+                geo = {s: geomean(cell[s]) for s in "AB"}
                 cell["ratio_b_over_a"] = round(geo["B"] / geo["A"], 3)
     return out
 

@@ -277,7 +277,7 @@ def main() -> None:
                     metavar="NAME=JSON",
                     help="also run a plugin engine named NAME whose TR-Jacobi settings "
                          "override the defaults with JSON, e.g. "
-                         "'chain2={\"templates\": [\"chain-2\", \"tree-8\"]}' (repeatable)")
+                         "'gain10={\"min_gain\": 0.1}' (repeatable)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_cpu_interleaved"))
     args = ap.parse_args()
     if args.repeats < 1 or args.per_group < 1 or min(args.batch_sizes) < 1:

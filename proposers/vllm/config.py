@@ -204,8 +204,9 @@ def no_uniform_decode_padding(max_num_seqs: int, num_spec: int) -> list[tuple[in
     tokens a batch and ran 8.9% behind plain vLLM (a diagnostic run: two engines in one
     process, median of 6 paired batches; 2.6% after). We never capture full graphs
     (CPU: none; CUDA: at most PIECEWISE), and the custom_class proposer ignores the
-    per-step draft count the schedule passes, so a flat schedule changes nothing else (`tests/test_vllm_units.py::test_engine_kwargs_turn_off_
-    uniform_decode_padding` guards both facts; `tests/test_vllm_plugin.py` checks that
+    per-step draft count the schedule passes, so a flat schedule changes nothing else
+    (`tests/test_vllm_units.py::test_engine_kwargs_turn_off_uniform_decode_padding`
+    guards both facts; `tests/test_vllm_plugin.py` checks that
     such an admission drafts nothing in the engine)."""
     return [(1, max(1, max_num_seqs), num_spec)]
 
