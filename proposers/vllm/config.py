@@ -17,6 +17,7 @@ PROPOSER_PATH = "proposers.vllm.TRJacobiProposer"
 WORKER_PATH = "proposers.vllm.runner.TRJacobiWorker"  # vLLM-CPU
 SCHEDULER_PATH = "proposers.vllm.scheduler.TRJacobiScheduler"  # reports waiting requests
 GPU_WORKER_PATH = "proposers.vllm.runner.TRJacobiGPUWorker"  # CUDA (never run in an engine)
+EXECUTOR_PATH = "proposers.vllm.executor.TRJacobiExecutor"  # vLLM-CPU: drafts ride the output
 TREE_BACKEND_CUDA = "TRITON_ATTN"  # the backend tree_attention_gpu.py overrides
 CONFIG_KEY = "trjacobi"
 MODES = ("tree", "chain", "retrieval", "off")
@@ -185,6 +186,9 @@ def engine_kwargs(config: TRJacobiConfig | None = None, max_num_seqs: int = 16,
     }
     if cuda:
         kwargs.update(cuda_engine_kwargs(config))
+    else:
+        # vLLM-CPU always runs the multiprocess executor; ours saves its per-step draft RPC.
+        kwargs["distributed_executor_backend"] = EXECUTOR_PATH
     return kwargs
 
 

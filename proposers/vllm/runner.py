@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -63,12 +64,14 @@ from kernels.tree_step import build_kernel_tree_step
 from proposers.tree import TreeSpec
 from proposers.verify import accept
 from proposers.vllm.config import (
+    EXECUTOR_PATH,
     KV_CACHE_SPACE_ENV,
     SCHEDULER_PATH,
     GiB,
     TRJacobiConfig,
     available_memory,
 )
+from proposers.vllm.executor import TRJacobiExecutor, attach_drafts
 from proposers.vllm.proposer import BatchFeedback, TRJacobiProposer
 from proposers.vllm.scheduler import waiting_requests
 from proposers.vllm.tree_attention import (
@@ -579,9 +582,22 @@ class TRJacobiWorker(CPUWorker):
             register_tree_backend()  # before the model (and its attention) is built
         super().init_device()
         self.model_runner = TRJacobiRunner(self.vllm_config, torch.device("cpu"))
+        # Our executor takes each step's drafts from its output (executor.py); under
+        # another executor vLLM's own RPC fetches them.
+        self._carry_drafts = (self.vllm_config.parallel_config.distributed_executor_backend
+                              in (EXECUTOR_PATH, TRJacobiExecutor))
+        self._carried_steps = 0
+
+    def sample_tokens(self, grammar_output):
+        output = super().sample_tokens(grammar_output)
+        if self._carry_drafts and isinstance(output, ModelRunnerOutput):
+            output = attach_drafts(output, self.model_runner.take_draft_token_ids())
+            self._carried_steps += 1
+        return output
 
     def trjacobi_stats(self) -> dict:
-        return self.model_runner.trjacobi_stats()
+        # Steps whose drafts rode their output (no take_draft_token_ids RPC).
+        return {**self.model_runner.trjacobi_stats(), "carried_draft_steps": self._carried_steps}
 
 
 class TRJacobiGPUWorker(GPUWorker):
