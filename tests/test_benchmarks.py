@@ -69,3 +69,34 @@ def test_step_split_accounts_for_the_whole_wall_time():
     assert d["rungs"] == {"none": 4, "chain": 1}
     rows = [{"group": "qa", "on": d, "off": {**d, "wall": 5.0}}]
     assert summarise(rows)["qa"]["speedup_on_over_off"] == 2.0
+    assert "plain" not in summarise(rows)["qa"]
+    # --plain: plain vLLM's row, from the timing worker's counters, in the same split.
+    rows[0]["plain"] = {**d, "wall": 4.0}
+    cell = summarise(rows)["qa"]
+    assert cell["plain"]["wall"] == 4.0 and cell["speedup_off_over_plain"] == 0.8
+
+
+def test_timing_worker_counts_steps_and_the_gaps_between_them(monkeypatch):
+    """The plain engine's step clock (`--plain`): a step runs from execute_model to the
+    end of sample_tokens; a short gap before the next step counts, an idle one not."""
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    from benchmarks.vllm import timing_worker
+    from benchmarks.vllm.timing_worker import TimingCPUWorker
+
+    clock = iter([0.0, 0.05, 0.06, 0.11, 5.0, 5.05])
+    monkeypatch.setattr(timing_worker.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(CPUWorker, "init_device", lambda self: None)
+    monkeypatch.setattr(CPUWorker, "execute_model", lambda self, so: None)
+    monkeypatch.setattr(CPUWorker, "sample_tokens", lambda self, go: "output")
+    worker = object.__new__(TimingCPUWorker)
+    worker.init_device()
+    for _ in range(3):
+        worker.execute_model(SimpleNamespace(total_num_scheduled_tokens=8))
+        assert worker.sample_tokens(None) == "output"
+    stats = worker.trjacobi_stats()
+    assert stats["paths"]["plain"]["steps"] == 3 and stats["paths"]["plain"]["tokens"] == 24
+    assert abs(stats["paths"]["plain"]["seconds"] - 0.15) < 1e-9
+    assert abs(stats["between_steps_seconds"] - 0.01) < 1e-9  # 0.05 -> 0.06; 0.11 -> 5.0 idle

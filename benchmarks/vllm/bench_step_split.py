@@ -11,6 +11,9 @@ warm-up state in the comparison.
 
     python -m benchmarks.vllm.bench_step_split --model msn --groups mt_bench qa --repeats 3
 
+`--plain` adds plain vLLM (no plugin) with the same step clock (`timing_worker.py`), in
+the rotation: what the drafting-off engine pays against plain vLLM, split the same way.
+
 Writes `<out>.json` and `<out>.png` (default benchmarks/results/vllm_cpu_step_split).
 """
 
@@ -27,8 +30,10 @@ from pathlib import Path
 
 from benchmarks.vllm.bench_interleaved import SETTLE_SECONDS, WARM_TOKENS
 from benchmarks.vllm.bench_vllm import ENGINE_ENV, GROUPS, ROOT, group_questions, workload_args
+from benchmarks.vllm.timing_worker import WORKER_PATH as TIMING_WORKER
 
 PARTS = ("steps_seconds", "draft_seconds", "between_seconds", "other_seconds")
+SIDES = ("on", "off", "plain")
 
 
 def delta(s0: dict, s1: dict, wall: float) -> dict:
@@ -47,15 +52,20 @@ def delta(s0: dict, s1: dict, wall: float) -> dict:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Per group: medians of each part for drafting on and off, and of the paired wall
-    ratio off / on (above 1: the plugin's run was faster)."""
+    """Per group: medians of each part for drafting on and off (and plain vLLM when it
+    ran), and of the paired wall ratios off / on (above 1: the plugin's run was faster)
+    and plain / off (above 1: the drafting-off engine was faster than plain vLLM)."""
     out = {}
     for group in dict.fromkeys(r["group"] for r in rows):
         cells = [r for r in rows if r["group"] == group]
+        sides = [s for s in SIDES if s in cells[0]]
         table = {side: {k: round(statistics.median(c[side][k] for c in cells), 4)
-                        for k in ("wall", "steps", *PARTS)} for side in ("on", "off")}
+                        for k in ("wall", "steps", *PARTS)} for side in sides}
         table["speedup_on_over_off"] = round(statistics.median(
             c["off"]["wall"] / c["on"]["wall"] for c in cells), 3)
+        if "plain" in sides:
+            table["speedup_off_over_plain"] = round(statistics.median(
+                c["plain"]["wall"] / c["off"]["wall"] for c in cells), 3)
         table["repeats"] = len(cells)
         out[group] = table
     return out
@@ -68,20 +78,24 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = list(summary)
-    fig, ax = plt.subplots(figsize=(2.2 * len(groups) + 2, 4))
+    sides = [s for s in SIDES if s in summary[groups[0]]]
+    width = 0.8 / len(sides)
+    fig, ax = plt.subplots(figsize=(1.1 * len(sides) * len(groups) + 2, 4))
     for gi, group in enumerate(groups):
-        for si, side in enumerate(("on", "off")):
+        for si, side in enumerate(sides):
             bottom = 0.0
             for pi, part in enumerate(PARTS):
                 value = summary[group][side][part]
-                ax.bar(gi + si * 0.4, value, 0.35, bottom=bottom, color=f"C{pi}",
+                ax.bar(gi + si * width, value, width * 0.9, bottom=bottom, color=f"C{pi}",
                        label=part.replace("_", " ") if gi == 0 and si == 0 else None)
                 bottom += value
-            ax.text(gi + si * 0.4, bottom, f"drafting {side}\n{summary[group][side]['steps']:.0f} steps",
+            label = "plain vLLM" if side == "plain" else f"drafting {side}"
+            ax.text(gi + si * width, bottom, f"{label}\n{summary[group][side]['steps']:.0f} steps",
                     ha="center", va="bottom", fontsize=7)
-    ax.set_xticks([g + 0.2 for g in range(len(groups))], groups)
+    ax.set_xticks([g + width * (len(sides) - 1) / 2 for g in range(len(groups))], groups)
     ax.set_ylabel("seconds per batch (median)")
-    ax.set_title("plugin engine: where a batch's time goes, drafting on vs off", fontsize=9)
+    ax.set_title("where a batch's time goes: plugin engine drafting on vs off"
+                 + (", plain vLLM" if "plain" in sides else ""), fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
@@ -97,8 +111,12 @@ def run(args) -> list[dict]:
     model = str(resolve_model(args.model))
     tok = AutoTokenizer.from_pretrained(model)
     batch = args.batch_sizes[0]
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, seed=0, max_model_len=4096,
-              disable_log_stats=False, **engine_kwargs(max_num_seqs=batch))
+    common = {"model": model, "dtype": "float32", "enforce_eager": True, "seed": 0,
+              "max_model_len": 4096, "disable_log_stats": False}
+    engines = {"on": LLM(**common, **engine_kwargs(max_num_seqs=batch))}
+    engines["off"] = engines["on"]
+    if args.plain:
+        engines["plain"] = LLM(**common, max_num_seqs=batch, worker_cls=TIMING_WORKER)
     questions = group_questions(Path(args.dev_set), args.per_group)
 
     def chat(q: str) -> str:
@@ -108,16 +126,21 @@ def run(args) -> list[dict]:
     params = {"on": SamplingParams(temperature=0.0, max_tokens=args.max_tokens),
               "off": SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
                                     extra_args={"trjacobi": "off"})}
+    params["plain"] = params["on"]
     warm = SamplingParams(temperature=0.0, max_tokens=WARM_TOKENS, extra_args={"trjacobi": "off"})
-    llm.generate([chat("Hello")], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    for llm in set(engines.values()):
+        llm.generate([chat("Hello")], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    sides = list(engines)
     rows = []
     for repeat in range(args.repeats):
         for gi, group in enumerate(args.groups):
             prompts = [chat(questions[group][i % len(questions[group])]) for i in range(batch)]
             row: dict = {"repeat": repeat, "group": group}
-            order = ("on", "off") if (repeat + gi) % 2 == 0 else ("off", "on")
+            k = (repeat + gi) % len(sides)
+            order = sides[k:] + sides[:k]
             outputs = {}
             for side in order:
+                llm = engines[side]
                 llm.generate(prompts[:1], warm, use_tqdm=False)
                 time.sleep(SETTLE_SECONDS)
                 s0 = llm.collective_rpc("trjacobi_stats")[0]
@@ -127,13 +150,17 @@ def run(args) -> list[dict]:
                 row[side] = delta(s0, llm.collective_rpc("trjacobi_stats")[0], wall)
                 outputs[side] = [list(o.outputs[0].token_ids) for o in outs]
             row["order"] = list(order)
-            row["identical_outputs"] = outputs["on"] == outputs["off"]
+            row["identical_outputs"] = all(o == outputs["on"] for o in outputs.values())
             rows.append(row)
             print(f"repeat {repeat} {group:15s}: on {row['on']['wall']:.2f} s "
                   f"({row['on']['steps']} steps), off {row['off']['wall']:.2f} s "
                   f"({row['off']['steps']} steps); on: drafting {row['on']['draft_seconds']:.3f} s, "
-                  f"between steps {row['on']['between_seconds']:.3f} s, rungs {row['on']['rungs']}"
-                  f"{'' if row['identical_outputs'] else '  OUTPUTS DIFFER'}", flush=True)
+                  f"between steps {row['on']['between_seconds']:.3f} s (off "
+                  f"{row['off']['between_seconds']:.3f} s), rungs {row['on']['rungs']}"
+                  + (f"; plain {row['plain']['wall']:.2f} s, steps "
+                     f"{row['plain']['steps_seconds']:.3f} s, between "
+                     f"{row['plain']['between_seconds']:.3f} s" if "plain" in row else "")
+                  + ("" if row["identical_outputs"] else "  OUTPUTS DIFFER"), flush=True)
     return rows
 
 
@@ -142,6 +169,8 @@ def main() -> None:
     workload_args(ap, [8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--groups", nargs="+", choices=GROUPS, default=GROUPS)
+    ap.add_argument("--plain", action="store_true",
+                    help="also plain vLLM, with the same step clock (timing_worker.py)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_cpu_step_split"))
     args = ap.parse_args()
     if args.repeats < 1 or args.per_group < 1 or len(args.batch_sizes) != 1 \
@@ -156,14 +185,15 @@ def main() -> None:
     meta = {"command": "python -m benchmarks.vllm.bench_step_split " + shlex.join(sys.argv[1:]),
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model,
             "batch": args.batch_sizes[0], "max_tokens": args.max_tokens,
-            "per_group": args.per_group, "repeats": args.repeats, "device": "cpu",
+            "per_group": args.per_group, "repeats": args.repeats, "plain": args.plain,
+            "device": "cpu",
             "dtype": "float32", "greedy": True}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary,
                                                     "rows": rows}, indent=1))
     plot(summary, out.with_suffix(".png"))
     print(json.dumps({"meta": meta, "summary": summary}, indent=1))
     if not all(r["identical_outputs"] for r in rows):
-        sys.exit("drafting on and off gave different outputs")
+        sys.exit("the engines' outputs differ")
 
 
 if __name__ == "__main__":

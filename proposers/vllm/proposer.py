@@ -15,7 +15,9 @@ chains, verified by vLLM's own rejection sampler.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -30,6 +32,10 @@ from proposers.vllm.planner import FEEDBACK, KERNEL, NONE, SAMPLED, TREE, CostPl
 from proposers.vllm.version import check_vllm_version
 
 logger = logging.getLogger(__name__)
+
+# Set to a file path to append one JSON line per planned step (features, scales, the
+# rungs chosen, the cost lines and estimates the planner used): for diagnosing plans.
+TRACE_ENV = "MSN_TRJACOBI_TRACE"
 
 # The planner's chain rung: the retrieval chain when the context repeats, else Jacobi.
 CHAIN_RUNG = "chain"
@@ -123,6 +129,8 @@ class TRJacobiProposer:
         self.batch: BatchFeedback | None = None
         self.num_proposals = 0
         self.num_feedback_proposals = 0
+        trace = os.environ.get(TRACE_ENV)
+        self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115
 
     def chain_tree(self, length: int) -> TreeSpec:
         """Chain shape for drafts we did not plan (e.g. vLLM's placeholders on resume)."""
@@ -182,6 +190,9 @@ class TRJacobiProposer:
                                                    batch=len(rows), scales=scales,
                                                    closed=batch.closed
                                                    and bool(self.config.closed_batches))))
+        if self._trace is not None and planned:
+            self._write_trace([features[r] for r in planned], scales,
+                              [rungs[r] for r in planned], batch.closed)
         for row in rows:
             req_id, mode = batch.req_ids[row], batch.modes[row]
             state = self.states.setdefault(req_id, RequestState())
@@ -201,6 +212,17 @@ class TRJacobiProposer:
             self.num_proposals += plan is not None  # request-steps that drafted
             drafts[row] = list(plan.tokens) if plan else []
         return drafts
+
+    def _write_trace(self, features, scales, rungs, closed) -> None:
+        planner = self.planner
+        self._trace.write(json.dumps({
+            "step": planner.step, "closed": closed, "features": features,
+            "scales": [round(x, 3) for x in scales], "rungs": rungs,
+            "lines": {p: line.coefficients() for p, line in planner.lines.items()},
+            "estimates": {f"{r}@{f}": [round(e.accepted.value, 3), round(e.nodes.value, 2)]
+                          for (r, f), e in planner.estimates.items()
+                          if f in features and e.accepted.value is not None},
+        }) + "\n")
 
     def _feature(self, context: torch.Tensor, req_id: str, sampled: bool) -> int:
         """The planner's per-request feature: retrieval match length, feedback at hand,
