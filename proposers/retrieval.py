@@ -7,6 +7,7 @@ n-grams are tried when the long one never occurred, so a fresh context still get
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -25,15 +26,31 @@ def ngram_match(
     context: torch.Tensor, max_tokens: int, max_ngram: int = 3, min_ngram: int = 1
 ) -> tuple[torch.Tensor, int]:
     """`ngram_lookup`, plus the length of the matched n-gram (0 when nothing matched):
-    a longer match predicts the continuation better (the vLLM planner's feature)."""
+    a longer match predicts the continuation better (the vLLM planner's feature).
+
+    One pass on the host: every earlier position holding the newest token is a candidate
+    match end; the candidates are extended backwards up to `max_ngram` tokens; the
+    longest match wins, the most recent among equals. (The vLLM proposer calls this for
+    every request at every step: 8 tries of per-n windows cost ~0.7 ms a step at batch 8.)
+    """
     n_ctx = context.numel()
-    for n in range(min(max_ngram, n_ctx - 1), min_ngram - 1, -1):
-        suffix = context[n_ctx - n :]
-        # Windows starting at 0 .. n_ctx-n-1: every earlier occurrence (the suffix itself
-        # excluded), each followed by at least one token.
-        windows = context[: n_ctx - 1].unfold(0, n, 1)
-        hits = (windows == suffix).all(dim=1).nonzero().flatten()
-        if hits.numel():
-            start = int(hits[-1]) + n
-            return context[start : start + max_tokens], n
-    return context.new_empty(0), 0
+    longest = min(max_ngram, n_ctx - 1)
+    if longest < max(min_ngram, 1):
+        return context.new_empty(0), 0
+    ids = (context if context.device.type == "cpu" else context.cpu()).numpy()
+    # Candidate match ends e <= n_ctx - 2 (each followed by at least one token).
+    ends = np.flatnonzero(ids[: n_ctx - 1] == ids[-1])
+    if not ends.size:
+        return context.new_empty(0), 0
+    length = np.ones(ends.size, dtype=np.int64)
+    alive = np.ones(ends.size, dtype=bool)
+    for k in range(1, longest):
+        prev = ends - k
+        alive &= prev >= 0
+        alive[alive] = ids[prev[alive]] == ids[n_ctx - 1 - k]
+        length += alive
+    best = int(length.max())
+    if best < min_ngram:
+        return context.new_empty(0), 0
+    start = int(ends[np.flatnonzero(length == best)[-1]]) + 1
+    return context[start : start + max_tokens], best

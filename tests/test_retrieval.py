@@ -43,3 +43,34 @@ def test_ngram_match_reports_the_matched_length():
     tokens, n = ngram_match(torch.tensor([5, 7, 8, 7]), 4)
     assert (tokens.tolist(), n) == ([8, 7], 1)
     assert ngram_match(torch.tensor([1, 2, 3]), 4)[1] == 0
+
+
+def _ngram_match_by_windows(context, max_tokens, max_ngram=3, min_ngram=1):
+    """The definition, spelled out: for n from long to short, every window of n tokens
+    before the newest one, compared with the context's last n; the most recent wins."""
+    n_ctx = context.numel()
+    for n in range(min(max_ngram, n_ctx - 1), min_ngram - 1, -1):
+        windows = context[: n_ctx - 1].unfold(0, n, 1)
+        hits = (windows == context[n_ctx - n:]).all(dim=1).nonzero().flatten()
+        if hits.numel():
+            start = int(hits[-1]) + n
+            return context[start : start + max_tokens].tolist(), n
+    return [], 0
+
+
+def test_ngram_match_equals_its_definition_on_random_contexts():
+    """The one-pass search finds what the window-by-window definition finds: small
+    vocabularies (many repeats, long matches) and large ones (few), every n range."""
+    from proposers.retrieval import ngram_match
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(600):
+        vocab = (2, 3, 5, 50)[trial % 4]
+        ctx = torch.randint(0, vocab, (int(torch.randint(1, 40, (1,), generator=gen)),),
+                            generator=gen)
+        max_ngram = 1 + trial % 4
+        min_ngram = 1 + (trial // 4) % 2
+        max_tokens = 1 + trial % 6
+        got, n = ngram_match(ctx, max_tokens, max_ngram, min_ngram)
+        assert (got.tolist(), n) == _ngram_match_by_windows(ctx, max_tokens, max_ngram,
+                                                             min_ngram), (ctx, max_ngram)

@@ -309,7 +309,7 @@ def test_request_skill_tracks_its_own_acceptance_and_fades_back():
 
 
 def test_planner_probes_untried_rungs_then_settles():
-    p = CostPlanner([("chain", "kernel"), ("tree-8", "tree")])
+    p = CostPlanner([("chain", "kernel"), ("tree-8", "tree")], probe_share=1.0)
     p.plan([2])  # no cost data yet: measure plain decoding first
     assert p.history == {NONE: 1}
     for _ in range(5):
@@ -330,12 +330,35 @@ def test_planner_probes_untried_rungs_then_settles():
 def test_planner_untried_trees_do_not_speed_up_chain_probes():
     """Known chain pairs are re-probed at the slow cadence even while tree pairs wait
     for their (slower) probe slot."""
-    p = CostPlanner([("chain", "kernel"), ("tree-8", "tree")], tree_probe_every=10**9)
+    p = CostPlanner([("chain", "kernel"), ("tree-8", "tree")], tree_probe_every=10**9,
+                    probe_share=1.0)
     for _ in range(5):
         p.record_step("kernel", 1, 0.01)
     p.record_request("chain", 1, 5, 0)  # known, never pays
     plans = [r for _ in range(64) for r in p.plan([1])]
     assert plans.count("chain") == 4 and "tree-8" not in plans
+
+
+def test_planner_probes_within_their_budget():
+    """Probes cost at most `probe_share` of the expected step time: where a probe costs
+    about a whole step (batch 8 on 2 cores) they thin out far below the cadence; where
+    it is cheap (batch 1, weight-bound steps) the cadence decides."""
+    def probes(batch: int, step: float, slope: float) -> int:
+        p = CostPlanner([("chain", "kernel")], probe_share=0.01)
+        for tokens in (batch, batch + 20):  # a fitted line: step seconds at `batch`
+            for _ in range(3):
+                p.record_step("kernel", tokens, step + slope * (tokens - batch))
+        p.record_request("chain", 1, 16, 0)  # known, never pays: only probes draft
+        plans = [p.plan([1] * batch, closed=True) for _ in range(640)]
+        assert p.probes == sum(sum(r != NONE for r in plan) for plan in plans)
+        return p.probes
+
+    # batch 8: a 16-node probe costs 16 * 2 ms = 32 ms against 1% of a 48 ms step: one
+    # per ~67 steps, plus a fresh planner's budget (PROBE_CREDIT_STEPS: ~4 probes), where
+    # the cadence alone would make 40.
+    assert 11 <= probes(8, 0.048, 0.002) <= 14
+    # batch 1: 16 * 0.1 ms against 1% of 40 ms: the cadence (one per 16 steps) decides.
+    assert probes(1, 0.040, 0.0001) == 640 // 16
 
 
 def test_planner_without_cost_awareness_always_drafts_the_largest_rung():
@@ -1015,22 +1038,27 @@ def test_cost_line_keeps_its_slope_while_steps_have_one_size():
 
 
 def test_planner_settings_reach_the_planner():
-    """`TRJacobiConfig.min_gain` (the margin a plan must clear over not drafting) and
-    `closed_value` travel through vLLM's config to the planner; bad values are refused
-    up front."""
+    """`TRJacobiConfig.min_gain` (the margin a plan must clear over not drafting),
+    `closed_value` and `probe_share` travel through vLLM's config to the planner; bad
+    values are refused up front."""
     import types
 
     from proposers.vllm.config import TRJacobiConfig, engine_kwargs
-    from proposers.vllm.planner import MIN_GAIN
+    from proposers.vllm.planner import MIN_GAIN, PROBE_SHARE
     from proposers.vllm.proposer import TRJacobiProposer
 
     assert TRJacobiConfig().min_gain == MIN_GAIN
     assert TRJacobiConfig().closed_value == "sum"
-    kwargs = engine_kwargs(TRJacobiConfig(mode="chain", min_gain=0.1, closed_value="least"))
+    assert TRJacobiConfig().probe_share == PROBE_SHARE
+    kwargs = engine_kwargs(TRJacobiConfig(mode="chain", min_gain=0.1, closed_value="least",
+                                          probe_share=0.05))
     p = TRJacobiProposer(types.SimpleNamespace(
         speculative_config=types.SimpleNamespace(num_speculative_tokens=10),
         additional_config=kwargs["additional_config"]))
     assert (p.planner.min_gain, p.planner.closed_value) == (0.1, "least")
-    for bad in ({"min_gain": -0.01}, {"min_gain": 1.0}, {"closed_value": "max"}):
+    assert p.planner.probe_share == 0.05
+    assert p.planner.max_nodes["chain"] == 10  # retrieval-10, the longer chain template
+    for bad in ({"min_gain": -0.01}, {"min_gain": 1.0}, {"closed_value": "max"},
+                {"probe_share": -0.1}, {"probe_share": 1.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TRJacobiConfig(**bad)

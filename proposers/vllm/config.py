@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from proposers.templates import load_template
-from proposers.vllm.planner import CLOSED_VALUES, MIN_GAIN
+from proposers.vllm.planner import CLOSED_VALUES, MIN_GAIN, PROBE_SHARE
 
 PROPOSER_PATH = "proposers.vllm.TRJacobiProposer"
 WORKER_PATH = "proposers.vllm.runner.TRJacobiWorker"  # vLLM-CPU
@@ -72,6 +72,9 @@ class TRJacobiConfig:
     # How a closed batch values a drafting plan (planner.CLOSED_VALUES): "sum" (default)
     # every accepted token, "least" the least-advanced request times the batch size.
     closed_value: str = "sum"
+    # Probes (drafts the planner makes to keep its estimates fresh) may cost at most
+    # this share of the expected step time (planner.PROBE_SHARE).
+    probe_share: float = PROBE_SHARE
     max_ngram: int = 3
     seed: int = 0
 
@@ -88,6 +91,8 @@ class TRJacobiConfig:
                              f"got {self.closed_value!r}")
         if not 0.0 <= self.min_gain < 1.0:
             raise ValueError(f"trjacobi min_gain must be in [0, 1), got {self.min_gain!r}")
+        if not 0.0 <= self.probe_share <= 1.0:
+            raise ValueError(f"trjacobi probe_share must be in [0, 1], got {self.probe_share!r}")
         object.__setattr__(self, "templates", tuple(self.templates))
 
     @classmethod

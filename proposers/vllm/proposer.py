@@ -121,9 +121,13 @@ class TRJacobiProposer:
                       for n in self.config.templates]
         else:  # no tree ladder (config.draft_templates): planned requests get chains
             rungs = [(CHAIN_RUNG, KERNEL)]
+        sizes = {n: t.num_nodes for n, t in self.trees.items()}
+        sizes[CHAIN_RUNG] = max(sizes.get(self.config.chain_template, 0),
+                                sizes.get(self.config.retrieval_template, 0))
         self.planner = CostPlanner(rungs, cost_aware=self.config.cost_aware,
                                    min_gain=self.config.min_gain,
-                                   closed_value=self.config.closed_value)
+                                   closed_value=self.config.closed_value,
+                                   probe_share=self.config.probe_share, max_nodes=sizes)
         self.states: dict[str, RequestState] = {}
         self._chains: dict[int, TreeSpec] = {}
         self.batch: BatchFeedback | None = None

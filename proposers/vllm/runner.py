@@ -380,6 +380,7 @@ class TRJacobiRunnerMixin:
             "sampled_unspeculated": self.sampled_unspeculated,
             "rungs": dict(self.trj.planner.history),
             "closed_batch_steps": self.trj.planner.closed_steps,
+            "probes": self.trj.planner.probes,
             "paths": {p: {"steps": n, "tokens": t, "seconds": round(sec, 4)}
                       for p, (n, t, sec) in self.path_stats.items()},
             "draft_seconds": round(self.draft_seconds, 4),
