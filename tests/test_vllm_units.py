@@ -669,6 +669,78 @@ def test_proposer_plans_per_request():
     assert p.plan_for("c").rung == "chain" and p.plan_for("c").is_chain
 
 
+def test_shadow_accepted_is_the_chains_matching_prefix():
+    from proposers.vllm.proposer import shadow_accepted
+
+    assert shadow_accepted((4, 5, 6), [4, 9]) == 1  # differs at the second token
+    assert shadow_accepted((4, 5, 6), [7]) == 0
+    assert shadow_accepted((4, 5, 6), [4, 5]) is None  # matches so far: undecided
+    assert shadow_accepted((4, 5, 6), []) is None
+    assert shadow_accepted((4, 5, 6), [4, 5, 6]) == 3
+
+
+def test_shadow_drafts_teach_the_planner_without_drafting():
+    """A greedy request that drafts nothing still teaches the planner what its
+    retrieval chain would have got: judged against the tokens it then produced, recorded
+    for the chain rung at its feature and in its own record, and no chain probe is
+    needed for that feature meanwhile. Sampled requests and fill_noise configs (whose
+    chains the shadow could not mirror) make none."""
+    import types
+
+    import numpy as np
+
+    from proposers.vllm.config import TRJacobiConfig
+    from proposers.vllm.proposer import CHAIN_RUNG, BatchFeedback, TRJacobiProposer
+
+    def proposer(**cfg):
+        config = TRJacobiConfig(templates=("tree-8",), **cfg)
+        return TRJacobiProposer(types.SimpleNamespace(
+            speculative_config=types.SimpleNamespace(
+                num_speculative_tokens=config.max_draft_tokens()),
+            additional_config={"trjacobi": config.to_dict()}))
+
+    # "a" ends with 5 6 7, seen before followed by 8 9 5 6 7: a 3-gram hit (feature 3).
+    text = [5, 6, 7, 8, 9, 5, 6, 7]
+    p = proposer()
+    for _ in range(5):
+        p.planner.record_step("kernel", 1, 0.030)
+        p.planner.record_step("kernel", 20, 0.090)  # drafting never pays here
+    p.planner.probe_share = 0.0  # and nothing is probed
+
+    def step(tokens, mode="tree"):
+        p.set_target_feedback(BatchFeedback(["a"], [mode]))
+        return p.propose([[1]], np.array([len(tokens)]), np.array([tokens]))
+
+    outcomes = []
+    record = p.record_outcome
+    p.record_outcome = lambda *a: outcomes.append(a) or record(*a)
+    assert step(text) == [[]]  # nothing drafted...
+    assert [sh.tokens for sh in p.states["a"].shadows] == [(8, 9, 5, 6, 7)]
+    assert p.planner.expected_accepted(CHAIN_RUNG, 3) is None
+    # ...the request goes on with 8 9 5 (the chain's first 3 tokens), then 1, not 6.
+    step(text + [8])
+    step(text + [8, 9])
+    assert outcomes == []  # the first shadow still matches: undecided
+    step(text + [8, 9, 5])
+    step(text + [8, 9, 5, 1])
+    # Every step made a shadow (each context ends with a 3-gram seen before): the chains
+    # 8 9 5 6 7, 9 5 6 7 8, 5 6 7 8 9 and 6 7 8 9 5 met 8 9 5 1, 9 5 1, 5 1 and 1.
+    assert outcomes == [("a", CHAIN_RUNG, 3, 5, n) for n in (3, 2, 1, 0)]
+    assert p.num_shadow_outcomes == len(outcomes)
+    # Fresh: marked used when judged, just before this step's plan.
+    assert p.planner.estimates[(CHAIN_RUNG, 3)].last_used == p.planner.step - 1
+    assert p.states["a"].expected > 0  # the request's own record counts them too
+
+    p = proposer()
+    p.set_target_feedback(BatchFeedback(["s"], ["auto"]))  # sampled
+    p.propose([[1]], np.array([len(text)]), np.array([text]))
+    assert not p.states["s"].shadows
+    p = proposer(fill_noise=True)
+    p.set_target_feedback(BatchFeedback(["a"], ["tree"]))
+    p.propose([[1]], np.array([len(text)]), np.array([text]))
+    assert not p.states["a"].shadows
+
+
 def test_chain_modes_need_no_tree_templates():
     """In chain / retrieval / off modes no request gets a tree: `engine_kwargs` sizes
     num_speculative_tokens without the tree ladder, and the proposer neither compiles

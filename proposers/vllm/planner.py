@@ -189,6 +189,11 @@ class CostPlanner:
         est.accepted.add(float(num_accepted))
         est.nodes.add(float(num_nodes))
 
+    def last_used(self, rung: str, feature: int) -> None:
+        """Mark (rung, feature) as fresh: an outcome arrived without a draft (the
+        proposer's shadow drafts), so it needs no probe now."""
+        self._estimate(rung, feature).last_used = self.step
+
     def _estimate(self, rung: str, feature: int) -> _Estimate:
         return self.estimates.setdefault((rung, feature), _Estimate())
 

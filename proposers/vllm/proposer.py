@@ -75,12 +75,41 @@ SKILL_DECAY, SKILL_FADE, SKILL_PRIOR = 0.7, 0.98, 1.0
 SKILL_RANGE = (0.1, 3.0)
 
 
+# Shadow drafts (see `TRJacobiProposer._shadow`): at most this many pending per request.
+MAX_SHADOWS = 16
+
+
+@dataclass(frozen=True)
+class Shadow:
+    """A retrieval chain a greedy request could have drafted but did not."""
+
+    start: int  # context length then: the chain would have continued from here
+    feature: int
+    tokens: tuple[int, ...]
+
+
+def shadow_accepted(tokens: tuple[int, ...], actual) -> int | None:
+    """Draft tokens a chain `tokens` would have had accepted, judged against the tokens
+    the request produced after it (`actual`, known so far); None while undecided.
+
+    Under greedy decoding the output is the same whether or not a step drafted (that is
+    the plugin's exactness), and a chain's accepted length is its longest prefix equal
+    to that output: known as soon as a token differs or the whole chain matched."""
+    accepted = 0
+    for draft, token in zip(tokens, actual):
+        if draft != token:
+            return accepted
+        accepted += 1
+    return accepted if accepted == len(tokens) else None
+
+
 @dataclass
 class RequestState:
     feedback: torch.Tensor | None = None
     plan: DraftPlan | None = None
     accepted: float = 0.0  # decaying sum of accepted draft tokens
     expected: float = 0.0  # decaying sum of what the shared estimates expected
+    shadows: list[Shadow] = field(default_factory=list)
 
     @property
     def skill(self) -> float:
@@ -133,6 +162,10 @@ class TRJacobiProposer:
         self.batch: BatchFeedback | None = None
         self.num_proposals = 0
         self.num_feedback_proposals = 0
+        self.num_shadow_outcomes = 0  # shadow drafts judged (`_shadow`)
+        # Shadows mirror the retrieval chain exactly only when empty slots are pruned.
+        self.shadows = not self.config.fill_noise
+        self.retrieval_depth = self.trees[self.config.retrieval_template].max_depth
         trace = os.environ.get(TRACE_ENV)
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115
 
@@ -185,9 +218,15 @@ class TRJacobiProposer:
         # Planned requests (greedy trees, sampled "auto" chains): the planner picks each
         # one's rung (or none) for this step.
         planned = [row for row in rows if batch.modes[row] in PLANNED_MODES]
+        lookups = {row: ngram_match(contexts[row], self.retrieval_depth, self.config.max_ngram)
+                   for row in planned}
         features = {row: self._feature(contexts[row], batch.req_ids[row],
-                                       sampled=batch.modes[row] == "auto")
+                                       sampled=batch.modes[row] == "auto",
+                                       match=lookups[row][1])
                     for row in planned}
+        if self.shadows:
+            for row in planned:
+                self._judge_shadows(batch.req_ids[row], contexts[row])
         scales = [self.states[batch.req_ids[r]].skill if batch.req_ids[r] in self.states
                   else 1.0 for r in planned]
         rungs = dict(zip(planned, self.planner.plan([features[r] for r in planned],
@@ -209,6 +248,9 @@ class TRJacobiProposer:
                     state.fade()
             else:  # chain / retrieval, as the request asked
                 plan = self._chain(context, state.feedback, jacobi=mode == "chain")
+            if (self.shadows and mode == "tree" and rungs.get(row) != CHAIN_RUNG
+                    and lookups[row][0].numel()):
+                self._shadow(state, features[row], contexts[row], lookups[row][0])
             if mode != "off" and state.feedback is not None and state.feedback.numel():
                 self.num_feedback_proposals += 1
             state.plan = plan
@@ -228,13 +270,47 @@ class TRJacobiProposer:
                           if f in features and e.accepted.value is not None},
         }) + "\n")
 
-    def _feature(self, context: torch.Tensor, req_id: str, sampled: bool) -> int:
-        """The planner's per-request feature: retrieval match length, feedback at hand,
-        sampled or not (planner.py)."""
+    def _feature(self, context: torch.Tensor, req_id: str, sampled: bool,
+                 match: int | None = None) -> int:
+        """The planner's per-request feature: retrieval match length (`match`, when
+        the caller has looked it up), feedback at hand, sampled or not (planner.py)."""
         state = self.states.get(req_id)
         feedback = state is not None and state.feedback is not None and state.feedback.numel()
-        return (ngram_match(context, 1, self.config.max_ngram)[1]
-                + (FEEDBACK if feedback else 0) + (SAMPLED if sampled else 0))
+        if match is None:
+            match = ngram_match(context, 1, self.config.max_ngram)[1]
+        return match + (FEEDBACK if feedback else 0) + (SAMPLED if sampled else 0)
+
+    # Shadow drafts: a greedy request that does not draft the chain rung this step
+    # records the retrieval chain that rung would have drafted (the same lookup, made
+    # for its feature anyway); once the request's next tokens show how much of it would
+    # have been accepted (`shadow_accepted`), the planner and the request's own record
+    # learn it, as from a drafted chain, at no compute. Retrieval hits come and go with
+    # the text (translation and rag against qa and math at batch 8), and estimates that
+    # only drafts and probes refreshed went stale while drafting was off: a batch of
+    # translation requests after qa then drafted nothing. Jacobi chains (feedback) and
+    # trees need the model's outputs at their positions, so they are still probed.
+    def _shadow(self, state: RequestState, feature: int, context: torch.Tensor,
+                found: torch.Tensor) -> None:
+        if len(state.shadows) >= MAX_SHADOWS:
+            state.shadows.pop(0)
+        state.shadows.append(Shadow(context.numel(), feature, tuple(found.tolist())))
+
+    def _judge_shadows(self, req_id: str, context: torch.Tensor) -> None:
+        state = self.states.get(req_id)
+        if state is None or not state.shadows:
+            return
+        pending = []
+        for shadow in state.shadows:
+            actual = context[shadow.start: shadow.start + len(shadow.tokens)].tolist()
+            accepted = shadow_accepted(shadow.tokens, actual)
+            if accepted is None:
+                pending.append(shadow)
+                continue
+            self.num_shadow_outcomes += 1
+            self.planner.last_used(CHAIN_RUNG, shadow.feature)
+            self.record_outcome(req_id, CHAIN_RUNG, shadow.feature, len(shadow.tokens),
+                                accepted)
+        state.shadows = pending
 
     def _plan_rung(self, rung: str, feature: int, context: torch.Tensor,
                    feedback: torch.Tensor | None) -> DraftPlan | None:

@@ -377,6 +377,7 @@ class TRJacobiRunnerMixin:
             "compactions": self.compactions,
             "proposals": self.trj.num_proposals,
             "feedback_proposals": self.trj.num_feedback_proposals,
+            "shadow_outcomes": self.trj.num_shadow_outcomes,
             "sampled_unspeculated": self.sampled_unspeculated,
             "rungs": dict(self.trj.planner.history),
             "closed_batch_steps": self.trj.planner.closed_steps,
