@@ -141,6 +141,30 @@ def test_closed_batch_least_value_needs_every_request_to_advance():
         type(p)([("chain", "kernel")], closed_value="max")
 
 
+def test_closed_batch_laggards_value_drafts_only_the_back_of_the_batch():
+    """closed_value="laggards": the batch ends with its requests that have the most
+    tokens left, so only they may draft, all together, valued by the least of them;
+    the requests ahead draft nothing whatever they would accept."""
+    p = _trained_planner([("chain", "kernel")], kernel=[(8, 0.14), (80, 0.50)],
+                         closed_value="laggards")
+    p.record_request("chain", 3, 6, 3.0)
+    p.record_request("chain", 1, 6, 0.1)
+    hits = [3] * 7 + [1]
+    # The two at the back (40 left) hit: (8 + 8 * 3) / (0.10 + 0.005 * 20) = 160 tok/s.
+    left = [30, 40, 35, 40, 20, 30, 30, 10]
+    assert p.plan(hits, closed=True, remaining=left) == (
+        [NONE, "chain", NONE, "chain"] + [NONE] * 4)
+    # The one at the back will not advance: no one drafts (the others would, for "sum").
+    assert p.plan(hits, closed=True, remaining=[10] * 7 + [40]) == [NONE] * 8
+    # All tied: the whole batch is the back, as "least".
+    assert p.plan([3] * 8, closed=True, remaining=[50] * 8) == ["chain"] * 8
+    # Open batches and single requests are unchanged; without counts, as "sum".
+    assert p.plan(hits, remaining=left) == ["chain"] * 7 + [NONE]
+    assert p.plan(hits, closed=True) == ["chain"] * 8
+    with pytest.raises(ValueError, match="remaining"):
+        p.plan(hits, closed=True, remaining=[1, 2])
+
+
 def test_closed_batch_tree_plans_draft_together():
     """On the tree path too: once one request drafts a tree, the others draft (their
     best rung on the tree line) or the step does not draft at all."""

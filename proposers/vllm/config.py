@@ -70,7 +70,8 @@ class TRJacobiConfig:
     # is on average overestimated.
     min_gain: float = MIN_GAIN
     # How a closed batch values a drafting plan (planner.CLOSED_VALUES): "sum" (default)
-    # every accepted token, "least" the least-advanced request times the batch size.
+    # every accepted token, "least" the least-advanced request times the batch size,
+    # "laggards" only the requests with the most tokens left draft, valued by the least.
     closed_value: str = "sum"
     # Probes (drafts the planner makes to keep its estimates fresh) may cost at most
     # this share of the expected step time (planner.PROBE_SHARE).

@@ -78,7 +78,10 @@ MIN_GAIN = 0.03
 # open batch does); "least" counts the batch as advancing by its least-advanced planned
 # request (B times the smallest expected acceptance), since requests running side by
 # side to the same length finish with the slowest (module docstring, known gap).
-CLOSED_VALUES = ("sum", "least")
+# "laggards": only the requests with the most tokens left (`plan(..., remaining=)`) may
+# draft, all together, valued by the least of them: the batch ends with them, so what the
+# others accept shortens nothing, and drafting for them only adds cost.
+CLOSED_VALUES = ("sum", "least", "laggards")
 # Probes may cost at most this share of the expected step time (module docstring).
 PROBE_SHARE = 0.01
 # The budget holds at most this many steps' worth of credit (no burst after a lull).
@@ -199,7 +202,8 @@ class CostPlanner:
 
     # -- decisions -----------------------------------------------------------------
     def plan(self, features: list[int], batch: int | None = None,
-             scales: list[float] | None = None, closed: bool = False) -> list[str]:
+             scales: list[float] | None = None, closed: bool = False,
+             remaining: list[int] | None = None) -> list[str]:
         """A rung (or NONE) for each request in `features`, one step.
 
         `batch` is the number of decoding requests in the step (default: all of these);
@@ -207,7 +211,8 @@ class CostPlanner:
         the accepted tokens expected of request i (its own record against the shared
         estimates: a request whose text the drafts miss more than average drafts less).
         `closed`: no request waits for a slot, so the planned requests draft all together
-        or not at all (module docstring).
+        or not at all (module docstring). `remaining[i]`: tokens request i may still
+        produce (closed_value "laggards": only those with the most left may draft).
         """
         self.step += 1
         batch = len(features) if batch is None else batch
@@ -219,6 +224,17 @@ class CostPlanner:
         self.closed_steps += closed
         if not self.cost_aware:
             choice = [self._largest(f) for f in features]
+        elif closed and self.closed_value == "laggards" and remaining is not None:
+            if len(remaining) != len(features):
+                raise ValueError(f"{len(remaining)} remaining counts for {len(features)} requests")
+            back = max(remaining)
+            lag = [i for i, r in enumerate(remaining) if r >= back]
+            sub = self._best([features[i] for i in lag], batch, [scales[i] for i in lag],
+                             together=True, least=True)
+            choice = [NONE] * len(features)
+            for i, name in zip(lag, sub):
+                choice[i] = name
+            self._probe(features, choice, batch)
         else:
             choice = self._best(features, batch, scales, together=closed)
             self._probe(features, choice, batch)
@@ -245,9 +261,11 @@ class CostPlanner:
         return None if known is None else known[0]
 
     def _best(self, features: list[int], batch: int, scales: list[float],
-              together: bool = False) -> list[str]:
+              together: bool = False, least: bool | None = None) -> list[str]:
         """The plan of best expected rate, or no drafts unless it clears the margin.
-        `together`: every request drafts (its best known rung) or none does."""
+        `together`: every request drafts (its best known rung) or none does. `least`:
+        value a plan by its least-advanced request (default: a closed batch under
+        closed_value "least")."""
         kernel = self.lines[KERNEL].coefficients()
         if kernel is None:
             return [NONE] * len(features)  # first steps: measure plain decoding first
@@ -276,7 +294,8 @@ class CostPlanner:
         none = [NONE] * len(features)
         none_rate = self.rate(features, batch, none, scales)
         best, best_rate = none, none_rate
-        least = together and self.closed_value == "least"
+        if least is None:
+            least = together and self.closed_value == "least"
         for choice in candidates:
             rate = self.rate(features, batch, choice, scales, least=least)
             if rate is not None and rate > best_rate * 1.0001:

@@ -66,6 +66,8 @@ class BatchFeedback:
     # No request waits for a slot (the batch is all the work there is): the planner then
     # lets the batch draft all together or not at all (planner.py).
     closed: bool = False
+    # Per row: tokens the request may still produce (max_tokens, or the model length).
+    remaining: list[int] | None = None
 
 
 # A request's own acceptance record against the planner's shared estimates: each verified
@@ -229,10 +231,13 @@ class TRJacobiProposer:
                 self._judge_shadows(batch.req_ids[row], contexts[row])
         scales = [self.states[batch.req_ids[r]].skill if batch.req_ids[r] in self.states
                   else 1.0 for r in planned]
+        remaining = (None if batch.remaining is None
+                     else [batch.remaining[r] for r in planned])
         rungs = dict(zip(planned, self.planner.plan([features[r] for r in planned],
                                                    batch=len(rows), scales=scales,
                                                    closed=batch.closed
-                                                   and bool(self.config.closed_batches))))
+                                                   and bool(self.config.closed_batches),
+                                                   remaining=remaining)))
         if self._trace is not None and planned:
             self._write_trace([features[r] for r in planned], scales,
                               [rungs[r] for r in planned], batch.closed)

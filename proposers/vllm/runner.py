@@ -348,13 +348,24 @@ class TRJacobiRunnerMixin:
         req_ids = list(self.input_batch.req_ids)
         modes = [self.request_mode(r) for r in req_ids]
         self.trj.set_target_feedback(BatchFeedback(req_ids, modes, self._feedback,
-                                                   self._closed_batch(scheduler_output)))
+                                                   self._closed_batch(scheduler_output),
+                                                   [self._remaining(r) for r in req_ids]))
         self._feedback = {}
         drafts = super().propose_draft_token_ids(scheduler_output, sampled_token_ids,
                                                  *args, **kwargs)
         self._step_end = time.perf_counter()
         self.draft_seconds += self._step_end - now
         return drafts
+
+    def _remaining(self, req_id: str) -> int:
+        """Tokens the request may still produce: its max_tokens, or the model length."""
+        state = self.requests[req_id]
+        produced = len(state.output_token_ids)
+        left = self.max_model_len - len(state.prompt_token_ids or ()) - produced
+        params = state.sampling_params
+        if params is not None and params.max_tokens is not None:
+            left = min(left, params.max_tokens - produced)
+        return max(left, 0)
 
     def _closed_batch(self, scheduler_output) -> bool:
         """Whether no request waits for a slot (planner.py: the batch then drafts all
