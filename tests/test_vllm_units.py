@@ -1144,7 +1144,7 @@ def test_planner_settings_reach_the_planner():
     from proposers.vllm.proposer import TRJacobiProposer
 
     assert TRJacobiConfig().min_gain == MIN_GAIN
-    assert TRJacobiConfig().closed_value == "sum"
+    assert TRJacobiConfig().closed_value == "laggards"
     assert TRJacobiConfig().probe_share == PROBE_SHARE
     kwargs = engine_kwargs(TRJacobiConfig(mode="chain", min_gain=0.1, closed_value="least",
                                           probe_share=0.05))

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from proposers.templates import load_template
-from proposers.vllm.planner import CLOSED_VALUES, MIN_GAIN, PROBE_SHARE
+from proposers.vllm.planner import CLOSED_VALUE, CLOSED_VALUES, MIN_GAIN, PROBE_SHARE
 
 PROPOSER_PATH = "proposers.vllm.TRJacobiProposer"
 WORKER_PATH = "proposers.vllm.runner.TRJacobiWorker"  # vLLM-CPU
@@ -69,10 +69,10 @@ class TRJacobiConfig:
     # (planner.MIN_GAIN): the estimates are noisy, and a plan picked for looking best
     # is on average overestimated.
     min_gain: float = MIN_GAIN
-    # How a closed batch values a drafting plan (planner.CLOSED_VALUES): "sum" (default)
-    # every accepted token, "least" the least-advanced request times the batch size,
-    # "laggards" only the requests with the most tokens left draft, valued by the least.
-    closed_value: str = "sum"
+    # How a closed batch values a drafting plan (planner.CLOSED_VALUES): "laggards"
+    # (default) only the requests with the most tokens left draft, valued by the least of
+    # them; "least" everyone, valued by the least-advanced; "sum" every accepted token.
+    closed_value: str = CLOSED_VALUE
     # Probes (drafts the planner makes to keep its estimates fresh) may cost at most
     # this share of the expected step time (planner.PROBE_SHARE).
     probe_share: float = PROBE_SHARE

@@ -23,29 +23,25 @@ the rate, each request independently picks the rung maximising
 `accepted - lam * slope * nodes`; the resulting rate is the next guess.
 
 When no request waits for a slot (`plan(..., closed=True)`: the batch is all the work
-there is; `scheduler.TRJacobiScheduler` tells), the batch ends with its last request, and
-requests start and run side by side: tokens accepted by a few of them shorten no step,
-they only drop those requests from the batch's last steps, worth the per-token slope b,
-never more than the b each of their draft tokens costs. So a closed batch drafts all
-together or not at all: every planned request takes its best rung (Dinkelbach as above,
-with no speculation left out of each request's options), and that plan must beat not
-drafting by the margin. With one request nothing changes. Why: at batch 8 on 2 cores the
-subset plan drafted on 2-4% of request-steps on mt_bench, qa and math and measured 9%,
-10% and 3% below the same engine with drafting off (geometric means over 4 repeats,
-benchmarks/results/vllm_cpu_msn_interleaved_b8-nopad.json, a run whose fixed engine order
-favoured the control there). Whether this rule helps is not resolved on that machine:
-with a fair order (`-fair.json`) mt_bench and qa still measure 0.90 and 0.93 of the
-control, while one cell's noise is larger than that (README). An earlier rule that let
-only the requests at the back of the batch draft (by tokens left) lost translation's gain
-(1.37x -> 1.11x; retrieval hits come and go, so who is last changes;
-vllm_cpu_msn_interleaved_b8-tail.json).
-Known gap: even together, the rate above counts every accepted token, while a closed
-batch of requests running side by side to the same length takes as many steps as its
-least-advanced request. On mt_bench, qa and math at batch 8 the drafts were accepted yet
-saved 0-3 of 129 steps (benchmarks/results/vllm_cpu_step_split.json). Valuing a closed
-plan by its least-advanced request (`closed_value="least"`, opt-in) drafts less there but
-measured no faster overall (vllm_cpu_msn_interleaved_b8-least.json: it lost rag's gain),
-so the default stays "sum".
+there is; `scheduler.TRJacobiScheduler` tells), the batch ends with its last request:
+tokens accepted by requests ahead of the back shorten no step, they only drop those
+requests from the batch's last steps, worth the per-token slope b, never more than the b
+each of their draft tokens costs. So by default (`closed_value="laggards"`) only the
+requests with the most tokens left (`plan(..., remaining=)`, which the runner fills from
+each request's max_tokens) may draft, all together (each its best known rung, Dinkelbach
+as above with no speculation left out of each one's options), and the plan is valued by
+the least of them, `(B + B * min accepted) / cost`: the batch advances by what its back
+advances. That plan must beat not drafting by the margin. With one request nothing
+changes. Measured at batch 8 on 2 cores, MSN model, against plain vLLM in the same run
+(geometric means over 5 repeats, benchmarks/results/vllm_cpu_msn_interleaved_b8-laggards.json):
+mt_bench 1.005, translation 1.23, summarization 0.995, qa 1.01, math 1.005, rag 1.20,
+where the previous default ("sum": every planned request drafts together, every accepted
+token counts) measured 0.94, 1.17, 0.94, 1.02, 0.98, 1.23 in the same run: its drafts were
+accepted, but mostly by requests ahead of the back, so the batch took as many steps as
+without drafts (benchmarks/results/vllm_cpu_step_split.json). "least" (everyone drafts
+together, valued by the least of all) was in between (`-shadow-least.json`). A rule of
+2026-11-28 that let the back draft without valuing it by its least member measured worse
+on translation, but on a benchmark whose engine order was biased (`-tail.json`, README).
 
 (rung, feature) pairs never tried, or not tried for a while, are probed on one request
 now and then (tree rungs more rarely, since a tree step moves the whole batch to the
@@ -74,14 +70,14 @@ FEEDBACK = 4  # added to the feature when Jacobi feedback is available
 # little (4-18% of request-steps on mt_bench, qa, summarization) made those groups
 # 2-14% slower than plain vLLM (benchmarks/results/vllm_cpu_msn_interleaved_b8.json).
 MIN_GAIN = 0.03
-# How a closed batch's drafting plan is valued: "sum" counts every accepted token (as an
-# open batch does); "least" counts the batch as advancing by its least-advanced planned
-# request (B times the smallest expected acceptance), since requests running side by
-# side to the same length finish with the slowest (module docstring, known gap).
-# "laggards": only the requests with the most tokens left (`plan(..., remaining=)`) may
-# draft, all together, valued by the least of them: the batch ends with them, so what the
-# others accept shortens nothing, and drafting for them only adds cost.
-CLOSED_VALUES = ("sum", "least", "laggards")
+# How a closed batch's drafting plan is valued (module docstring): "laggards" (default)
+# only the requests with the most tokens left (`plan(..., remaining=)`) may draft, all
+# together, valued by the least of them, since the batch ends with them; "least" every
+# request drafts together, valued by the least-advanced (B times the smallest expected
+# acceptance); "sum" every request together, every accepted token counts (as an open
+# batch does). Without `remaining`, "laggards" plans as "sum".
+CLOSED_VALUES = ("laggards", "least", "sum")
+CLOSED_VALUE = "laggards"
 # Probes may cost at most this share of the expected step time (module docstring).
 PROBE_SHARE = 0.01
 # The budget holds at most this many steps' worth of credit (no burst after a lull).
@@ -154,7 +150,7 @@ class Rung:
 class CostPlanner:
     def __init__(self, rungs: list[tuple[str, str]], cost_aware: bool = True,
                  probe_every: int = 16, tree_probe_every: int = 64, min_gain: float = MIN_GAIN,
-                 closed_value: str = "sum", probe_share: float = PROBE_SHARE,
+                 closed_value: str = CLOSED_VALUE, probe_share: float = PROBE_SHARE,
                  max_nodes: dict[str, int] | None = None):
         """`max_nodes`: each rung's full size in draft tokens (the probe budget's cost of
         a rung not yet measured; default 16)."""
