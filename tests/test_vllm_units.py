@@ -765,6 +765,36 @@ def test_shadow_drafts_teach_the_planner_without_drafting():
     assert not p.states["a"].shadows
 
 
+def test_planner_trace_writes_one_line_per_planned_step(tmp_path, monkeypatch):
+    """MSN_TRJACOBI_TRACE=path: each planned step appends its features, scales, rungs,
+    cost lines and the estimates for those features, as one JSON line."""
+    import json
+    import types
+
+    import numpy as np
+
+    from proposers.vllm.config import TRJacobiConfig
+    from proposers.vllm.proposer import TRACE_ENV, BatchFeedback, TRJacobiProposer
+
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv(TRACE_ENV, str(path))
+    config = TRJacobiConfig(templates=("tree-8",))
+    p = TRJacobiProposer(types.SimpleNamespace(
+        speculative_config=types.SimpleNamespace(num_speculative_tokens=config.max_draft_tokens()),
+        additional_config={"trjacobi": config.to_dict()}))
+    p.planner.record_request("chain", 3, 5, 2.0)
+    text = [5, 6, 7, 8, 9, 5, 6, 7]
+    for modes in (["tree"], ["off"], ["tree"]):  # an unplanned step writes nothing
+        p.set_target_feedback(BatchFeedback(["a"], modes))
+        p.propose([[1]], np.array([len(text)]), np.array([text]))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == 2
+    assert lines[0]["features"] == [3] and lines[0]["rungs"] == ["none"]
+    assert lines[0]["estimates"] == {"chain@3": [2.0, 5.0]}
+    assert set(lines[0]) == {"step", "closed", "features", "scales", "rungs", "lines",
+                             "estimates"}
+
+
 def test_chain_modes_need_no_tree_templates():
     """In chain / retrieval / off modes no request gets a tree: `engine_kwargs` sizes
     num_speculative_tokens without the tree ladder, and the proposer neither compiles

@@ -38,8 +38,11 @@ mt_bench 1.005, translation 1.23, summarization 0.995, qa 1.01, math 1.005, rag 
 where the previous default ("sum": every planned request drafts together, every accepted
 token counts) measured 0.94, 1.17, 0.94, 1.02, 0.98, 1.23 in the same run: its drafts were
 accepted, but mostly by requests ahead of the back, so the batch took as many steps as
-without drafts (benchmarks/results/vllm_cpu_step_split.json). "least" (everyone drafts
-together, valued by the least of all) was in between (`-shadow-least.json`). A rule of
+without drafts (benchmarks/results/vllm_cpu_step_split.json). Two later runs of the
+default (`-final.json`, `-final2.json`) measured qa 0.97 and 0.95, math 0.99 and 0.97 of
+plain, with the drafting-off control at 0.97 on both in the second: not yet "never
+slower" there (README). "least" (everyone drafts together, valued by the least of all)
+was no better than "sum" (`-shadow-least.json`). A rule of
 2026-11-28 that let the back draft without valuing it by its least member measured worse
 on translation, but on a benchmark whose engine order was biased (`-tail.json`, README).
 
