@@ -73,6 +73,9 @@ FEEDBACK = 4  # added to the feature when Jacobi feedback is available
 # little (4-18% of request-steps on mt_bench, qa, summarization) made those groups
 # 2-14% slower than plain vLLM (benchmarks/results/vllm_cpu_msn_interleaved_b8.json).
 MIN_GAIN = 0.03
+# Before a cost line has seen two step sizes: each token costs this share of the mean step
+# (measured on 2 cores: 1.7% at batch 1, 2-4% of an 8-token step at batch 8; _Line).
+PRIOR_SLOPE = 0.02
 # How a closed batch's drafting plan is valued (module docstring): "laggards" (default)
 # only the requests with the most tokens left (`plan(..., remaining=)`) may draft, all
 # together, valued by the least of them, since the batch ends with them; "least" every
@@ -117,13 +120,19 @@ class _Line:
         """(intercept, slope) in seconds and seconds per token, or None without data.
 
         Samples all at one size give no slope: the last fitted one is kept (intercept
-        through the mean), or, before any, cost proportional to tokens."""
+        through the mean), or, before any, a prior slope of PRIOR_SLOPE of the mean step
+        per token. (It was cost proportional to tokens: a fresh engine at batch 1 then
+        priced a 9-token chain at 9 plain steps, drafted nothing, and priced its probes
+        out of the budget too, so it never saw a second size: a planner trace showed
+        mt_bench's first requests undrafted for 300+ steps while the fitted slope, once
+        seen, was 1.7% of a step per token.)"""
         if self.w < 1.0:
             return None
         mx, my = self.sx / self.w, self.sy / self.w
         var = self.sxx / self.w - mx * mx
         if var < 1.0 and self.slope is None:
-            return 0.0, my / max(mx, 1.0)
+            slope = PRIOR_SLOPE * my
+            return max(my - slope * mx, 0.0), slope
         slope = self.slope if var < 1.0 else max((self.sxy / self.w - mx * my) / var, 0.0)
         return max(my - slope * mx, 0.0), slope
 
