@@ -384,7 +384,7 @@ class CostPlanner:
             line = kernel if rung.path == KERNEL else self._coefficients(TREE) or kernel
             return line[1] * nodes
         tree = self._coefficients(TREE)
-        if tree is None:  # never measured: no basis for a cost, the cadence decides
+        if tree is None:  # the tree path never measured: priced as a kernel draft
             return kernel[1] * nodes
         # The whole batch moves to the tree path.
         return (tree[0] - kernel[0]) + (tree[1] - kernel[1]) * batch + tree[1] * nodes
