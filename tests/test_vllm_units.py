@@ -767,7 +767,8 @@ def test_shadow_drafts_teach_the_planner_without_drafting():
 
 def test_planner_trace_writes_one_line_per_planned_step(tmp_path, monkeypatch):
     """MSN_TRJACOBI_TRACE=path: each planned step appends its features, scales, rungs,
-    cost lines and the estimates for those features, as one JSON line."""
+    cost lines and the estimates for those features, as one JSON line; each verified
+    draft one more, with what it was expected to get and got."""
     import json
     import types
 
@@ -793,6 +794,10 @@ def test_planner_trace_writes_one_line_per_planned_step(tmp_path, monkeypatch):
     assert lines[0]["estimates"] == {"chain@3": [2.0, 5.0]}
     assert set(lines[0]) == {"step", "closed", "features", "scales", "rungs", "lines",
                              "estimates"}
+    p.record_outcome("a", "chain", 3, 5, 1)  # a verified draft: its own line
+    outcome = json.loads(path.read_text().splitlines()[-1])
+    assert outcome == {"step": p.planner.step, "outcome": "a", "rung": "chain", "feature": 3, "nodes": 5,
+                       "accepted": 1, "expected": 2.0, "shadow": False}
 
 
 def test_chain_modes_need_no_tree_templates():

@@ -34,7 +34,8 @@ from proposers.vllm.version import check_vllm_version
 logger = logging.getLogger(__name__)
 
 # Set to a file path to append one JSON line per planned step (features, scales, the
-# rungs chosen, the cost lines and estimates the planner used): for diagnosing plans.
+# rungs chosen, the cost lines and estimates the planner used) and one per verified
+# draft or judged shadow (what it was expected to get and got): for diagnosing plans.
 TRACE_ENV = "MSN_TRJACOBI_TRACE"
 
 # The planner's chain rung: the retrieval chain when the context repeats, else Jacobi.
@@ -192,9 +193,16 @@ class TRJacobiProposer:
             self.states.pop(req_id, None)
 
     def record_outcome(self, req_id: str, rung: str, feature: int, nodes: int,
-                       accepted: int) -> None:
-        """A planned draft was verified: teach the planner and the request's own record."""
+                       accepted: int, shadow: bool = False) -> None:
+        """A planned draft was verified (or a shadow judged): teach the planner and the
+        request's own record."""
         expected = self.planner.expected_accepted(rung, feature)
+        if self._trace is not None:
+            self._trace.write(json.dumps({
+                "step": self.planner.step, "outcome": req_id, "rung": rung,
+                "feature": feature, "nodes": nodes, "accepted": accepted,
+                "expected": None if expected is None else round(expected, 3),
+                "shadow": shadow}) + "\n")
         self.planner.record_request(rung, feature, nodes, accepted)
         state = self.states.get(req_id)
         if state is not None and expected is not None:
@@ -314,7 +322,7 @@ class TRJacobiProposer:
             self.num_shadow_outcomes += 1
             self.planner.last_used(CHAIN_RUNG, shadow.feature)
             self.record_outcome(req_id, CHAIN_RUNG, shadow.feature, len(shadow.tokens),
-                                accepted)
+                                accepted, shadow=True)
         state.shadows = pending
 
     def _plan_rung(self, rung: str, feature: int, context: torch.Tensor,
