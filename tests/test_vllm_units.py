@@ -796,6 +796,71 @@ def test_shadow_drafts_teach_the_planner_without_drafting():
     assert not p.states["a"].shadows
 
 
+def test_chain_cuts_draft_a_prefix_and_learn_exactly_from_longer_chains():
+    """`chain_cuts`: rungs that draft the chain's first k tokens. A chain's accepted
+    tokens are a prefix, so any longer draft of it (or a shadow) tells exactly what a
+    cut would have got: min(accepted, k) of min(k, nodes); cuts at most as long as what
+    was drafted learn nothing from its shadow (the draft taught them)."""
+    import types
+
+    import numpy as np
+
+    from proposers.vllm.config import TRJacobiConfig
+    from proposers.vllm.proposer import CHAIN_RUNG, BatchFeedback, TRJacobiProposer, chain_cut
+
+    def proposer(**cfg):
+        config = TRJacobiConfig(templates=("tree-8",), **cfg)
+        return TRJacobiProposer(types.SimpleNamespace(
+            speculative_config=types.SimpleNamespace(
+                num_speculative_tokens=config.max_draft_tokens()),
+            additional_config={"trjacobi": config.to_dict()}))
+
+    p = proposer()
+    assert [r.name for r in p.planner.rungs][:3] == ["chain:2", "chain:4", CHAIN_RUNG]
+    def known(rung):
+        est = p.planner.estimates[(rung, 3)]
+        return round(est.nodes.value, 3), round(est.accepted.value, 3)
+
+    p.record_outcome("a", CHAIN_RUNG, 3, 9, 3)  # the whole chain: 3 of 9
+    assert known(chain_cut(2)) == (2, 2) and known(chain_cut(4)) == (4, 3)
+    p = proposer()
+    p.record_outcome("a", CHAIN_RUNG, 3, 3, 1)  # a 3-token chain: chain:4 drafts it too
+    assert known(chain_cut(2)) == (2, 1) and known(chain_cut(4)) == (3, 1)
+    p = proposer()
+    p.record_outcome("a", chain_cut(4), 3, 4, 4)  # a cut, all accepted: the rest unknown
+    assert known(chain_cut(2)) == (2, 2) and (CHAIN_RUNG, 3) not in p.planner.estimates
+    p.record_outcome("a", CHAIN_RUNG, 3, 9, 6, shadow=True, drafted=4)  # its shadow
+    assert known(CHAIN_RUNG) == (9, 6) and known(chain_cut(4)) == (4, 4)
+    assert p.planner.estimates[(chain_cut(2), 3)].accepted.value == 2  # once, not twice
+
+    # Drafting a cut: the chain's first k tokens, as a k-node chain.
+    text = [5, 6, 7, 8, 9, 5, 6, 7]  # a 3-gram hit: the retrieval chain 8 9 5 6 7
+    p = proposer()
+    for _ in range(5):
+        p.planner.record_step("kernel", 1, 0.030)
+        p.planner.record_step("kernel", 20, 0.090)
+    p.planner.probe_share = 0.0
+    p.planner.plan = lambda features, **kw: [chain_cut(2)] * len(features)
+    p.set_target_feedback(BatchFeedback(["a"], ["tree"]))
+    assert p.propose([[1]], np.array([len(text)]), np.array([text])) == [[8, 9]]
+    plan = p.plan_for("a")
+    assert plan.rung == chain_cut(2) and plan.tree.is_chain and plan.tree.num_nodes == 2
+    # Its shadow is the whole chain, marked as drafted to 2.
+    assert [(sh.tokens, sh.drafted) for sh in p.states["a"].shadows] == [((8, 9, 5, 6, 7), 2)]
+
+
+def test_chain_cuts_are_checked():
+    from proposers.vllm.config import TRJacobiConfig
+
+    assert TRJacobiConfig().chain_cuts == (2, 4)
+    assert TRJacobiConfig.from_vllm(type("C", (), {"additional_config": {
+        "trjacobi": TRJacobiConfig(chain_cuts=[3]).to_dict()}})()).chain_cuts == (3,)
+    assert TRJacobiConfig(chain_cuts=()).chain_cuts == ()
+    for bad in ((0,), (4, 2), (2, 2), (10,), ("2",)):
+        with pytest.raises(ValueError, match="chain_cuts"):
+            TRJacobiConfig(chain_cuts=bad)
+
+
 def test_planner_trace_writes_one_line_per_planned_step(tmp_path, monkeypatch):
     """MSN_TRJACOBI_TRACE=path: each planned step appends its features, scales, rungs,
     cost lines and the estimates for those features, as one JSON line; each verified
@@ -852,7 +917,7 @@ def test_chain_modes_need_no_tree_templates():
         assert kwargs["speculative_config"]["num_speculative_tokens"] == 10  # retrieval-10
         p = proposer(kwargs)
         assert set(p.trees) == {"chain-5", "retrieval-10"}
-        assert [r.name for r in p.planner.rungs] == [CHAIN_RUNG]
+        assert [r.name for r in p.planner.rungs] == ["chain:2", "chain:4", CHAIN_RUNG]
     # Tree mode still needs room for its largest template.
     config = TRJacobiConfig()
     assert config.max_draft_tokens() == 67  # paper-68: 67 nodes below the root

@@ -139,7 +139,6 @@ def run(args) -> dict:
 
     from msn.models import resolve_model
     from proposers.vllm import TRJacobiConfig, engine_kwargs
-    from proposers.vllm.metrics import spec_decode_summary
 
     model = str(resolve_model(args.model))
     tok = AutoTokenizer.from_pretrained(model)
@@ -199,9 +198,10 @@ def run(args) -> dict:
             [list(o.outputs[0].token_ids) for o in outs]
 
     def plugin_counters():
-        spec = spec_decode_summary(engines["plugin"].get_metrics())
+        # From the worker, not `get_metrics()`: vLLM's metrics registry is per process,
+        # and with several engines in one it reads the engine built last.
         stats = engines["plugin"].collective_rpc("trjacobi_stats")[0]
-        return spec.num_drafts, spec.num_accepted_tokens, stats
+        return stats["verified_drafts"], stats["accepted_tokens"], stats
 
     def stats_delta(s0: dict, s1: dict) -> tuple[dict, dict]:
         """Rung counts and per-path step time of the plugin's engine between two reads."""

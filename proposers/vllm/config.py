@@ -76,6 +76,11 @@ class TRJacobiConfig:
     # Probes (drafts the planner makes to keep its estimates fresh) may cost at most
     # this share of the expected step time (planner.PROBE_SHARE).
     probe_share: float = PROBE_SHARE
+    # Shorter chain rungs: the chain rung cut to these many tokens. A draft token costs
+    # about 2% of a step on 2 cores and the first ones are the likeliest accepted, so a
+    # short chain can pay where the full one does not; its estimates come exactly from
+    # longer drafts and shadows (`proposer.chain_cut`). Empty: the full chain only.
+    chain_cuts: tuple[int, ...] = (2, 4)
     max_ngram: int = 3
     seed: int = 0
 
@@ -95,6 +100,14 @@ class TRJacobiConfig:
         if not 0.0 <= self.probe_share <= 1.0:
             raise ValueError(f"trjacobi probe_share must be in [0, 1], got {self.probe_share!r}")
         object.__setattr__(self, "templates", tuple(self.templates))
+        cuts = tuple(self.chain_cuts)
+        full = max(load_template(n).num_nodes
+                   for n in (self.chain_template, self.retrieval_template))
+        if any(not isinstance(k, int) or not 0 < k < full for k in cuts) or (
+                list(cuts) != sorted(set(cuts))):
+            raise ValueError(f"trjacobi chain_cuts must be increasing token counts in "
+                             f"[1, {full - 1}] (the full chain has {full}), got {self.chain_cuts!r}")
+        object.__setattr__(self, "chain_cuts", cuts)
 
     @classmethod
     def from_vllm(cls, vllm_config) -> TRJacobiConfig:
@@ -114,6 +127,7 @@ class TRJacobiConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["templates"] = list(self.templates)
+        data["chain_cuts"] = list(self.chain_cuts)
         return data
 
 

@@ -40,6 +40,13 @@ TRACE_ENV = "MSN_TRJACOBI_TRACE"
 
 # The planner's chain rung: the retrieval chain when the context repeats, else Jacobi.
 CHAIN_RUNG = "chain"
+
+
+def chain_cut(tokens: int) -> str:
+    """The rung of the chain cut to `tokens` draft tokens (config `chain_cuts`). Its
+    outcome is known exactly from any longer draft of the same chain: a chain's accepted
+    tokens are a prefix, so the cut would have had min(accepted, tokens) accepted."""
+    return f"{CHAIN_RUNG}:{tokens}"
 PLANNED_MODES = ("tree", "auto")  # auto: sampled requests, planned chains
 
 
@@ -89,6 +96,7 @@ class Shadow:
     start: int  # context length then: the chain would have continued from here
     feature: int
     tokens: tuple[int, ...]
+    drafted: int = 0  # tokens of this chain the request did draft then (a shorter cut)
 
 
 def shadow_accepted(tokens: tuple[int, ...], actual) -> int | None:
@@ -147,15 +155,19 @@ class TRJacobiProposer:
                 f"{too_big}; use proposers.vllm.engine_kwargs() to size it"
             )
         self.feedback_k = max(t.template.top_k for t in self.trees.values())
+        chains = [(chain_cut(k), KERNEL) for k in self.config.chain_cuts] + [
+            (CHAIN_RUNG, KERNEL)]
+        self.cuts = {chain_cut(k): k for k in self.config.chain_cuts}
         if self.config.mode == "tree":
-            rungs = [(CHAIN_RUNG, KERNEL)] if self.config.chain_rung else []
+            rungs = chains if self.config.chain_rung else []
             rungs += [(n, KERNEL if self.trees[n].is_chain else TREE)
                       for n in self.config.templates]
         else:  # no tree ladder (config.draft_templates): planned requests get chains
-            rungs = [(CHAIN_RUNG, KERNEL)]
+            rungs = chains
         sizes = {n: t.num_nodes for n, t in self.trees.items()}
         sizes[CHAIN_RUNG] = max(sizes.get(self.config.chain_template, 0),
                                 sizes.get(self.config.retrieval_template, 0))
+        sizes.update(self.cuts)
         self.planner = CostPlanner(rungs, cost_aware=self.config.cost_aware,
                                    min_gain=self.config.min_gain,
                                    closed_value=self.config.closed_value,
@@ -193,9 +205,12 @@ class TRJacobiProposer:
             self.states.pop(req_id, None)
 
     def record_outcome(self, req_id: str, rung: str, feature: int, nodes: int,
-                       accepted: int, shadow: bool = False) -> None:
+                       accepted: int, shadow: bool = False, drafted: int = 0) -> None:
         """A planned draft was verified (or a shadow judged): teach the planner and the
-        request's own record."""
+        request's own record. A chain also teaches the cuts of it longer than the
+        `drafted` tokens (`chain_cut`): those shorter than its `nodes` would have had
+        min(accepted, cut) accepted; those at least as long, when the chain was not cut
+        itself, would have drafted the same chain."""
         expected = self.planner.expected_accepted(rung, feature)
         if self._trace is not None:
             self._trace.write(json.dumps({
@@ -204,8 +219,15 @@ class TRJacobiProposer:
                 "expected": None if expected is None else round(expected, 3),
                 "shadow": shadow}) + "\n")
         self.planner.record_request(rung, feature, nodes, accepted)
+        if rung == CHAIN_RUNG or rung in self.cuts:
+            whole = rung == CHAIN_RUNG or nodes < self.cuts[rung]
+            for cut, k in self.cuts.items():
+                if cut == rung or k <= drafted or (k >= nodes and not whole):
+                    continue
+                self.planner.record_request(cut, feature, min(k, nodes), min(accepted, k))
+                self.planner.last_used(cut, feature)
         state = self.states.get(req_id)
-        if state is not None and expected is not None:
+        if state is not None and expected is not None and not drafted:
             state.observe(float(accepted), expected)
 
     def plan_for(self, req_id: str) -> DraftPlan | None:
@@ -261,9 +283,10 @@ class TRJacobiProposer:
                     state.fade()
             else:  # chain / retrieval, as the request asked
                 plan = self._chain(context, state.feedback, jacobi=mode == "chain")
-            if (self.shadows and mode == "tree" and rungs.get(row) != CHAIN_RUNG
-                    and lookups[row][0].numel()):
-                self._shadow(state, features[row], contexts[row], lookups[row][0])
+            drafted = len(plan.tokens) if plan is not None and (
+                plan.rung == CHAIN_RUNG or plan.rung in self.cuts) else 0
+            if self.shadows and mode == "tree" and lookups[row][0].numel() > drafted:
+                self._shadow(state, features[row], contexts[row], lookups[row][0], drafted)
             if mode != "off" and state.feedback is not None and state.feedback.numel():
                 self.num_feedback_proposals += 1
             state.plan = plan
@@ -303,10 +326,10 @@ class TRJacobiProposer:
     # translation requests after qa then drafted nothing. Jacobi chains (feedback) and
     # trees need the model's outputs at their positions, so they are still probed.
     def _shadow(self, state: RequestState, feature: int, context: torch.Tensor,
-                found: torch.Tensor) -> None:
+                found: torch.Tensor, drafted: int = 0) -> None:
         if len(state.shadows) >= MAX_SHADOWS:
             state.shadows.pop(0)
-        state.shadows.append(Shadow(context.numel(), feature, tuple(found.tolist())))
+        state.shadows.append(Shadow(context.numel(), feature, tuple(found.tolist()), drafted))
 
     def _judge_shadows(self, req_id: str, context: torch.Tensor) -> None:
         state = self.states.get(req_id)
@@ -322,15 +345,19 @@ class TRJacobiProposer:
             self.num_shadow_outcomes += 1
             self.planner.last_used(CHAIN_RUNG, shadow.feature)
             self.record_outcome(req_id, CHAIN_RUNG, shadow.feature, len(shadow.tokens),
-                                accepted, shadow=True)
+                                accepted, shadow=True, drafted=shadow.drafted)
         state.shadows = pending
 
     def _plan_rung(self, rung: str, feature: int, context: torch.Tensor,
                    feedback: torch.Tensor | None) -> DraftPlan | None:
         if rung == NONE:
             return None
-        if rung == CHAIN_RUNG:
+        if rung == CHAIN_RUNG or rung in self.cuts:
             plan = self._chain(context, feedback, jacobi=True)
+            k = self.cuts.get(rung)
+            if plan is not None and k is not None and len(plan.tokens) > k:
+                plan = replace(plan, tree=plan.tree.subtree(torch.arange(k + 1)),
+                               tokens=plan.tokens[:k])
         else:
             plan = self._draft(rung, context, feedback)
         if plan is None:  # nothing to draft: the planner learns that this rung is empty

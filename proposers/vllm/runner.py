@@ -139,6 +139,11 @@ class TRJacobiRunnerMixin:
         self._step_path = "kernel"
         self.tree_steps = 0
         self.compactions = 0
+        # Planned drafts verified and the draft tokens they got accepted: this engine's
+        # own MAT (vLLM's metrics registry is per process; with several engines in one
+        # process `LLM.get_metrics()` reads the one built last).
+        self.verified_drafts = 0
+        self.accepted_tokens = 0
         # Per attention path: steps, scheduled tokens, seconds of the forward + sampling;
         # plus the seconds spent drafting (what the planner's cost lines do not see).
         # ("kernel" steps split into those with and without drafted chains.)
@@ -323,6 +328,8 @@ class TRJacobiRunnerMixin:
                 node = max(num_accepted, 0)
             chain = row.tree.feedback_chain(node)
             feedback[row.req_id] = topk[chain] if chain else topk[:0]
+            self.verified_drafts += 1
+            self.accepted_tokens += max(num_accepted, 0)
             if row.rung is not None:
                 self.trj.record_outcome(row.req_id, row.rung, row.feature, n,
                                         max(num_accepted, 0))
@@ -386,6 +393,8 @@ class TRJacobiRunnerMixin:
         return {
             "tree_steps": self.tree_steps,
             "compactions": self.compactions,
+            "verified_drafts": self.verified_drafts,
+            "accepted_tokens": self.accepted_tokens,
             "proposals": self.trj.num_proposals,
             "feedback_proposals": self.trj.num_feedback_proposals,
             "shadow_outcomes": self.trj.num_shadow_outcomes,
