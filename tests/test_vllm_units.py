@@ -165,37 +165,6 @@ def test_closed_batch_laggards_value_drafts_only_the_back_of_the_batch():
         p.plan(hits, closed=True, remaining=[1, 2])
 
 
-def test_closed_batch_time_value_drafts_the_back_by_what_its_least_member_gains():
-    """closed_value="time": with steps of a + b*n seconds the batch has a * max(r) +
-    b * sum(r) left, so a plan pays by moving its back (the requests with the most left):
-    a * the least of their acceptances, capped by the gap to the next request, against
-    b per draft node; all-or-little acceptance counts less the more laggards share it."""
-    from proposers.vllm.planner import expected_min_shift
-
-    assert expected_min_shift(1) == 0.0
-    assert 0.5 < expected_min_shift(2) < expected_min_shift(5) < expected_min_shift(8) < 1.5
-    # a = 0.10 s, b = 0.005 s per token.
-    p = _trained_planner([("chain", "kernel")], kernel=[(8, 0.14), (80, 0.50)],
-                         closed_value="time")
-    for _ in range(30):
-        p.record_request("chain", 3, 6, 3.0)  # steady: 3 of 6
-        p.record_request("chain", 2, 30, 3.0)  # 3 of 30: the nodes cost 0.15 s
-    for k in range(30):
-        p.record_request("chain", 1, 6, 6.0 * (k % 2))  # all or nothing, mean 3
-    left = [30, 40, 35, 40, 20, 30, 30, 10]
-    # The two at the back draft (saving 0.1 * 3 - 0.005 * 6 per pair member); those
-    # ahead would accept as much, but a token ahead of the back saves only b.
-    assert p.plan([3] * 8, closed=True, remaining=left) == [NONE, "chain", NONE, "chain"] + [NONE] * 4
-    # A lone back one token ahead of the next saves one step, less than 30 nodes cost.
-    assert p.plan([2] + [3] * 7, closed=True, remaining=[41] + [40] * 7) == [NONE] * 8
-    assert p.plan([2] + [3] * 7, closed=True, remaining=[45] + [40] * 7) == ["chain"] + [NONE] * 7
-    # All or nothing: one laggard expects 3; the least of eight such, nothing.
-    assert p.plan([1] + [3] * 7, closed=True, remaining=[50] + [40] * 7) == ["chain"] + [NONE] * 7
-    assert p.plan([1] * 8, closed=True, remaining=[50] * 8) == [NONE] * 8
-    # Open batches are planned for throughput as before.
-    assert p.plan([3] * 8, remaining=left) == ["chain"] * 8
-
-
 def test_closed_batch_tree_plans_draft_together():
     """On the tree path too: once one request drafts a tree, the others draft (their
     best rung on the tree line) or the step does not draft at all."""

@@ -184,7 +184,10 @@ def workload_args(ap: argparse.ArgumentParser, batch_sizes: list[int]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     workload_args(ap, [1, 8])
-    ap.add_argument("--engines", nargs="+", default=["plain", "ngram", "plugin"])
+    ap.add_argument("--engines", nargs="+", choices=["plain", "ngram", "plugin"],
+                    default=["plain", "ngram", "plugin"],
+                    help="engines to run, each in its own process (plugin runs our chain and "
+                         "tree methods)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_cpu"))
     ap.add_argument("--engine-worker", help=argparse.SUPPRESS)
     ap.add_argument("--engine-out", help=argparse.SUPPRESS)

@@ -4,7 +4,8 @@ On a 2-core CPU a verify step of T tokens costs roughly a + b*T, and b is large
 (architecture.md: vLLM's own n-gram speculation runs at 0.75-0.83x of plain), so
 drafting pays only for requests whose drafts are likely to be accepted. Each step the
 planner gives every tree-mode request a rung of a ladder (no speculation, the Jacobi /
-retrieval chain, then the tree templates, smallest first) to maximise the step's
+retrieval chain cut to its first few tokens (`chain:2`, `chain:4`: config `chain_cuts`),
+the whole chain, then the tree templates, smallest first) to maximise the step's
 expected throughput
 
     rate = (B + sum_i accepted(rung_i, f_i)) / cost(path, B + sum_i nodes(rung_i, f_i))
@@ -59,9 +60,7 @@ batch about 3%, for drafts that could not shorten it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from statistics import NormalDist
 
 NONE = "none"
 KERNEL, TREE = "kernel", "tree"
@@ -84,9 +83,7 @@ PRIOR_SLOPE = 0.02
 # request drafts together, valued by the least-advanced (B times the smallest expected
 # acceptance); "sum" every request together, every accepted token counts (as an open
 # batch does). Without `remaining`, "laggards" plans as "sum".
-# "time": the plan that most shortens the batch's remaining time under the cost line
-# (`CostPlanner._closed_time`).
-CLOSED_VALUES = ("laggards", "least", "sum", "time")
+CLOSED_VALUES = ("laggards", "least", "sum")
 CLOSED_VALUE = "laggards"
 # Probes may cost at most this share of the expected step time (module docstring).
 PROBE_SHARE = 0.01
@@ -153,21 +150,8 @@ class _Ema:
 @dataclass
 class _Estimate:
     accepted: _Ema = field(default_factory=_Ema)
-    accepted_sq: _Ema = field(default_factory=_Ema)  # for the spread (closed "time" plans)
     nodes: _Ema = field(default_factory=_Ema)
     last_used: int = -(10**9)
-
-    def spread(self) -> float:
-        """Standard deviation of the accepted tokens (0 before any observation)."""
-        if self.accepted.value is None:
-            return 0.0
-        return math.sqrt(max(self.accepted_sq.value - self.accepted.value ** 2, 0.0))
-
-
-def expected_min_shift(n: int) -> float:
-    """How many standard deviations the least of `n` like draws falls below their mean
-    (Blom's approximation of a normal order statistic; 0 for one draw)."""
-    return 0.0 if n <= 1 else -NormalDist().inv_cdf((1 - 0.375) / (n + 0.25))
 
 
 @dataclass(frozen=True)
@@ -215,7 +199,6 @@ class CostPlanner:
     def record_request(self, rung: str, feature: int, num_nodes: int, num_accepted: int) -> None:
         est = self._estimate(rung, feature)
         est.accepted.add(float(num_accepted))
-        est.accepted_sq.add(float(num_accepted) ** 2)
         est.nodes.add(float(num_nodes))
 
     def last_used(self, rung: str, feature: int) -> None:
@@ -250,11 +233,6 @@ class CostPlanner:
         self.closed_steps += closed
         if not self.cost_aware:
             choice = [self._largest(f) for f in features]
-        elif closed and self.closed_value == "time" and remaining is not None:
-            if len(remaining) != len(features):
-                raise ValueError(f"{len(remaining)} remaining counts for {len(features)} requests")
-            choice = self._closed_time(features, batch, scales, remaining)
-            self._probe(features, choice, batch)
         elif closed and self.closed_value == "laggards" and remaining is not None:
             if len(remaining) != len(features):
                 raise ValueError(f"{len(remaining)} remaining counts for {len(features)} requests")
@@ -333,61 +311,6 @@ class CostPlanner:
                 best, best_rate = choice, rate
         # Draft only when the best plan clears the margin over not drafting at all.
         return best if best_rate > none_rate * (1.0 + self.min_gain) else none
-
-    def _closed_time(self, features: list[int], batch: int, scales: list[float],
-                     remaining: list[int]) -> list[str]:
-        """closed_value "time": the plan that most shortens what is left of a closed batch.
-
-        With steps costing a + b*n for n tokens, a closed batch whose requests need r_i
-        more tokens takes a * max(r) + b * sum(r) more seconds if nothing drafts. A step
-        whose drafts have m_i nodes and get A_i accepted costs b * sum(m) more (plus the
-        tree path's extra for a tree step) and saves a * (max(r) - max(r - A)) + b * sum(A).
-        Every A_i < m_i, so only the back of the batch can pay: the requests with the
-        most tokens left (the laggards), through a * the least of their A, capped by the gap
-        to the next request. The least of n laggards' acceptances is taken as the least
-        mean less `expected_min_shift(n)` spreads: acceptance is all-or-little (a
-        retrieval chain either continues the text or misses), and a batch of five drafting
-        chains expected to get 5.7 tokens each got 1, 10, 1, 10, 1 (qa, batch 8), so its
-        back moved by one token. Candidates: each rung for all laggards, and the
-        Dinkelbach plan of the laggards drafting together. A plan must save more than
-        `min_gain` of a plain step."""
-        none = [NONE] * len(features)
-        kernel = self.lines[KERNEL].coefficients()
-        if kernel is None:
-            return none
-        back = max(remaining)
-        lag = [i for i, r in enumerate(remaining) if r >= back]
-        ahead = [r for r in remaining if r < back]
-        gap = back - max(ahead) if ahead else back
-        lag_features, lag_scales = [features[i] for i in lag], [scales[i] for i in lag]
-        subs = [self._best(lag_features, batch, lag_scales, together=True, least=True)]
-        for r in self.rungs:
-            if all(_eligible(r, f) and self._known(r, f) is not None for f in lag_features):
-                subs.append([r.name] * len(lag))
-        shift = expected_min_shift(len(lag))
-        best, best_saving = none, self.min_gain * (kernel[0] + kernel[1] * batch)
-        for sub in subs:
-            if NONE in sub:
-                continue
-            path = TREE if any(self._by_name[n].path == TREE for n in sub) else KERNEL
-            coef = self._coefficients(path)
-            if coef is None:
-                continue
-            least, accepted, nodes = math.inf, 0.0, 0.0
-            for f, sc, name in zip(lag_features, lag_scales, sub):
-                est = self.estimates[(name, f)]
-                least = min(least, max(est.accepted.value - shift * est.spread(), 0.0) * sc)
-                accepted += est.accepted.value * sc
-                nodes += est.nodes.value
-            extra = (coef[0] - kernel[0]) + (coef[1] - kernel[1]) * batch + coef[1] * nodes
-            saving = kernel[0] * min(least, gap) + kernel[1] * accepted - extra
-            if saving > best_saving:
-                best, best_saving = sub, saving
-        choice = list(none)
-        if best is not none:
-            for i, name in zip(lag, best):
-                choice[i] = name
-        return choice
 
     def _dinkelbach(self, features: list[int], scales: list[float], batch: int,
                     allowed: list[Rung], coef: tuple[float, float],
