@@ -165,6 +165,23 @@ def test_closed_batch_laggards_value_drafts_only_the_back_of_the_batch():
         p.plan(hits, closed=True, remaining=[1, 2])
 
 
+def test_closed_batch_laggards_may_all_take_the_same_rung():
+    """Valued by its least member, the back of the batch can do better on one rung than
+    on the per-request picks that maximise the sum: a 2-token cut for one laggard would
+    cap the least at 2 while both can draft the whole chain."""
+    p = _trained_planner([("chain:2", "kernel"), ("chain", "kernel")],
+                         kernel=[(8, 0.14), (80, 0.50)], closed_value="laggards")
+    p.record_request("chain", 3, 10, 8.0)
+    p.record_request("chain:2", 3, 2, 1.9)
+    p.record_request("chain", 2, 10, 4.0)
+    p.record_request("chain:2", 2, 2, 1.9)
+    # Sum-wise the feature-2 laggard is better off on the cut (1.9 - 0.57 > 4 - 2.86 at
+    # the no-draft rate); least-wise both on the whole chain: (8 + 8 * 4) / 0.24 s
+    # against (8 + 8 * 1.9) / 0.20 s.
+    left = [50, 50] + [10] * 6
+    assert p.plan([3, 2] + [3] * 6, closed=True, remaining=left) == ["chain"] * 2 + [NONE] * 6
+
+
 def test_closed_batch_tree_plans_draft_together():
     """On the tree path too: once one request drafts a tree, the others draft (their
     best rung on the tree line) or the step does not draft at all."""

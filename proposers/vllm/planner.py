@@ -305,6 +305,13 @@ class CostPlanner:
         best, best_rate = none, none_rate
         if least is None:
             least = together and self.closed_value == "least"
+        if least:
+            # Dinkelbach maximises the sum; valued by the least request, a plan may be
+            # better with every request on the same rung (e.g. all on the whole chain,
+            # not one on a 2-token cut that caps the least at 2).
+            candidates += [[r.name] * len(features) for r in kernel_rungs
+                           if all(_eligible(r, f) and self._known(r, f) is not None
+                                  for f in features)]
         for choice in candidates:
             rate = self.rate(features, batch, choice, scales, least=least)
             if rate is not None and rate > best_rate * 1.0001:
