@@ -42,7 +42,8 @@ class TRJacobiConfig:
 
     `templates` is the ladder of tree templates, smallest first; with `chain_rung` the
     ladder starts with the chain (retrieval chain when the context repeats, else the
-    Jacobi chain), which runs on vLLM's own attention kernel. The tree ladder exists in
+    Jacobi chain) and its cuts to `chain_cuts` tokens, which run on vLLM's own attention
+    kernel. The tree ladder exists in
     tree mode only: in the other modes no request gets a tree, so its templates are
     neither compiled nor counted in `num_speculative_tokens`, and the planned sampled
     ("auto") requests choose between the chain and no speculation. With `cost_aware`,
