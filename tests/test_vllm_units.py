@@ -90,6 +90,20 @@ def _trained_planner(rungs, kernel, tree=None, **kwargs):
     return p
 
 
+def _tree8_proposer(**cfg):
+    """A TR-Jacobi proposer on the tree-8 ladder, `cfg` overriding TRJacobiConfig."""
+    import types
+
+    from proposers.vllm.config import TRJacobiConfig
+    from proposers.vllm.proposer import TRJacobiProposer
+
+    config = TRJacobiConfig(templates=("tree-8",), **cfg)
+    return TRJacobiProposer(types.SimpleNamespace(
+        speculative_config=types.SimpleNamespace(
+            num_speculative_tokens=config.max_draft_tokens()),
+        additional_config={"trjacobi": config.to_dict()}))
+
+
 def test_planner_turns_speculation_off_when_it_does_not_pay():
     p = _trained_planner([("small", "tree"), ("big", "tree")],
                          kernel=[(8, 0.05), (300, 1.0)], tree=[(8 * 9, 0.20)])
@@ -648,21 +662,13 @@ def test_fixed_cpu_expand_kernel_feeds_the_rejection_sampler_real_temperatures()
 def test_proposer_plans_per_request():
     """The proposer asks the planner per request: a repetitive context (3-gram retrieval
     hit) drafts, a fresh one does not; sampled ("auto") requests only ever draft chains."""
-    import types
 
     import numpy as np
 
-    from proposers.vllm.config import TRJacobiConfig
     from proposers.vllm.planner import FEEDBACK, SAMPLED
-    from proposers.vllm.proposer import BatchFeedback, TRJacobiProposer
+    from proposers.vllm.proposer import BatchFeedback
 
-    def proposer(**cfg):
-        config = TRJacobiConfig(templates=("tree-8",), **cfg)
-        vllm_config = types.SimpleNamespace(
-            speculative_config=types.SimpleNamespace(
-                num_speculative_tokens=config.max_draft_tokens()),
-            additional_config={"trjacobi": config.to_dict()})
-        return TRJacobiProposer(vllm_config)
+    proposer = _tree8_proposer
 
     repetitive = [5, 6, 7, 8, 9, 5, 6, 7]  # ends with 5 6 7: a 3-gram hit, continues 8 9
     fresh = [11, 12, 13, 14, 15, 16, 17, 18]  # no earlier match at all
@@ -726,19 +732,12 @@ def test_shadow_drafts_teach_the_planner_without_drafting():
     for the chain rung at its feature and in its own record, and no chain probe is
     needed for that feature meanwhile. Sampled requests and fill_noise configs (whose
     chains the shadow could not mirror) make none."""
-    import types
 
     import numpy as np
 
-    from proposers.vllm.config import TRJacobiConfig
-    from proposers.vllm.proposer import CHAIN_RUNG, BatchFeedback, TRJacobiProposer
+    from proposers.vllm.proposer import CHAIN_RUNG, BatchFeedback
 
-    def proposer(**cfg):
-        config = TRJacobiConfig(templates=("tree-8",), **cfg)
-        return TRJacobiProposer(types.SimpleNamespace(
-            speculative_config=types.SimpleNamespace(
-                num_speculative_tokens=config.max_draft_tokens()),
-            additional_config={"trjacobi": config.to_dict()}))
+    proposer = _tree8_proposer
 
     # "a" ends with 5 6 7, seen before followed by 8 9 5 6 7: a 3-gram hit (feature 3).
     text = [5, 6, 7, 8, 9, 5, 6, 7]
@@ -787,19 +786,12 @@ def test_chain_cuts_draft_a_prefix_and_learn_exactly_from_longer_chains():
     tokens are a prefix, so any longer draft of it (or a shadow) tells exactly what a
     cut would have got: min(accepted, k) of min(k, nodes); cuts at most as long as what
     was drafted learn nothing from its shadow (the draft taught them)."""
-    import types
 
     import numpy as np
 
-    from proposers.vllm.config import TRJacobiConfig
-    from proposers.vllm.proposer import CHAIN_RUNG, BatchFeedback, TRJacobiProposer, chain_cut
+    from proposers.vllm.proposer import CHAIN_RUNG, BatchFeedback, chain_cut
 
-    def proposer(**cfg):
-        config = TRJacobiConfig(templates=("tree-8",), **cfg)
-        return TRJacobiProposer(types.SimpleNamespace(
-            speculative_config=types.SimpleNamespace(
-                num_speculative_tokens=config.max_draft_tokens()),
-            additional_config={"trjacobi": config.to_dict()}))
+    proposer = _tree8_proposer
 
     p = proposer()
     assert [r.name for r in p.planner.rungs][:3] == ["chain:2", "chain:4", CHAIN_RUNG]
