@@ -179,6 +179,26 @@ def test_closed_batch_laggards_value_drafts_only_the_back_of_the_batch():
         p.plan(hits, closed=True, remaining=[1, 2])
 
 
+def test_closed_batch_least_counts_the_spread_of_acceptance():
+    """The least of n laggards' acceptances falls below their mean by more the wider it
+    spreads: all-or-nothing chains (mean 3) are not drafted by eight tied laggards,
+    steady ones (3 every time) are; a lone laggard counts the mean."""
+    from proposers.vllm.planner import expected_min_shift
+
+    assert expected_min_shift(1) == 0.0
+    assert 0.5 < expected_min_shift(2) < expected_min_shift(5) < expected_min_shift(8) < 1.5
+    p = _trained_planner([("chain", "kernel")], kernel=[(8, 0.14), (80, 0.50)],
+                         closed_value="laggards")
+    for k in range(40):
+        p.record_request("chain", 3, 6, 3.0)
+        p.record_request("chain", 1, 6, 6.0 * (k % 2))
+    assert abs(p.estimates[("chain", 1)].accepted.value - 3.0) < 0.5
+    assert p.estimates[("chain", 3)].spread() < 1e-6 < 2.5 < p.estimates[("chain", 1)].spread()
+    assert p.plan([3] * 8, closed=True, remaining=[50] * 8) == ["chain"] * 8
+    assert p.plan([1] * 8, closed=True, remaining=[50] * 8) == [NONE] * 8
+    assert p.plan([1] * 8, closed=True, remaining=[50] + [40] * 7) == ["chain"] + [NONE] * 7
+
+
 def test_closed_batch_laggards_may_all_take_the_same_rung():
     """Valued by its least member, the back of the batch can do better on one rung than
     on the per-request picks that maximise the sum: a 2-token cut for one laggard would
