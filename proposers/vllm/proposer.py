@@ -47,6 +47,8 @@ def chain_cut(tokens: int) -> str:
     outcome is known exactly from any longer draft of the same chain: a chain's accepted
     tokens are a prefix, so the cut would have had min(accepted, tokens) accepted."""
     return f"{CHAIN_RUNG}:{tokens}"
+
+
 PLANNED_MODES = ("tree", "auto")  # auto: sampled requests, planned chains
 
 

@@ -139,9 +139,10 @@ class TRJacobiRunnerMixin:
         self._step_path = "kernel"
         self.tree_steps = 0
         self.compactions = 0
-        # Planned drafts verified and the draft tokens they got accepted: this engine's
-        # own MAT (vLLM's metrics registry is per process; with several engines in one
-        # process `LLM.get_metrics()` reads the one built last).
+        # Drafts this worker verified (request-steps with drafts) and the draft tokens
+        # they got accepted: this engine's own MAT (vLLM's metrics registry is per
+        # process; with several engines in one process `LLM.get_metrics()` reads the
+        # one built last).
         self.verified_drafts = 0
         self.accepted_tokens = 0
         # Per attention path: steps, scheduled tokens, seconds of the forward + sampling;
