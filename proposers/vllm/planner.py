@@ -31,8 +31,9 @@ each of their draft tokens costs. So by default (`closed_value="laggards"`) only
 requests with the most tokens left (`plan(..., remaining=)`, which the runner fills from
 each request's max_tokens) may draft, all together (each its best known rung, Dinkelbach
 as above with no speculation left out of each one's options), and the plan is valued by
-the least of them, `(B + B * min accepted) / cost`: the batch advances by what its back
-advances. That plan must beat not drafting by the margin. With one request nothing
+the least of them, `(B + B * least accepted) / cost`: the batch advances by what its back
+advances (the least of n acceptances expected below the least mean by their spread:
+`rate`). That plan must beat not drafting by the margin. With one request nothing
 changes. Measured at batch 8 on 2 cores, MSN model, against plain vLLM in the same run
 (geometric means over 5 repeats, benchmarks/results/vllm_cpu_msn_interleaved_b8-laggards.json):
 mt_bench 1.005, translation 1.23, summarization 0.995, qa 1.01, math 1.005, rag 1.20,
@@ -386,7 +387,8 @@ class CostPlanner:
             if known is None:
                 return None
             accs.append(known[0] * sc)
-            spreads.append(self.estimates[(name, f)].spread() * sc)
+            if least:
+                spreads.append(self.estimates[(name, f)].spread() * sc)
             nodes += known[1]
             if by_name[name].path == TREE:
                 path = TREE
