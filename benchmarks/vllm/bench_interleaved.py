@@ -16,6 +16,7 @@ size and group, the median ratio and its range over the repeats, the geometric m
 scheduling off for every `custom_class` drafter, ours included, so that engine shows what
 the plugin pays before it drafts anything; `--plugin-off` runs the plugin's engine with
 drafting off for every request, which adds the cost of vLLM's spec-decode path;
+`--plain-twin` adds a second plain vLLM engine built after all others (an A/A control);
 `--plugin-variant NAME=JSON` adds a plugin engine with other TR-Jacobi settings (e.g. a
 different ladder), to compare settings on the same minutes of the machine.
 
@@ -42,6 +43,7 @@ WARM_TOKENS = 4  # untimed warm-up generation before each timed one (tokens)
 SETTLE_SECONDS = 0.5  # pause after it, for other engines' threads to go idle
 SYNC = "plain-sync"  # plain vLLM with async scheduling off, as any custom_class drafter runs
 OFF = "plugin-off"  # the plugin's engine, every request with extra_args trjacobi=off
+TWIN = "plain-twin"  # a second plain vLLM engine, built after every other: an A/A control
 
 
 def paired_summary(rows: list[dict], engines: list[str]) -> dict:
@@ -102,7 +104,8 @@ def _rate(cells: list[dict], name: str) -> float:
 
 
 LABELS = {"plugin": "plugin (TR-Jacobi, planned)",
-          SYNC: "plain vLLM, async scheduling off", OFF: "plugin engine, drafting off"}
+          SYNC: "plain vLLM, async scheduling off", OFF: "plugin engine, drafting off",
+          TWIN: "plain vLLM, second engine built last"}
 
 
 def plot(summary: dict, path: Path, model: str) -> None:
@@ -153,11 +156,15 @@ def run(args) -> dict:
     for name, overrides in args.plugin_variant:
         builders[name] = lambda o=overrides: LLM(**{
             **common, **engine_kwargs(TRJacobiConfig(**o), max_num_seqs=max(args.batch_sizes))})
+    if args.plain_twin:
+        builders[TWIN] = builders["plain"]
     names = list(builders)
     # Build order (--plain-last): the engine built first may run faster for the whole
-    # run; two runs with opposite orders bound that bias.
-    built = {name: builders[name]() for name in (names[1:] + names[:1] if args.plain_last
-                                                  else names)}
+    # run; two runs with opposite orders bound that bias, and --plain-twin measures it
+    # (the twin is built last whatever the order of the others).
+    order = [n for n in names if n != TWIN]
+    order = (order[1:] + order[:1] if args.plain_last else order) + [TWIN] * args.plain_twin
+    built = {name: builders[name]() for name in order}
     engines = {name: built[name] for name in names}
     if args.plugin_off:
         engines[OFF] = engines["plugin"]
@@ -256,7 +263,7 @@ def plugin_variant(text: str) -> tuple[str, dict]:
     from proposers.vllm.config import TRJacobiConfig
 
     name, sep, raw = text.partition("=")
-    if not sep or not name or name in ("plain", "plugin", SYNC, OFF):
+    if not sep or not name or name in ("plain", "plugin", SYNC, OFF, TWIN):
         raise argparse.ArgumentTypeError(
             f"expected NAME=JSON with a new engine name, got {text!r}")
     try:
@@ -287,6 +294,9 @@ def main() -> None:
     ap.add_argument("--plain-last", action="store_true",
                     help="build plain vLLM's engine after the others (default: first); the "
                          "engine built first can run faster for the whole run")
+    ap.add_argument("--plain-twin", action="store_true",
+                    help="also run a second plain vLLM engine, built after all others: an A/A "
+                         "control whose ratio to plain is the bias of build order plus noise")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_cpu_interleaved"))
     args = ap.parse_args()
     if args.repeats < 1 or args.per_group < 1 or min(args.batch_sizes) < 1:
