@@ -54,3 +54,55 @@ def ngram_match(
         return context.new_empty(0), 0
     start = int(ends[np.flatnonzero(length == best)[-1]]) + 1
     return context[start : start + max_tokens], best
+
+
+class NgramIndex:
+    """`ngram_match` for one growing context, in time per new token, not per context.
+
+    Keeps the most recent end position of every 1..`max_ngram`-gram already followed by a
+    token, so a lookup tries the context's suffix n-grams, longest first: the longest
+    match wins, the most recent among equals, as `ngram_match` (tests compare them). The
+    vLLM proposer holds one per request and looks up every request at every step: against
+    `ngram_match`, which scans the whole context each time, that is the difference between
+    a host cost per step that grows with the text (and the batch) and one that does not.
+    """
+
+    def __init__(self, max_ngram: int = 3):
+        if max_ngram < 1:
+            raise ValueError(f"max_ngram must be >= 1, got {max_ngram}")
+        self.max_ngram = max_ngram
+        self._ids: list[int] = []
+        self._last: dict[tuple[int, ...], int] = {}  # n-gram -> its latest end position
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The context seen so far (read only)."""
+        return self._ids
+
+    def sync(self, context: np.ndarray) -> None:
+        """Catch up with `context` (1-D token ids), which normally extends what was seen
+        (a request's tokens only grow). A context shorter than what was seen, or whose
+        token at the last seen position differs, starts the index over; earlier tokens are
+        not compared (that would cost a pass over the context every step)."""
+        seen = len(self._ids)
+        if seen > len(context) or (seen and int(context[seen - 1]) != self._ids[-1]):
+            self._ids, self._last, seen = [], {}, 0
+        ids, last, longest = self._ids, self._last, self.max_ngram
+        for token in context[seen:].tolist():
+            end = len(ids) - 1  # the newest token so far is followed now
+            for n in range(1, min(longest, end + 1) + 1):
+                last[tuple(ids[end - n + 1: end + 1])] = end
+            ids.append(token)
+
+    def match(self, max_tokens: int) -> tuple[list[int], int]:
+        """The tokens that followed the most recent longest match of the suffix (up to
+        `max_tokens`), and the matched length (0 and [] when nothing matched)."""
+        ids, n_ctx = self._ids, len(self._ids)
+        for n in range(min(self.max_ngram, n_ctx - 1), 0, -1):
+            end = self._last.get(tuple(ids[n_ctx - n:]))
+            if end is not None:
+                return ids[end + 1: end + 1 + max_tokens], n
+        return [], 0

@@ -1,6 +1,8 @@
+import numpy as np
+import pytest
 import torch
 
-from proposers.retrieval import ngram_lookup
+from proposers.retrieval import NgramIndex, ngram_lookup, ngram_match
 
 
 def t(*xs):
@@ -74,3 +76,32 @@ def test_ngram_match_equals_its_definition_on_random_contexts():
         got, n = ngram_match(ctx, max_tokens, max_ngram, min_ngram)
         assert (got.tolist(), n) == _ngram_match_by_windows(ctx, max_tokens, max_ngram,
                                                              min_ngram), (ctx, max_ngram)
+
+
+@pytest.mark.parametrize("max_ngram", [1, 2, 3, 4])
+def test_ngram_index_equals_ngram_match_as_the_context_grows(max_ngram):
+    """The proposer's per-request index gives `ngram_match`'s answer at every length,
+    whether the context grows by one token or by several (accepted drafts)."""
+    rng = np.random.default_rng(max_ngram)
+    for _ in range(60):
+        vocab, n = int(rng.integers(2, 10)), int(rng.integers(1, 70))
+        ctx = rng.integers(0, vocab, n).astype(np.int32)  # vLLM's token_ids_cpu dtype
+        index, length = NgramIndex(max_ngram), 0
+        while length < n:
+            length = min(n, length + int(rng.integers(1, 4)))
+            index.sync(ctx[:length])
+            found, matched = ngram_match(torch.from_numpy(ctx[:length]).long(), 6, max_ngram)
+            assert index.match(6) == (found.tolist(), matched)
+            assert index.tokens == ctx[:length].tolist()
+
+
+def test_ngram_index_starts_over_on_a_context_it_did_not_see_grow():
+    index = NgramIndex(3)
+    index.sync(np.array([1, 2, 3, 1, 2]))
+    assert index.match(4) == ([3, 1, 2], 2)
+    index.sync(np.array([7, 8, 7]))  # shorter: a new context
+    assert index.tokens == [7, 8, 7] and index.match(4) == ([8, 7], 1)
+    index.sync(np.array([7, 8, 9, 9]))  # its last seen token changed: starts over
+    assert index.tokens == [7, 8, 9, 9] and index.match(4) == ([9], 1)
+    with pytest.raises(ValueError, match="max_ngram"):
+        NgramIndex(0)

@@ -48,7 +48,9 @@ TWIN = "plain-twin"  # a second plain vLLM engine, built after every other: an A
 
 def paired_summary(rows: list[dict], engines: list[str]) -> dict:
     """Per batch size, engine and group: median / min / max over the repeats of the
-    paired ratio to plain vLLM, and the overall ratio (total tokens / total seconds)."""
+    paired ratio to plain vLLM, and the overall ratio (total tokens / total seconds);
+    with the plain twin, also each engine's ratio to both plain engines
+    (`vs_plain_pair`)."""
     out: dict = {}
     for batch in sorted({r["batch"] for r in rows}):
         mine = [r for r in rows if r["batch"] == batch]
@@ -70,6 +72,15 @@ def paired_summary(rows: list[dict], engines: list[str]) -> dict:
                     "repeats": len(ratios),
                     "plain_tok_s": round(statistics.median(r["tok_s"]["plain"] for r in cells), 2),
                     "tok_s": round(statistics.median(r["tok_s"][name] for r in cells), 2)}
+                if TWIN in engines and name != TWIN:
+                    # Against both plain engines (geometric mean of their rates in the
+                    # row): the plain side then carries no build-order bias of its own,
+                    # and the twin's own ratio to plain is the noise this comparison has.
+                    pair = [r["tok_s"][name] / math.sqrt(r["tok_s"]["plain"] * r["tok_s"][TWIN])
+                            for r in cells]
+                    lo, hi = geo_interval(pair)
+                    table[group]["vs_plain_pair"] = {"geomean": round(geomean(pair), 3),
+                                                     "ci90": [round(lo, 3), round(hi, 3)]}
             per_repeat = []
             for rep in sorted({r["repeat"] for r in mine}):
                 cells = [r for r in mine if r["repeat"] == rep]
@@ -79,6 +90,9 @@ def paired_summary(rows: list[dict], engines: list[str]) -> dict:
                                 "max": round(max(per_repeat), 3),
                                 "plain_tok_s": round(_rate(mine, "plain"), 2),
                                 "tok_s": round(_rate(mine, name), 2)}
+            if TWIN in engines and name != TWIN:
+                table["overall"]["vs_plain_pair"] = round(
+                    _rate(mine, name) / math.sqrt(_rate(mine, "plain") * _rate(mine, TWIN)), 3)
             by_engine[name] = table
         out[str(batch)] = by_engine
     return out

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from proposers.candidates import CandidateTable
-from proposers.retrieval import ngram_match
+from proposers.retrieval import NgramIndex, ngram_match
 from proposers.templates import chain, load_template
 from proposers.tree import TreeSpec, compile_tree
 from proposers.vllm.config import TRJacobiConfig
@@ -119,6 +119,7 @@ def shadow_accepted(tokens: tuple[int, ...], actual) -> int | None:
 @dataclass
 class RequestState:
     feedback: torch.Tensor | None = None
+    index: NgramIndex | None = None  # the retrieval lookup, kept up to date per step
     plan: DraftPlan | None = None
     accepted: float = 0.0  # decaying sum of accepted draft tokens
     expected: float = 0.0  # decaying sum of what the shared estimates expected
@@ -252,7 +253,8 @@ class TRJacobiProposer:
         # Planned requests (greedy trees, sampled "auto" chains): the planner picks each
         # one's rung (or none) for this step.
         planned = [row for row in rows if batch.modes[row] in PLANNED_MODES]
-        lookups = {row: ngram_match(contexts[row], self.retrieval_depth, self.config.max_ngram)
+        lookups = {row: self._lookup(batch.req_ids[row],
+                                     token_ids_cpu[row, : num_tokens_no_spec[row]])
                    for row in planned}
         features = {row: self._feature(contexts[row], batch.req_ids[row],
                                        sampled=batch.modes[row] == "auto",
@@ -260,7 +262,7 @@ class TRJacobiProposer:
                     for row in planned}
         if self.shadows:
             for row in planned:
-                self._judge_shadows(batch.req_ids[row], contexts[row])
+                self._judge_shadows(batch.req_ids[row])
         scales = [self.states[batch.req_ids[r]].skill if batch.req_ids[r] in self.states
                   else 1.0 for r in planned]
         remaining = (None if batch.remaining is None
@@ -287,7 +289,7 @@ class TRJacobiProposer:
                 plan = self._chain(context, state.feedback, jacobi=mode == "chain")
             drafted = len(plan.tokens) if plan is not None and (
                 plan.rung == CHAIN_RUNG or plan.rung in self.cuts) else 0
-            if self.shadows and mode == "tree" and lookups[row][0].numel() > drafted:
+            if self.shadows and mode == "tree" and len(lookups[row][0]) > drafted:
                 self._shadow(state, features[row], contexts[row], lookups[row][0], drafted)
             if mode != "off" and state.feedback is not None and state.feedback.numel():
                 self.num_feedback_proposals += 1
@@ -328,18 +330,30 @@ class TRJacobiProposer:
     # translation requests after qa then drafted nothing. Jacobi chains (feedback) and
     # trees need the model's outputs at their positions, so they are still probed.
     def _shadow(self, state: RequestState, feature: int, context: torch.Tensor,
-                found: torch.Tensor, drafted: int = 0) -> None:
+                found: list[int], drafted: int = 0) -> None:
         if len(state.shadows) >= MAX_SHADOWS:
             state.shadows.pop(0)
-        state.shadows.append(Shadow(context.numel(), feature, tuple(found.tolist()), drafted))
+        state.shadows.append(Shadow(context.numel(), feature, tuple(found), drafted))
 
-    def _judge_shadows(self, req_id: str, context: torch.Tensor) -> None:
+    def _lookup(self, req_id: str, context: np.ndarray) -> tuple[list[int], int]:
+        """The retrieval chain for a request's context now and its n-gram match length,
+        from the request's own `NgramIndex` (brought up to date with `context`)."""
+        state = self.states.setdefault(req_id, RequestState())
+        if state.index is None:
+            state.index = NgramIndex(self.config.max_ngram)
+        state.index.sync(context)
+        return state.index.match(self.retrieval_depth)
+
+    def _judge_shadows(self, req_id: str) -> None:
+        """Judge a request's pending shadows against its tokens so far (its index's
+        context, which `_lookup` brought up to date this step)."""
         state = self.states.get(req_id)
-        if state is None or not state.shadows:
+        if state is None or not state.shadows or state.index is None:
             return
+        context = state.index.tokens
         pending = []
         for shadow in state.shadows:
-            actual = context[shadow.start: shadow.start + len(shadow.tokens)].tolist()
+            actual = context[shadow.start: shadow.start + len(shadow.tokens)]
             accepted = shadow_accepted(shadow.tokens, actual)
             if accepted is None:
                 pending.append(shadow)
