@@ -163,11 +163,18 @@ def cache_hit_admission(llm, seed_ids: list[int]) -> dict:
         hits = sum(int(m.value) for m in metrics if m.name == "vllm:prefix_cache_hits")
         return spec_decode_summary(metrics).num_draft_tokens, hits
 
+    def steps() -> tuple[int, int]:
+        stats = llm.collective_rpc("trjacobi_stats")[0]
+        return sum(p["steps"] for p in stats["paths"].values()), stats["undrafted_steps"]
+
     drafted, hits = counters()
+    sampled, undrafted = steps()
     llm.generate([TokensPrompt(prompt_token_ids=ids)], off, use_tqdm=False)
     drafted2, hits2 = counters()
+    sampled2, undrafted2 = steps()
     return {"block_size": block, "prompt_tokens": len(ids), "draft_tokens": drafted2 - drafted,
-            "prefix_cache_hits": hits2 - hits}
+            "prefix_cache_hits": hits2 - hits, "sampled_steps": sampled2 - sampled,
+            "undrafted_steps": undrafted2 - undrafted}
 
 
 # ------------------------------------------------------------------ tests
@@ -241,11 +248,16 @@ def test_cache_hit_admission_drafts_nothing(runs):
     off, drafts nothing: vLLM 0.32 would pad its admission to full draft width with
     placeholder drafts (measured at batch 8 on summarization: 402 junk draft tokens a
     batch, the drafting-off engine 8.9% behind plain vLLM), which `engine_kwargs` turns
-    off (`config.no_uniform_decode_padding`)."""
+    off (`config.no_uniform_decode_padding`). Its steps, none drafted, are sampled as
+    plain vLLM samples them."""
     _, plugin = runs
     check = plugin["cache_hit_admission"]
     assert check["prefix_cache_hits"] >= 2 * check["block_size"]  # the cache did cover it
     assert check["draft_tokens"] == 0
+    # Every one of its steps drafted nothing, so each was sampled by vLLM's plain sampler
+    # (runner `_sample`), not its rejection sampler over zero drafts.
+    assert check["sampled_steps"] > 0
+    assert check["undrafted_steps"] == check["sampled_steps"]
 
 
 def _assert_same_distribution(plain: list[list[int]], other: list[list[int]]) -> None:
