@@ -74,8 +74,8 @@ def paired_summary(rows: list[dict], engines: list[str]) -> dict:
                     "tok_s": round(statistics.median(r["tok_s"][name] for r in cells), 2)}
                 if TWIN in engines and name != TWIN:
                     # Against both plain engines (geometric mean of their rates in the
-                    # row): the plain side then carries no build-order bias of its own,
-                    # and the twin's own ratio to plain is the noise this comparison has.
+                    # row): one built first, one last, so the plain side's build order is
+                    # balanced; the twin's own ratio to plain is this comparison's noise.
                     pair = [r["tok_s"][name] / math.sqrt(r["tok_s"]["plain"] * r["tok_s"][TWIN])
                             for r in cells]
                     lo, hi = geo_interval(pair)
