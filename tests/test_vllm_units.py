@@ -1289,3 +1289,45 @@ def test_planner_settings_reach_the_planner():
                 {"probe_share": -0.1}, {"probe_share": 1.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TRJacobiConfig(**bad)
+
+
+def test_carried_jacobi_window_shifts_by_the_tokens_advanced():
+    """carry_window: rows of the Jacobi window a step did not verify stay for the next
+    steps, shifted by the tokens the request advanced, behind any fresh rows; a window
+    of carried rows only is its own planner feature (STALE)."""
+    import numpy as np
+
+    from proposers.vllm.planner import STALE
+    from proposers.vllm.proposer import BatchFeedback
+
+    p = _tree8_proposer(carry_window=True)
+    k = p.feedback_k
+    rows1 = torch.arange(5 * k).reshape(5, k)  # fresh feedback: depths 1..5 below length 10
+    tokens = np.arange(11, 31).reshape(1, 20)
+
+    def step(length, fresh=None):
+        topk = {} if fresh is None else {"a": fresh}
+        p.set_target_feedback(BatchFeedback(["a"], ["tree"], topk))
+        p.propose([[1]], np.array([length]), tokens)
+        return p.states["a"]
+
+    state = step(10, rows1)
+    assert torch.equal(state.window, rows1) and state.window_at == 10 and not state.stale
+    state = step(11)  # no drafts, one token: depth 1 is now known, depths 2..5 remain
+    assert torch.equal(state.window, rows1[1:]) and state.stale
+    fresh = torch.full((1, k), -7)
+    state = step(12, fresh)  # drafted: one token in, one fresh row; carried from depth 3
+    assert torch.equal(state.window, torch.cat([fresh, rows1[3:]])) and not state.stale
+    state = step(16)  # advanced past the whole window: nothing carried
+    assert state.window is None
+    # The planner sees carried-only feedback as its own feature.
+    state.window, state.window_at = rows1, 16
+    p._carry("a", 17)
+    context = torch.tensor(tokens[0, :17])
+    assert p._feature(context, "a", sampled=False) & STALE
+    assert p._feature(context, "a", sampled=True) & STALE
+
+    p = _tree8_proposer()  # default: feedback lasts one step
+    state = step(10, rows1)
+    state = step(11)
+    assert state.window is None and not state.stale
