@@ -82,11 +82,6 @@ class TRJacobiConfig:
     # short chain can pay where the full one does not; its estimates come exactly from
     # longer drafts and shadows (`proposer.chain_cut`). Empty: the full chain only.
     chain_cuts: tuple[int, ...] = (2, 4)
-    # Keep each request's Jacobi window across steps (proposer `_carry`): the rows of
-    # feedback a step did not verify (beyond a cut, or all of them in a step without
-    # drafts) stay, shifted by the tokens the request advanced, behind the fresh rows;
-    # a window with carried rows only is its own planner feature (planner.STALE).
-    carry_window: bool = False
     max_ngram: int = 3
     seed: int = 0
 

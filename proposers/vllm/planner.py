@@ -72,7 +72,6 @@ FAST_PROBE_EVERY = 4
 # ones, and they may only draft chains (vLLM's rejection sampler verifies chains).
 SAMPLED = 16
 FEEDBACK = 4  # added to the feature when Jacobi feedback is available
-STALE = 8  # instead, when the only feedback is rows carried from earlier steps
 # A step drafts only if its expected rate beats not drafting by this much: the estimates
 # are noisy averages, and at batch 8 on 2 cores drafts the planner expected to pay by a
 # little (4-18% of request-steps on mt_bench, qa, summarization) made those groups

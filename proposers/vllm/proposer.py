@@ -28,7 +28,7 @@ from proposers.retrieval import NgramIndex, ngram_match
 from proposers.templates import chain, load_template
 from proposers.tree import TreeSpec, compile_tree
 from proposers.vllm.config import TRJacobiConfig
-from proposers.vllm.planner import FEEDBACK, KERNEL, NONE, SAMPLED, STALE, TREE, CostPlanner
+from proposers.vllm.planner import FEEDBACK, KERNEL, NONE, SAMPLED, TREE, CostPlanner
 from proposers.vllm.version import check_vllm_version
 
 logger = logging.getLogger(__name__)
@@ -120,12 +120,6 @@ def shadow_accepted(tokens: tuple[int, ...], actual) -> int | None:
 class RequestState:
     feedback: torch.Tensor | None = None
     index: NgramIndex | None = None  # the retrieval lookup, kept up to date per step
-    # The Jacobi window kept across steps (config carry_window): top-K rows for depths
-    # 1.. below the root at context length `window_at`; `stale`: feedback this step is
-    # carried rows only.
-    window: torch.Tensor | None = None
-    window_at: int = 0
-    stale: bool = False
     plan: DraftPlan | None = None
     accepted: float = 0.0  # decaying sum of accepted draft tokens
     expected: float = 0.0  # decaying sum of what the shared estimates expected
@@ -259,10 +253,6 @@ class TRJacobiProposer:
         # Planned requests (greedy trees, sampled "auto" chains): the planner picks each
         # one's rung (or none) for this step.
         planned = [row for row in rows if batch.modes[row] in PLANNED_MODES]
-        if self.config.carry_window:
-            for row in rows:
-                if batch.modes[row] != "off":
-                    self._carry(batch.req_ids[row], int(num_tokens_no_spec[row]))
         lookups = {row: self._lookup(batch.req_ids[row],
                                      token_ids_cpu[row, : num_tokens_no_spec[row]])
                    for row in planned}
@@ -304,9 +294,7 @@ class TRJacobiProposer:
             if mode != "off" and state.feedback is not None and state.feedback.numel():
                 self.num_feedback_proposals += 1
             state.plan = plan
-            if self.config.carry_window and mode != "off":
-                state.window, state.window_at = state.feedback, int(num_tokens_no_spec[row])
-            state.feedback = None  # this step's; `_carry` rebuilds the next one's
+            state.feedback = None  # feedback is per step; a stale one would mislead
             self.num_proposals += plan is not None  # request-steps that drafted
             drafts[row] = list(plan.tokens) if plan else []
         return drafts
@@ -330,30 +318,7 @@ class TRJacobiProposer:
         feedback = state is not None and state.feedback is not None and state.feedback.numel()
         if match is None:
             match = ngram_match(context, 1, self.config.max_ngram)[1]
-        if feedback and state.stale:
-            return match + STALE + (SAMPLED if sampled else 0)
         return match + (FEEDBACK if feedback else 0) + (SAMPLED if sampled else 0)
-
-    def _carry(self, req_id: str, length: int) -> None:
-        """This step's Jacobi feedback for a request: the fresh rows the runner handed
-        over (top-K at the nodes below the accepted one, depths 1.. of the new root),
-        then the rows of the window kept at the last step that neither they nor the
-        accepted tokens cover. A window row for depth d below the root at context length
-        L0 guesses token L0 + d - 1; the request advanced `length - L0` tokens."""
-        state = self.states.setdefault(req_id, RequestState())
-        fresh = state.feedback if state.feedback is not None and state.feedback.numel() else None
-        state.stale = False
-        window, state.window = state.window, None
-        if window is None or not window.numel():
-            return
-        skip = length - state.window_at + (0 if fresh is None else fresh.shape[0])
-        carried = window[skip:] if skip >= 0 else window[:0]
-        if not carried.numel():
-            return
-        if fresh is None:
-            state.feedback, state.stale = carried, True
-        else:
-            state.feedback = torch.cat([fresh, carried.to(fresh.dtype)])
 
     # Shadow drafts: a greedy request that does not draft the chain rung this step
     # records the retrieval chain that rung would have drafted (the same lookup, made
