@@ -82,9 +82,6 @@ class TRJacobiConfig:
     # short chain can pay where the full one does not; its estimates come exactly from
     # longer drafts and shadows (`proposer.chain_cut`). Empty: the full chain only.
     chain_cuts: tuple[int, ...] = (2, 4)
-    # A drafted rung also counts the Jacobi feedback it buys for the request's next step
-    # (planner.CostPlanner.feedback_bonus); off: each step is valued alone.
-    feedback_value: bool = True
     max_ngram: int = 3
     seed: int = 0
 

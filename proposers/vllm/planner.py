@@ -180,11 +180,9 @@ class CostPlanner:
     def __init__(self, rungs: list[tuple[str, str]], cost_aware: bool = True,
                  probe_every: int = 16, tree_probe_every: int = 64, min_gain: float = MIN_GAIN,
                  closed_value: str = CLOSED_VALUE, probe_share: float = PROBE_SHARE,
-                 max_nodes: dict[str, int] | None = None, feedback_value: bool = True):
+                 max_nodes: dict[str, int] | None = None):
         """`max_nodes`: each rung's full size in draft tokens (the probe budget's cost of
-        a rung not yet measured; default 16). `feedback_value`: a drafted rung also
-        counts the Jacobi feedback it buys for the request's next step
-        (`feedback_bonus`)."""
+        a rung not yet measured; default 16)."""
         if not rungs:
             raise ValueError("the planner needs at least one rung")
         if not 0.0 <= probe_share <= 1.0:
@@ -197,7 +195,6 @@ class CostPlanner:
         if closed_value not in CLOSED_VALUES:
             raise ValueError(f"closed_value must be one of {CLOSED_VALUES}, got {closed_value!r}")
         self.closed_value = closed_value
-        self.feedback_value = feedback_value
         self.cost_aware = cost_aware
         self.min_gain = min_gain
         self.rungs = [Rung(name, path) for name, path in rungs]
@@ -251,8 +248,6 @@ class CostPlanner:
         if len(scales) != len(features):
             raise ValueError(f"{len(scales)} scales for {len(features)} requests")
         self.closed_steps += closed
-        bonus = ({(f, sc): self.feedback_bonus(f, sc, batch) for f, sc in zip(features, scales)}
-                 if self.cost_aware and self.feedback_value else {})
         if not self.cost_aware:
             choice = [self._largest(f) for f in features]
         elif closed and self.closed_value == "laggards" and remaining is not None:
@@ -261,53 +256,19 @@ class CostPlanner:
             back = max(remaining)
             lag = [i for i, r in enumerate(remaining) if r >= back]
             sub = self._best([features[i] for i in lag], batch, [scales[i] for i in lag],
-                             together=True, least=True, bonus=bonus)
+                             together=True, least=True)
             choice = [NONE] * len(features)
             for i, name in zip(lag, sub):
                 choice[i] = name
             self._probe(features, choice, batch)
         else:
-            choice = self._best(features, batch, scales, together=closed, bonus=bonus)
+            choice = self._best(features, batch, scales, together=closed)
             self._probe(features, choice, batch)
         for f, name in zip(features, choice):
             self.history[name] = self.history.get(name, 0) + 1
             if name != NONE:
                 self._estimate(name, f).last_used = self.step
         return choice
-
-    def feedback_bonus(self, feature: int, scale: float, batch: int) -> float:
-        """Tokens a drafted rung is worth to a request beyond its own step: the Jacobi
-        feedback it buys.
-
-        A request that drafts gets the target's outputs at its draft positions, so next
-        step its feature has FEEDBACK; one that drafts nothing has none next step, and
-        without a retrieval match then has nothing to draft from at all. Valued one step
-        ahead: the best kernel rung's expected tokens less the tokens its drafts cost at
-        the rate of not drafting (`accepted - rate_none * slope * nodes`, 0 for no
-        draft), with feedback less without (same match length). A planner that left it
-        out kept dropping the feedback of requests whose next draft alone did not pay,
-        and at batch 1 ran 8% behind drafting the chain every step
-        (benchmarks/results/vllm_cpu_msn_interleaved_b1-carry.json). Where a draft
-        token costs as much as the token it may save (batch 8 on 2 cores: the step cost is
-        about proportional to its tokens), the bonus is about 0."""
-        kernel = self.lines[KERNEL].coefficients()
-        if kernel is None:
-            return 0.0
-        a, b = kernel
-        price = b * batch / max(a + b * batch, 1e-12)  # tokens a draft token costs
-        base = feature % SAMPLED
-        has = base >= FEEDBACK
-        with_fb = feature if has else feature + FEEDBACK
-        without = feature - FEEDBACK if has else feature
-
-        def value(f: int) -> float:
-            best = 0.0
-            for r in self.rungs:
-                if r.path == KERNEL and (known := self._known(r, f)) is not None:
-                    best = max(best, known[0] * scale - price * known[1])
-            return best
-
-        return max(value(with_fb) - value(without), 0.0)
 
     def _largest(self, feature: int) -> str:
         eligible = [r.name for r in self.rungs if _eligible(r, feature)]
@@ -326,19 +287,17 @@ class CostPlanner:
         return None if known is None else known[0]
 
     def _best(self, features: list[int], batch: int, scales: list[float],
-              together: bool = False, least: bool | None = None,
-              bonus: dict[tuple[int, float], float] | None = None) -> list[str]:
+              together: bool = False, least: bool | None = None) -> list[str]:
         """The plan of best expected rate, or no drafts unless it clears the margin.
         `together`: every request drafts (its best known rung) or none does. `least`:
         value a plan by its least-advanced request (default: a closed batch under
-        closed_value "least"). `bonus[(feature, scale)]`: tokens a drafted rung is worth
-        beyond its step (`feedback_bonus`), counted as accepted ones."""
+        closed_value "least")."""
         kernel = self.lines[KERNEL].coefficients()
         if kernel is None:
             return [NONE] * len(features)  # first steps: measure plain decoding first
         kernel_rungs = [r for r in self.rungs if r.path == KERNEL]
         candidates = [self._dinkelbach(features, scales, batch, kernel_rungs, kernel,
-                                       force=together, bonus=bonus)]
+                                       force=together)]
         tree = self._coefficients(TREE)
         if tree is not None:
             # A tree step has at least one tree request: fix which (feature, rung) that
@@ -354,10 +313,9 @@ class CostPlanner:
                     known = self._known(r, f) if r.path == TREE and _eligible(r, f) else None
                     if known is None:
                         continue
-                    fixed = (known[0] * scales[i] + (bonus or {}).get((f, scales[i]), 0.0),
-                             known[1])
+                    fixed = (known[0] * scales[i], known[1])
                     others = self._dinkelbach(rest, rest_scales, batch, self.rungs, tree,
-                                              fixed=fixed, force=together, bonus=bonus)
+                                              fixed=fixed, force=together)
                     candidates.append(others[:i] + [r.name] + others[i:])
         none = [NONE] * len(features)
         none_rate = self.rate(features, batch, none, scales)
@@ -372,7 +330,7 @@ class CostPlanner:
                            if all(_eligible(r, f) and self._known(r, f) is not None
                                   for f in features)]
         for choice in candidates:
-            rate = self.rate(features, batch, choice, scales, least=least, bonus=bonus)
+            rate = self.rate(features, batch, choice, scales, least=least)
             if rate is not None and rate > best_rate * 1.0001:
                 best, best_rate = choice, rate
         # Draft only when the best plan clears the margin over not drafting at all.
@@ -380,18 +338,15 @@ class CostPlanner:
 
     def _dinkelbach(self, features: list[int], scales: list[float], batch: int,
                     allowed: list[Rung], coef: tuple[float, float],
-                    fixed: tuple[float, float] = (0.0, 0.0), force: bool = False,
-                    bonus: dict[tuple[int, float], float] | None = None) -> list[str]:
+                    fixed: tuple[float, float] = (0.0, 0.0), force: bool = False) -> list[str]:
         """Rungs for `features` maximising (batch + accepted) / (a + b * (batch + nodes))
         on one cost line, with `fixed` (accepted, nodes) already in the step. `force`:
-        no speculation only for requests with no known rung. `bonus`: as `_best`."""
+        no speculation only for requests with no known rung."""
         a, b = coef
         keys = list(zip(features, scales))
-        bonus = bonus or {}
         options = {}
         for f, sc in set(keys):
-            extra = bonus.get((f, sc), 0.0)
-            known_rungs = [(r.name, known[0] * sc + extra, known[1]) for r in allowed
+            known_rungs = [(r.name, known[0] * sc, known[1]) for r in allowed
                            if _eligible(r, f) and (known := self._known(r, f)) is not None]
             options[(f, sc)] = known_rungs if force and known_rungs else (
                 [(NONE, 0.0, 0.0)] + known_rungs)
@@ -411,10 +366,8 @@ class CostPlanner:
         return [pick[k][0] for k in keys]
 
     def rate(self, features: list[int], batch: int, choice: list[str],
-             scales: list[float] | None = None, least: bool = False,
-             bonus: dict[tuple[int, float], float] | None = None) -> float | None:
-        """Expected tokens per second of a step that drafts `choice` (plus `bonus` tokens,
-        as `_best`, for each drafting request). `least`: the batch
+             scales: list[float] | None = None, least: bool = False) -> float | None:
+        """Expected tokens per second of a step that drafts `choice`. `least`: the batch
         advances by its least-advanced request in `features` (CLOSED_VALUES), expected
         at the least of their means less `expected_min_shift(n)` times their mean spread:
         acceptance is all-or-little (a retrieval chain continues the text or misses), and
@@ -433,7 +386,7 @@ class CostPlanner:
             known = self._known(by_name[name], f)
             if known is None:
                 return None
-            accs.append(known[0] * sc + (bonus.get((f, sc), 0.0) if bonus else 0.0))
+            accs.append(known[0] * sc)
             if least:
                 spreads.append(self.estimates[(name, f)].spread() * sc)
             nodes += known[1]
