@@ -81,7 +81,11 @@ def test_tree_step_mask_and_slots():
 
 
 def _trained_planner(rungs, kernel, tree=None, **kwargs):
-    """A planner whose cost lines saw `kernel` / `tree` = [(tokens, seconds), ...]."""
+    """A planner whose cost lines saw `kernel` / `tree` = [(tokens, seconds), ...].
+    `recorded=True`: its estimates are the outcomes as recorded (no pooled prior for
+    thin estimates), for tests of how a plan is valued from given estimates."""
+    if kwargs.pop("recorded", False):
+        kwargs["prior_weight"] = 0.0
     p = CostPlanner(rungs, probe_every=10**9, tree_probe_every=10**9, **kwargs)
     for _ in range(50):
         for path, points in (("kernel", kernel), ("tree", tree or [])):
@@ -119,7 +123,7 @@ def test_closed_batch_drafts_together_or_not_at_all():
     drafts all together (each request its best known rung) or not at all; with requests
     waiting the same features plan for throughput; one request plans the same either way."""
     # Batch 8 on 2 cores, measured: ~100 ms a step + 5 ms a token.
-    p = _trained_planner([("chain", "kernel")], kernel=[(8, 0.14), (80, 0.50)])
+    p = _trained_planner([("chain", "kernel")], kernel=[(8, 0.14), (80, 0.50)], recorded=True)
     p.record_request("chain", 3, 6, 3.0)  # a retrieval hit: 3 of 6 accepted
     p.record_request("chain", 1, 6, 0.1)
     mixed = [3, 3, 3, 1, 1, 1, 1, 1]
@@ -140,7 +144,7 @@ def test_closed_batch_least_value_needs_every_request_to_advance():
     """closed_value="least": a closed batch's plan counts as advancing the batch by its
     least-advanced request, so seven sure hits do not carry an eighth that will not
     advance; the open (throughput) plan and single requests are unchanged."""
-    p = _trained_planner([("chain", "kernel")], kernel=[(8, 0.14), (80, 0.50)])
+    p = _trained_planner([("chain", "kernel")], kernel=[(8, 0.14), (80, 0.50)], recorded=True)
     p.closed_value = "least"
     p.record_request("chain", 3, 6, 3.0)
     p.record_request("chain", 1, 6, 0.1)
@@ -160,7 +164,7 @@ def test_closed_batch_laggards_value_drafts_only_the_back_of_the_batch():
     tokens left, so only they may draft, all together, valued by the least of them;
     the requests ahead draft nothing whatever they would accept."""
     p = _trained_planner([("chain", "kernel")], kernel=[(8, 0.14), (80, 0.50)],
-                         closed_value="laggards")
+                         closed_value="laggards", recorded=True)
     p.record_request("chain", 3, 6, 3.0)
     p.record_request("chain", 1, 6, 0.1)
     hits = [3] * 7 + [1]
@@ -217,11 +221,44 @@ def test_closed_batch_laggards_may_all_take_the_same_rung():
     assert p.plan([3, 2] + [3] * 6, closed=True, remaining=left) == ["chain"] * 2 + [NONE] * 6
 
 
+def test_thin_estimates_lean_on_the_rungs_pooled_acceptance():
+    """A (rung, feature) pair seen a few times at 0 is not written off: until it has
+    PRIOR_UNTIL outcomes its estimate is shrunk toward the rung's pooled acceptance per
+    draft token, so at batch 1 (draft tokens cost ~2% of a step) it is drafted again and
+    learns; once it has enough outcomes of 0 it is not."""
+    from proposers.vllm.config import TRJacobiConfig
+    from proposers.vllm.planner import PRIOR_UNTIL, PRIOR_WEIGHT
+
+    def planner(**kw):
+        p = _trained_planner([("chain", "kernel")], kernel=[(1, 0.040), (11, 0.048)], **kw)
+        for _ in range(20):
+            p.record_request("chain", 3, 4, 2.0)  # retrieval hits: 2 of 4 (0.5 a token)
+        for _ in range(2):
+            p.record_request("chain", 12, 5, 0.0)  # two early misses on another feature
+        return p
+
+    p, recorded = planner(), planner(recorded=True)
+    assert recorded.expected_accepted("chain", 12) == 0.0
+    assert recorded.plan([12]) == [NONE]
+    pooled = p.estimates[("chain", -1)]
+    prior = pooled.accepted.value / pooled.nodes.value * 5
+    assert p.expected_accepted("chain", 12) == pytest.approx(PRIOR_WEIGHT * prior / (2 + PRIOR_WEIGHT))
+    assert p.plan([12]) == ["chain"]
+    assert p.expected_accepted("chain", 3) == pytest.approx(2.0)  # enough outcomes: as seen
+    for _ in range(PRIOR_UNTIL):
+        p.record_request("chain", 12, 5, 0.0)
+    assert p.expected_accepted("chain", 12) == 0.0 and p.plan([12]) == [NONE]
+    with pytest.raises(ValueError, match="prior_weight"):
+        type(p)([("chain", "kernel")], prior_weight=-1.0)
+    with pytest.raises(ValueError, match="estimate_prior"):
+        TRJacobiConfig(estimate_prior=-1.0)
+
+
 def test_closed_batch_tree_plans_draft_together():
     """On the tree path too: once one request drafts a tree, the others draft (their
     best rung on the tree line) or the step does not draft at all."""
     p = _trained_planner([("chain", "kernel"), ("tree", "tree")],
-                         kernel=[(8, 0.14), (80, 0.50)], tree=[(8, 0.15), (200, 1.10)])
+                         kernel=[(8, 0.14), (80, 0.50)], tree=[(8, 0.15), (200, 1.10)], recorded=True)
     p.record_request("tree", 3, 30, 12.0)
     p.record_request("chain", 3, 6, 3.0)
     p.record_request("chain", 1, 6, 0.1)

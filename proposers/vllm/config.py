@@ -11,7 +11,13 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from proposers.templates import load_template
-from proposers.vllm.planner import CLOSED_VALUE, CLOSED_VALUES, MIN_GAIN, PROBE_SHARE
+from proposers.vllm.planner import (
+    CLOSED_VALUE,
+    CLOSED_VALUES,
+    MIN_GAIN,
+    PRIOR_WEIGHT,
+    PROBE_SHARE,
+)
 
 PROPOSER_PATH = "proposers.vllm.TRJacobiProposer"
 WORKER_PATH = "proposers.vllm.runner.TRJacobiWorker"  # vLLM-CPU
@@ -82,6 +88,9 @@ class TRJacobiConfig:
     # short chain can pay where the full one does not; its estimates come exactly from
     # longer drafts and shadows (`proposer.chain_cut`). Empty: the full chain only.
     chain_cuts: tuple[int, ...] = (2, 4)
+    # Pseudo-outcomes of a rung's pooled acceptance per draft token in a (rung, feature)
+    # estimate of fewer than 10 outcomes (planner.PRIOR_WEIGHT); 0: estimates as recorded.
+    estimate_prior: float = PRIOR_WEIGHT
     max_ngram: int = 3
     seed: int = 0
 
@@ -100,6 +109,9 @@ class TRJacobiConfig:
             raise ValueError(f"trjacobi min_gain must be in [0, 1), got {self.min_gain!r}")
         if not 0.0 <= self.probe_share <= 1.0:
             raise ValueError(f"trjacobi probe_share must be in [0, 1], got {self.probe_share!r}")
+        if not self.estimate_prior >= 0.0:
+            raise ValueError(
+                f"trjacobi estimate_prior must be >= 0, got {self.estimate_prior!r}")
         object.__setattr__(self, "templates", tuple(self.templates))
         cuts = tuple(self.chain_cuts)
         full = max(load_template(n).num_nodes

@@ -92,6 +92,16 @@ CLOSED_VALUE = "laggards"
 PROBE_SHARE = 0.01
 # The budget holds at most this many steps' worth of credit (no burst after a lull).
 PROBE_CREDIT_STEPS = 256
+# A (rung, feature) estimate with fewer than PRIOR_UNTIL outcomes is shrunk toward the
+# rung's pooled acceptance per draft token (all features) with this many pseudo-outcomes
+# (`CostPlanner._known`). Draft outcomes are all-or-little, so a pair seen once or twice
+# at 0 kept a value of 0 and was never drafted again but by a rare probe: at batch 1 on
+# math (MSN model) a planner trace showed Jacobi chains on deep feedback at 0 after 3
+# misses (the always-drafting chain got 0.5 tokens of 5 there), and 55-70 of ~245 steps
+# undrafted.
+PRIOR_WEIGHT = 2.0
+PRIOR_UNTIL = 10
+POOLED = -1  # the feature key of a rung's pooled estimate
 
 
 @dataclass
@@ -156,6 +166,7 @@ class _Estimate:
     accepted_sq: _Ema = field(default_factory=_Ema)  # for the spread
     nodes: _Ema = field(default_factory=_Ema)
     last_used: int = -(10**9)
+    count: int = 0  # outcomes recorded
 
     def spread(self) -> float:
         """Standard deviation of the accepted tokens (0 before any observation)."""
@@ -180,9 +191,14 @@ class CostPlanner:
     def __init__(self, rungs: list[tuple[str, str]], cost_aware: bool = True,
                  probe_every: int = 16, tree_probe_every: int = 64, min_gain: float = MIN_GAIN,
                  closed_value: str = CLOSED_VALUE, probe_share: float = PROBE_SHARE,
-                 max_nodes: dict[str, int] | None = None):
+                 max_nodes: dict[str, int] | None = None, prior_weight: float = PRIOR_WEIGHT):
         """`max_nodes`: each rung's full size in draft tokens (the probe budget's cost of
-        a rung not yet measured; default 16)."""
+        a rung not yet measured; default 16). `prior_weight`: pseudo-outcomes of the
+        rung's pooled estimate in a thin (rung, feature) estimate (PRIOR_WEIGHT; 0: the
+        estimates as recorded)."""
+        if prior_weight < 0:
+            raise ValueError(f"prior_weight must be >= 0, got {prior_weight!r}")
+        self.prior_weight = prior_weight
         if not rungs:
             raise ValueError("the planner needs at least one rung")
         if not 0.0 <= probe_share <= 1.0:
@@ -213,10 +229,11 @@ class CostPlanner:
         self.lines[path].add(float(num_tokens), seconds)
 
     def record_request(self, rung: str, feature: int, num_nodes: int, num_accepted: int) -> None:
-        est = self._estimate(rung, feature)
-        est.accepted.add(float(num_accepted))
-        est.accepted_sq.add(float(num_accepted) ** 2)
-        est.nodes.add(float(num_nodes))
+        for est in (self._estimate(rung, feature), self._estimate(rung, POOLED)):
+            est.count += 1
+            est.accepted.add(float(num_accepted))
+            est.accepted_sq.add(float(num_accepted) ** 2)
+            est.nodes.add(float(num_nodes))
 
     def last_used(self, rung: str, feature: int) -> None:
         """Mark (rung, feature) as fresh: an outcome arrived without a draft (the
@@ -275,10 +292,22 @@ class CostPlanner:
         return eligible[-1] if eligible else NONE
 
     def _known(self, rung: Rung, feature: int) -> tuple[float, float] | None:
+        """(expected accepted tokens, draft tokens) of `rung` at `feature`; None untried.
+
+        A thin estimate (fewer than PRIOR_UNTIL outcomes) is shrunk toward the rung's
+        pooled acceptance per draft token at this feature's draft size, with
+        `prior_weight` pseudo-outcomes."""
         est = self.estimates.get((rung.name, feature))
         if est is None or est.accepted.value is None:
             return None
-        return est.accepted.value, est.nodes.value
+        accepted, nodes = est.accepted.value, est.nodes.value
+        pool = self.estimates.get((rung.name, POOLED))
+        if (self.prior_weight and est.count < PRIOR_UNTIL and pool is not None
+                and pool.nodes.value):
+            prior = pool.accepted.value / pool.nodes.value * nodes
+            w = self.prior_weight
+            accepted = (est.count * accepted + w * prior) / (est.count + w)
+        return accepted, nodes
 
     def expected_accepted(self, rung: str, feature: int) -> float | None:
         """The shared estimate of accepted tokens for `rung` at `feature` (None: untried)."""

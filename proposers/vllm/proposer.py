@@ -174,7 +174,8 @@ class TRJacobiProposer:
         self.planner = CostPlanner(rungs, cost_aware=self.config.cost_aware,
                                    min_gain=self.config.min_gain,
                                    closed_value=self.config.closed_value,
-                                   probe_share=self.config.probe_share, max_nodes=sizes)
+                                   probe_share=self.config.probe_share, max_nodes=sizes,
+                                   prior_weight=self.config.estimate_prior)
         self.states: dict[str, RequestState] = {}
         self._chains: dict[int, TreeSpec] = {}
         self.batch: BatchFeedback | None = None
