@@ -223,9 +223,10 @@ def test_closed_batch_laggards_may_all_take_the_same_rung():
 
 def test_thin_estimates_lean_on_the_rungs_pooled_acceptance():
     """A (rung, feature) pair seen a few times at 0 is not written off: until it has
-    PRIOR_UNTIL outcomes its estimate is shrunk toward the rung's pooled acceptance per
+    PRIOR_UNTIL outcomes its estimate is lifted toward the rung's pooled acceptance per
     draft token, so at batch 1 (draft tokens cost ~2% of a step) it is drafted again and
-    learns; once it has enough outcomes of 0 it is not."""
+    learns; once it has enough outcomes of 0 it is not. A thin estimate above the pool
+    stays as it is."""
     from proposers.vllm.config import TRJacobiConfig
     from proposers.vllm.planner import PRIOR_UNTIL, PRIOR_WEIGHT
 
@@ -245,6 +246,9 @@ def test_thin_estimates_lean_on_the_rungs_pooled_acceptance():
     assert p.expected_accepted("chain", 12) == pytest.approx(PRIOR_WEIGHT * prior / (2 + PRIOR_WEIGHT))
     assert p.plan([12]) == ["chain"]
     assert p.expected_accepted("chain", 3) == pytest.approx(2.0)  # enough outcomes: as seen
+    # A thin estimate above the pool is kept (lifted only).
+    p.record_request("chain", 7, 4, 4.0)
+    assert p.expected_accepted("chain", 7) == pytest.approx(4.0)
     for _ in range(PRIOR_UNTIL):
         p.record_request("chain", 12, 5, 0.0)
     assert p.expected_accepted("chain", 12) == 0.0 and p.plan([12]) == [NONE]

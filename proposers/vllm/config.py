@@ -88,8 +88,9 @@ class TRJacobiConfig:
     # short chain can pay where the full one does not; its estimates come exactly from
     # longer drafts and shadows (`proposer.chain_cut`). Empty: the full chain only.
     chain_cuts: tuple[int, ...] = (2, 4)
-    # Pseudo-outcomes of a rung's pooled acceptance per draft token in a (rung, feature)
-    # estimate of fewer than 10 outcomes (planner.PRIOR_WEIGHT); 0: estimates as recorded.
+    # Pseudo-outcomes of a rung's pooled acceptance per draft token that lift a (rung,
+    # feature) estimate of fewer than 10 outcomes below it (planner.PRIOR_WEIGHT); 0: the
+    # estimates as recorded.
     estimate_prior: float = PRIOR_WEIGHT
     max_ngram: int = 3
     seed: int = 0
