@@ -228,7 +228,7 @@ def test_thin_estimates_lean_on_the_rungs_pooled_acceptance():
     learns; once it has enough outcomes of 0 it is not. A thin estimate above the pool
     stays as it is."""
     from proposers.vllm.config import TRJacobiConfig
-    from proposers.vllm.planner import PRIOR_UNTIL, PRIOR_WEIGHT
+    from proposers.vllm.planner import POOLED, PRIOR_UNTIL, PRIOR_WEIGHT
 
     def planner(**kw):
         p = _trained_planner([("chain", "kernel")], kernel=[(1, 0.040), (11, 0.048)], **kw)
@@ -241,7 +241,7 @@ def test_thin_estimates_lean_on_the_rungs_pooled_acceptance():
     p, recorded = planner(), planner(recorded=True)
     assert recorded.expected_accepted("chain", 12) == 0.0
     assert recorded.plan([12]) == [NONE]
-    pooled = p.estimates[("chain", -1)]
+    pooled = p.estimates[("chain", POOLED)]
     prior = pooled.accepted.value / pooled.nodes.value * 5
     assert p.expected_accepted("chain", 12) == pytest.approx(PRIOR_WEIGHT * prior / (2 + PRIOR_WEIGHT))
     assert p.plan([12]) == ["chain"]
