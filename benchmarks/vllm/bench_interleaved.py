@@ -17,6 +17,8 @@ scheduling off for every `custom_class` drafter, ours included, so that engine s
 the plugin pays before it drafts anything; `--plugin-off` runs the plugin's engine with
 drafting off for every request, which adds the cost of vLLM's spec-decode path;
 `--plain-twin` adds a second plain vLLM engine built after all others (an A/A control);
+`--ngram` adds vLLM's built-in n-gram speculation (K=4, as in `bench_vllm.py`), so the
+issue's whole table (plain, n-gram, chain, tree) can come from one interleaved run;
 `--plugin-variant NAME=JSON` adds a plugin engine with other TR-Jacobi settings (e.g. a
 different ladder), to compare settings on the same minutes of the machine.
 
@@ -37,13 +39,21 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.vllm.bench_vllm import ENGINE_ENV, GROUPS, ROOT, group_questions, workload_args
+from benchmarks.vllm.bench_vllm import (
+    ENGINE_ENV,
+    GROUPS,
+    NGRAM,
+    ROOT,
+    group_questions,
+    workload_args,
+)
 
 WARM_TOKENS = 4  # untimed warm-up generation before each timed one (tokens)
 SETTLE_SECONDS = 0.5  # pause after it, for other engines' threads to go idle
 SYNC = "plain-sync"  # plain vLLM with async scheduling off, as any custom_class drafter runs
 OFF = "plugin-off"  # the plugin's engine, every request with extra_args trjacobi=off
 TWIN = "plain-twin"  # a second plain vLLM engine, built after every other: an A/A control
+NGRAM_NAME = "ngram"  # vLLM's built-in n-gram speculation (K=4), the issue's peer
 
 
 def paired_summary(rows: list[dict], engines: list[str]) -> dict:
@@ -119,7 +129,7 @@ def _rate(cells: list[dict], name: str) -> float:
 
 LABELS = {"plugin": "plugin (TR-Jacobi, planned)",
           SYNC: "plain vLLM, async scheduling off", OFF: "plugin engine, drafting off",
-          TWIN: "plain vLLM, second engine built last"}
+          TWIN: "plain vLLM, second engine built last", NGRAM_NAME: "vLLM n-gram (K=4)"}
 
 
 def plot(summary: dict, path: Path, model: str) -> None:
@@ -170,6 +180,8 @@ def run(args) -> dict:
     for name, overrides in args.plugin_variant:
         builders[name] = lambda o=overrides: LLM(**{
             **common, **engine_kwargs(TRJacobiConfig(**o), max_num_seqs=max(args.batch_sizes))})
+    if args.ngram:
+        builders[NGRAM_NAME] = lambda: LLM(**common, speculative_config=dict(NGRAM))
     if args.plain_twin:
         builders[TWIN] = builders["plain"]
     names = list(builders)
@@ -277,7 +289,7 @@ def plugin_variant(text: str) -> tuple[str, dict]:
     from proposers.vllm.config import TRJacobiConfig
 
     name, sep, raw = text.partition("=")
-    if not sep or not name or name in ("plain", "plugin", SYNC, OFF, TWIN):
+    if not sep or not name or name in ("plain", "plugin", SYNC, OFF, TWIN, NGRAM_NAME):
         raise argparse.ArgumentTypeError(
             f"expected NAME=JSON with a new engine name, got {text!r}")
     try:
@@ -305,6 +317,8 @@ def main() -> None:
                     help="also run a plugin engine named NAME whose TR-Jacobi settings "
                          "override the defaults with JSON, e.g. "
                          "'gain10={\"min_gain\": 0.1}' (repeatable)")
+    ap.add_argument("--ngram", action="store_true",
+                    help="also run vLLM's built-in n-gram speculation (K=4), the issue's peer")
     ap.add_argument("--plain-last", action="store_true",
                     help="build plain vLLM's engine after the others (default: first); the "
                          "engine built first can run faster for the whole run")
