@@ -13,7 +13,7 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
-from proposers.vllm.planner import NONE, CostPlanner
+from proposers.vllm.planner import BUCKET_MIN_STEPS, NONE, CostPlanner, batch_bucket
 from proposers.vllm.tree_attention import build_tree_step
 from proposers.vllm.version import UnsupportedVLLMError, check_vllm_version
 
@@ -219,6 +219,35 @@ def test_closed_batch_laggards_may_all_take_the_same_rung():
     # against (8 + 8 * 1.9) / 0.20 s.
     left = [50, 50] + [10] * 6
     assert p.plan([3, 2] + [3] * 6, closed=True, remaining=left) == ["chain"] * 2 + [NONE] * 6
+
+
+def test_cost_lines_are_kept_per_batch_bucket():
+    """A batch-1 step costs about the same for one token or nine (weights read once),
+    a batch-8 step pays ~2 ms a draft token; one line for both carried batch 8's slope
+    into batch 1, where a chain accepted 0.5 tokens a step then looked not worth drafting."""
+    assert [batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [1, 2, 4, 4, 8, 8, 16, 16, 32]
+    p = CostPlanner([("chain", "kernel")], probe_every=10**9)
+    for _ in range(20):
+        for tokens in (8, 72):  # batch 8: 40 ms + 2 ms a draft token
+            p.record_step("kernel", tokens, 0.040 + 0.002 * (tokens - 8), batch=8)
+    p.record_request("chain", 1, 8, 0)
+    p.record_request("chain", 1, 8, 1)  # 0.5 accepted tokens of 8
+    assert p.line("kernel", 1) == p.line("kernel", 8)  # no batch-1 steps yet: all batches
+    assert p.plan([1]) == [NONE]  # priced on batch 8's slope: 1.37x a plain step
+    for _ in range(BUCKET_MIN_STEPS):
+        for tokens in (1, 9):  # batch 1: 40 ms + 0.2 ms a draft token
+            p.record_step("kernel", tokens, 0.040 + 0.0002 * (tokens - 1), batch=1)
+    a1, b1 = p.line("kernel", 1)
+    assert b1 == pytest.approx(0.0002) and a1 == pytest.approx(0.0398)
+    assert p.line("kernel", 8)[1] == pytest.approx(0.002)  # batch 8's own line is kept
+    assert p.plan([1]) == ["chain"]
+    assert p.plan([1] * 8, closed=True) == [NONE] * 8  # 0.5 tokens never pay at batch 8
+    assert set(p.cost_lines()) == {"kernel", "tree", "kernel@1", "kernel@8"}
+    # Steps of unknown batch size teach only the all-batch line.
+    p.record_step("kernel", 4, 1.0)
+    assert p.line("kernel", 1) == (a1, b1)
+    p.cost_buckets = False  # TRJacobiConfig(cost_buckets=False): the all-batch line only
+    assert p.line("kernel", 1) == p.lines["kernel"].coefficients()
 
 
 def test_thin_estimates_lean_on_the_rungs_pooled_acceptance():

@@ -92,6 +92,9 @@ class TRJacobiConfig:
     # feature) estimate of fewer than 10 outcomes below it (planner.PRIOR_WEIGHT); 0: the
     # estimates as recorded.
     estimate_prior: float = PRIOR_WEIGHT
+    # Fit the step-cost lines per batch-size bucket (1, 2, 4, 8, ...; planner.batch_bucket)
+    # as well as over all batches; False: one line per attention path for every batch.
+    cost_buckets: bool = True
     max_ngram: int = 3
     seed: int = 0
 

@@ -102,6 +102,14 @@ PROBE_CREDIT_STEPS = 256
 PRIOR_WEIGHT = 2.0
 PRIOR_UNTIL = 10
 POOLED = -1  # the feature key of a rung's pooled estimate
+# Cost lines are also kept per batch-size bucket (`batch_bucket`): a step's cost is not
+# one line in its tokens across batch sizes. On 2 cores a batch-1 step reads the weights
+# for one token or nine alike (fitted 0.4-1.0 ms a token, ~1-2% of the step), while at
+# batch 8 every draft token is compute (~2 ms). One line for all batches carried batch 8's
+# slope into the first batch-1 steps after it (decay 0.97: ~100 steps to fade), where it
+# priced a whole chain at 1.4x a plain step and the planner cut or skipped drafts.
+# A bucket's own line is used once it has this many steps; before, the all-batch line.
+BUCKET_MIN_STEPS = 8
 
 
 @dataclass
@@ -117,8 +125,10 @@ class _Line:
     # The slope of the last fit with spread in size: while every recent step has the same
     # size (no drafts for a while), the per-token cost is still what it was.
     slope: float | None = None
+    steps: int = 0
 
     def add(self, x: float, y: float) -> None:
+        self.steps += 1
         d = self.decay
         self.w = self.w * d + 1.0
         self.sx = self.sx * d + x
@@ -175,6 +185,12 @@ class _Estimate:
         return math.sqrt(max(self.accepted_sq.value - self.accepted.value ** 2, 0.0))
 
 
+def batch_bucket(batch: int) -> int:
+    """The cost-line bucket of a step of `batch` requests: 1, 2, 4, 8, 16, ... (the
+    power of two at or above it)."""
+    return 1 << max(batch - 1, 0).bit_length()
+
+
 def expected_min_shift(n: int) -> float:
     """How many standard deviations the least of `n` like draws falls below their mean
     (Blom's approximation of a normal order statistic; 0 for one draw)."""
@@ -191,11 +207,14 @@ class CostPlanner:
     def __init__(self, rungs: list[tuple[str, str]], cost_aware: bool = True,
                  probe_every: int = 16, tree_probe_every: int = 64, min_gain: float = MIN_GAIN,
                  closed_value: str = CLOSED_VALUE, probe_share: float = PROBE_SHARE,
-                 max_nodes: dict[str, int] | None = None, prior_weight: float = PRIOR_WEIGHT):
+                 max_nodes: dict[str, int] | None = None, prior_weight: float = PRIOR_WEIGHT,
+                 cost_buckets: bool = True):
         """`max_nodes`: each rung's full size in draft tokens (the probe budget's cost of
         a rung not yet measured; default 16). `prior_weight`: pseudo-outcomes of the
         rung's pooled estimate in a thin (rung, feature) estimate (PRIOR_WEIGHT; 0: the
-        estimates as recorded)."""
+        estimates as recorded). `cost_buckets`: price a step on its batch bucket's own
+        cost line (`line`; False: the all-batch line only)."""
+        self.cost_buckets = cost_buckets
         if prior_weight < 0:
             raise ValueError(f"prior_weight must be >= 0, got {prior_weight!r}")
         self.prior_weight = prior_weight
@@ -215,7 +234,8 @@ class CostPlanner:
         self.min_gain = min_gain
         self.rungs = [Rung(name, path) for name, path in rungs]
         self._by_name = {r.name: r for r in self.rungs}
-        self.lines = {KERNEL: _Line(), TREE: _Line()}
+        self.lines = {KERNEL: _Line(), TREE: _Line()}  # all batch sizes
+        self.bucket_lines: dict[tuple[str, int], _Line] = {}  # (path, batch_bucket)
         self.estimates: dict[tuple[str, int], _Estimate] = {}
         self.probe_every = probe_every
         self.tree_probe_every = tree_probe_every
@@ -225,8 +245,31 @@ class CostPlanner:
         self.closed_steps = 0  # steps planned for a closed batch (nothing waiting)
 
     # -- observations --------------------------------------------------------------
-    def record_step(self, path: str, num_tokens: int, seconds: float) -> None:
+    def record_step(self, path: str, num_tokens: int, seconds: float,
+                    batch: int | None = None) -> None:
+        """A decode step's time: `num_tokens` in all, over `batch` requests (None: not
+        known; then only the all-batch line learns it)."""
         self.lines[path].add(float(num_tokens), seconds)
+        if batch:
+            self.bucket_lines.setdefault((path, batch_bucket(batch)), _Line()).add(
+                float(num_tokens), seconds)
+
+    def line(self, path: str, batch: int | None = None) -> tuple[float, float] | None:
+        """(intercept, slope) of `path`'s steps at `batch` requests: the batch bucket's
+        own line once it has BUCKET_MIN_STEPS steps, else the all-batch line."""
+        own = (self.bucket_lines.get((path, batch_bucket(batch)))
+               if batch and self.cost_buckets else None)
+        if own is not None and own.steps >= BUCKET_MIN_STEPS:
+            return own.coefficients()
+        return self.lines[path].coefficients()
+
+    def cost_lines(self) -> dict[str, tuple[float, float] | None]:
+        """Every fitted line, for traces and stats: "kernel", "tree" (all batches) and
+        "kernel@8" etc. (batch buckets)."""
+        out = {p: line.coefficients() for p, line in self.lines.items()}
+        for (p, b), line in sorted(self.bucket_lines.items()):
+            out[f"{p}@{b}"] = line.coefficients()
+        return out
 
     def record_request(self, rung: str, feature: int, num_nodes: int, num_accepted: int) -> None:
         for est in (self._estimate(rung, feature), self._estimate(rung, POOLED)):
@@ -324,13 +367,13 @@ class CostPlanner:
         `together`: every request drafts (its best known rung) or none does. `least`:
         value a plan by its least-advanced request (default: a closed batch under
         closed_value "least")."""
-        kernel = self.lines[KERNEL].coefficients()
+        kernel = self.line(KERNEL, batch)
         if kernel is None:
             return [NONE] * len(features)  # first steps: measure plain decoding first
         kernel_rungs = [r for r in self.rungs if r.path == KERNEL]
         candidates = [self._dinkelbach(features, scales, batch, kernel_rungs, kernel,
                                        force=together)]
-        tree = self._coefficients(TREE)
+        tree = self._coefficients(TREE, batch)
         if tree is not None:
             # A tree step has at least one tree request: fix which (feature, rung) that
             # is (per feature, the request expected to accept most), and optimise the
@@ -424,7 +467,7 @@ class CostPlanner:
             nodes += known[1]
             if by_name[name].path == TREE:
                 path = TREE
-        coef = self._coefficients(path)
+        coef = self._coefficients(path, batch)
         if coef is None:
             return None
         if least and accs:
@@ -435,24 +478,25 @@ class CostPlanner:
             acc = sum(accs)
         return (batch + acc) / max(coef[0] + coef[1] * (batch + nodes), 1e-12)
 
-    def _coefficients(self, path: str) -> tuple[float, float] | None:
-        """The path's cost line. A tree step is never assumed cheaper than a kernel step
-        of the same size (a tree line fitted at few sizes can extrapolate below it)."""
-        kernel = self.lines[KERNEL].coefficients()
+    def _coefficients(self, path: str, batch: int | None = None) -> tuple[float, float] | None:
+        """The path's cost line at `batch` requests (`line`). A tree step is never assumed
+        cheaper than a kernel step of the same size (a tree line fitted at few sizes can
+        extrapolate below it)."""
+        kernel = self.line(KERNEL, batch)
         if path == KERNEL or kernel is None:
             return kernel
-        tree = self.lines[TREE].coefficients()
+        tree = self.line(TREE, batch)
         return None if tree is None else (max(tree[0], kernel[0]), max(tree[1], kernel[1]))
 
     def _probe_cost(self, rung: Rung, feature: int, batch: int, uses_tree: bool) -> float:
         """Expected extra seconds of drafting `rung` on one request of this step."""
         known = self._known(rung, feature)
         nodes = known[1] if known is not None else self.max_nodes.get(rung.name, 16)
-        kernel = self.lines[KERNEL].coefficients() or (0.0, 0.0)
+        kernel = self.line(KERNEL, batch) or (0.0, 0.0)
         if rung.path == KERNEL or uses_tree:
-            line = kernel if rung.path == KERNEL else self._coefficients(TREE) or kernel
+            line = kernel if rung.path == KERNEL else self._coefficients(TREE, batch) or kernel
             return line[1] * nodes
-        tree = self._coefficients(TREE)
+        tree = self._coefficients(TREE, batch)
         if tree is None:  # the tree path never measured: priced as a kernel draft
             return kernel[1] * nodes
         # The whole batch moves to the tree path.
@@ -464,7 +508,7 @@ class CostPlanner:
         Chain pairs never tried are probed every few steps, so a fresh planner learns
         fast. Every probe is also paid from the budget (module docstring)."""
         batch = len(features) if batch is None else batch
-        kernel = self.lines[KERNEL].coefficients()
+        kernel = self.line(KERNEL, batch)
         if kernel is not None:
             step = kernel[0] + kernel[1] * batch
             cap = self.probe_share * step * PROBE_CREDIT_STEPS

@@ -175,7 +175,8 @@ class TRJacobiProposer:
                                    min_gain=self.config.min_gain,
                                    closed_value=self.config.closed_value,
                                    probe_share=self.config.probe_share, max_nodes=sizes,
-                                   prior_weight=self.config.estimate_prior)
+                                   prior_weight=self.config.estimate_prior,
+                                   cost_buckets=self.config.cost_buckets)
         self.states: dict[str, RequestState] = {}
         self._chains: dict[int, TreeSpec] = {}
         self.batch: BatchFeedback | None = None
@@ -305,7 +306,7 @@ class TRJacobiProposer:
         self._trace.write(json.dumps({
             "step": planner.step, "closed": closed, "features": features,
             "scales": [round(x, 3) for x in scales], "rungs": rungs,
-            "lines": {p: line.coefficients() for p, line in planner.lines.items()},
+            "lines": planner.cost_lines(),
             "estimates": {f"{r}@{f}": [round(e.accepted.value, 3), round(e.nodes.value, 2)]
                           for (r, f), e in planner.estimates.items()
                           if f in features and e.accepted.value is not None},

@@ -362,7 +362,8 @@ class TRJacobiRunnerMixin:
         seconds = now - self._step_start
         tokens = scheduler_output.total_num_scheduled_tokens
         if not prefill_tokens(scheduler_output):
-            self.trj.planner.record_step(self._step_path, tokens, seconds)
+            self.trj.planner.record_step(self._step_path, tokens, seconds,
+                                         batch=len(scheduler_output.num_scheduled_tokens))
         kind = "tree" if self._step_path == "tree" else (
             "chain" if scheduler_output.scheduled_spec_decode_tokens else "plain")
         stats = self.path_stats[kind]
@@ -422,8 +423,9 @@ class TRJacobiRunnerMixin:
                       for p, (n, t, sec) in self.path_stats.items()},
             "draft_seconds": round(self.draft_seconds, 4),
             "between_steps_seconds": round(self.between_seconds, 4),
-            # The planner's fitted step cost per path: (seconds, seconds per token).
-            "cost_lines": {p: line.coefficients() for p, line in self.trj.planner.lines.items()},
+            # The planner's fitted step cost per path (and batch bucket, "kernel@8"):
+            # (seconds, seconds per token).
+            "cost_lines": self.trj.planner.cost_lines(),
         }
 
 
