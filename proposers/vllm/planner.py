@@ -16,7 +16,9 @@ target's top-K from the request's previous drafts is at hand, which Jacobi guess
 need; offset by SAMPLED for sampled requests, which draft chains only), `accepted` / `nodes` exponential averages per (rung, feature) of
 what the runner observed, and `cost` a line fitted to measured times of decode steps per
 attention path ("kernel": vLLM's own CPU kernel, used by plain and chain steps; "tree": the
-PyTorch tree path, taken by the whole batch as soon as one request drafts a tree). Steps
+PyTorch tree path, taken by the whole batch as soon as one request drafts a tree) and
+batch-size bucket (BUCKET_MIN_STEPS: a draft token costs ~0.5 ms of a batch-1 step and
+~2 ms of a batch-8 one on 2 cores). Steps
 with prompt tokens are left out of the fit (runner.prefill_tokens): a prompt token costs a
 fraction of a draft token, and a few prefill steps would flatten the slope.
 The ratio is maximised exactly per path with Dinkelbach's method: for a guess `lam` of
