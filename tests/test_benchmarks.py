@@ -100,3 +100,22 @@ def test_timing_worker_counts_steps_and_the_gaps_between_them(monkeypatch):
     assert stats["paths"]["plain"]["steps"] == 3 and stats["paths"]["plain"]["tokens"] == 24
     assert abs(stats["paths"]["plain"]["seconds"] - 0.15) < 1e-9
     assert abs(stats["between_steps_seconds"] - 0.01) < 1e-9  # 0.05 -> 0.06; 0.11 -> 5.0 idle
+
+
+def test_interleaved_markdown_reports_every_engine_and_group():
+    from benchmarks.vllm.bench_interleaved import TWIN, markdown, paired_summary
+
+    engines = ["plain", "plugin", TWIN]
+    rows = [{"repeat": rep, "group": g, "batch": 8,
+             "tokens": {n: 100 for n in engines},
+             "seconds": {"plain": 1.0, "plugin": 0.5 if g == "translation" else 1.0, TWIN: 1.0},
+             "tok_s": {"plain": 100.0, "plugin": 200.0 if g == "translation" else 100.0,
+                       TWIN: 100.0}}
+            for rep in range(2) for g in ("qa", "translation")]
+    text = markdown(paired_summary(rows, engines))
+    lines = text.splitlines()
+    assert lines[0].startswith("batch 8, ratio to plain vLLM (both plain engines)")
+    assert "| engine | translation | qa | overall (tok/s) |" in lines
+    plugin = next(line for line in lines if line.startswith("| plugin"))
+    assert "2.00 (2.00-2.00)" in plugin and "1.00 (1.00-1.00)" in plugin
+    assert plugin.endswith("| 1.33 (133.3) |")  # 400 tokens in 3 s against 4 s

@@ -127,6 +127,37 @@ def _rate(cells: list[dict], name: str) -> float:
     return sum(r["tokens"][name] for r in cells) / sum(r["seconds"][name] for r in cells)
 
 
+def markdown(summary: dict) -> str:
+    """The summary as one markdown table per batch size: a row per engine, a column per
+    group, the geometric mean of the paired ratios with its 90% interval (against both
+    plain engines when the run has the twin), and the overall ratio with its tokens/s."""
+    out = []
+    for batch, by_engine in summary.items():
+        groups = [g for g in GROUPS if any(g in t for t in by_engine.values())]
+        twin = any("vs_plain_pair" in t.get("overall", {}) for t in by_engine.values())
+        plain = next(iter(by_engine.values()))["overall"]["plain_tok_s"]
+        out.append(f"batch {batch}, ratio to plain vLLM{' (both plain engines)' if twin else ''}"
+                   f"; plain {plain:.1f} tok/s overall\n")
+        out.append("| engine | " + " | ".join(groups) + " | overall (tok/s) |")
+        out.append("|---" * (len(groups) + 2) + "|")
+        for name, table in by_engine.items():
+            cells = []
+            for g in groups:
+                c = table.get(g)
+                if c is None:
+                    cells.append("")
+                    continue
+                c = c.get("vs_plain_pair", c) if name != TWIN else c
+                lo, hi = c["ci90"]
+                cells.append(f"{c['geomean']:.2f} ({lo:.2f}-{hi:.2f})")
+            o = table["overall"]
+            ratio = o["ratio"] if name == TWIN else o.get("vs_plain_pair", o["ratio"])
+            out.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells)
+                       + f" | {ratio:.2f} ({o['tok_s']:.1f}) |")
+        out.append("")
+    return "\n".join(out)
+
+
 LABELS = {"plugin": "plugin (TR-Jacobi, planned)",
           SYNC: "plain vLLM, async scheduling off", OFF: "plugin engine, drafting off",
           TWIN: "plain vLLM, second engine built last", NGRAM_NAME: "vLLM n-gram (K=4)"}
@@ -326,7 +357,15 @@ def main() -> None:
                     help="also run a second plain vLLM engine, built after all others: an A/A "
                          "control whose ratio to plain is the bias of build order plus noise")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_cpu_interleaved"))
+    ap.add_argument("--report", metavar="JSON",
+                    help="print the markdown tables of an earlier run's JSON and exit")
     args = ap.parse_args()
+    if args.report:
+        try:
+            print(markdown(json.loads(Path(args.report).read_text())["summary"]))
+        except (OSError, ValueError, KeyError) as exc:
+            ap.error(f"--report {args.report}: {exc}")
+        return
     if args.repeats < 1 or args.per_group < 1 or min(args.batch_sizes) < 1:
         ap.error("--repeats, --per-group and --batch-sizes must be positive")
     for k, v in ENGINE_ENV.items():
@@ -346,6 +385,7 @@ def main() -> None:
                                                     "rows": result["rows"]}, indent=1))
     plot(summary, out.with_suffix(".png"), args.model)
     print(json.dumps({"meta": meta, "summary": summary}, indent=1))
+    print(markdown(summary))
     if result["mismatches"]:
         sys.exit(f"{result['mismatches']} batches gave different outputs with the plugin")
 
