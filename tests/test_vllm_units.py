@@ -933,7 +933,8 @@ def test_chain_cuts_are_checked():
 def test_planner_trace_writes_one_line_per_planned_step(tmp_path, monkeypatch):
     """MSN_TRJACOBI_TRACE=path: each planned step appends its features, scales, rungs,
     cost lines and the estimates for those features, as one JSON line; each verified
-    draft one more, with what it was expected to get and got."""
+    draft one more, with what it was expected to get and got; each executed step one
+    with its size and time."""
     import json
     import types
 
@@ -963,6 +964,10 @@ def test_planner_trace_writes_one_line_per_planned_step(tmp_path, monkeypatch):
     outcome = json.loads(path.read_text().splitlines()[-1])
     assert outcome == {"step": p.planner.step, "outcome": "a", "rung": "chain", "feature": 3, "nodes": 5,
                        "accepted": 1, "expected": 2.0, "shadow": False}
+    p.trace_step("kernel", 1, 6, 0, 0.0412345678)  # an executed step (the runner's call)
+    step = json.loads(path.read_text().splitlines()[-1])
+    assert step == {"step": p.planner.step, "path": "kernel", "batch": 1, "tokens": 6,
+                    "prefill": 0, "seconds": 0.041235}
 
 
 def test_chain_modes_need_no_tree_templates():

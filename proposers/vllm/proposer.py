@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 # Set to a file path to append one JSON line per planned step (features, scales, the
 # rungs chosen, the cost lines and estimates the planner used) and one per verified
-# draft or judged shadow (what it was expected to get and got): for diagnosing plans.
+# draft or judged shadow (what it was expected to get and got), and one per executed step
+# (path, batch, tokens, prompt tokens, seconds: what the cost lines learn from).
 TRACE_ENV = "MSN_TRJACOBI_TRACE"
 
 # The planner's chain rung: the retrieval chain when the context repeats, else Jacobi.
@@ -300,6 +301,13 @@ class TRJacobiProposer:
             self.num_proposals += plan is not None  # request-steps that drafted
             drafts[row] = list(plan.tokens) if plan else []
         return drafts
+
+    def trace_step(self, path: str, batch: int, tokens: int, prefill: int, seconds: float) -> None:
+        """One line per executed step (with the trace on): what the cost lines learn from."""
+        if self._trace is not None:
+            self._trace.write(json.dumps({
+                "step": self.planner.step, "path": path, "batch": batch, "tokens": tokens,
+                "prefill": prefill, "seconds": round(seconds, 6)}) + "\n")
 
     def _write_trace(self, features, scales, rungs, closed) -> None:
         planner = self.planner

@@ -361,9 +361,11 @@ class TRJacobiRunnerMixin:
         now = time.perf_counter()
         seconds = now - self._step_start
         tokens = scheduler_output.total_num_scheduled_tokens
-        if not prefill_tokens(scheduler_output):
-            self.trj.planner.record_step(self._step_path, tokens, seconds,
-                                         batch=len(scheduler_output.num_scheduled_tokens))
+        batch = len(scheduler_output.num_scheduled_tokens)
+        prefill = prefill_tokens(scheduler_output)
+        if not prefill:
+            self.trj.planner.record_step(self._step_path, tokens, seconds, batch=batch)
+        self.trj.trace_step(self._step_path, batch, tokens, prefill, seconds)
         kind = "tree" if self._step_path == "tree" else (
             "chain" if scheduler_output.scheduled_spec_decode_tokens else "plain")
         stats = self.path_stats[kind]
