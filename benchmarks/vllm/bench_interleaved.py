@@ -379,6 +379,7 @@ def main() -> None:
             "max_tokens": args.max_tokens, "per_group": args.per_group,
             "repeats": args.repeats, "engines": result["engines"],
             "plain_built": "last" if args.plain_last else "first", "device": "cpu", "dtype": "float32", "greedy": True,
+            "engine_env": {k: os.environ[k] for k in ENGINE_ENV},
             "plugin_mat": result["plugin_mat"], "rungs": result["rungs"],
             "batches_with_different_outputs": result["mismatches"]}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary,
