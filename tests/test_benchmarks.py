@@ -119,3 +119,19 @@ def test_interleaved_markdown_reports_every_engine_and_group():
     plugin = next(line for line in lines if line.startswith("| plugin"))
     assert "2.00 (2.00-2.00)" in plugin and "1.00 (1.00-1.00)" in plugin
     assert plugin.endswith("| 1.33 (133.3) |")  # 400 tokens in 3 s against 4 s
+
+
+def test_step_costs_groups_decode_steps_by_size():
+    from benchmarks.vllm.step_costs import summarise
+
+    lines = [{"step": 1, "path": "kernel", "batch": 1, "tokens": 1, "prefill": 0, "seconds": s}
+             for s in (0.030, 0.040, 0.050)]
+    lines += [{"step": 2, "path": "kernel", "batch": 1, "tokens": 40, "prefill": 39, "seconds": 0.2},
+              {"step": 2, "path": "kernel", "batch": 1, "tokens": 5, "prefill": 0, "seconds": 0.033},
+              {"step": 3, "features": [1], "lines": {"kernel": [0.03, 0.002],
+                                                     "kernel@1": [0.035, 0.001], "tree": None}}]
+    out = summarise(lines)
+    assert out["lines"]["kernel@1"] == [0.035, 0.001]
+    one, five = out["rows"]  # the prefill step is left out
+    assert (one["tokens"], one["steps"], one["median_ms"], one["mean_ms"]) == (1, 3, 40.0, 40.0)
+    assert one["line_ms"] == 36.0 and five["line_ms"] == 40.0  # the batch bucket's own line
