@@ -114,6 +114,8 @@ def run(args, trace: Path) -> dict:
             speeds[f"{group}@{batch}"] = round(tokens / seconds, 2)
             print(f"{group:15s} batch {batch}: {tokens / seconds:6.1f} tok/s", flush=True)
     stats = llm.collective_rpc("trjacobi_stats")[0]
+    # Explicitly: left to garbage collection, this process hung at exit with its engine.
+    llm.llm_engine.engine_core.shutdown()
     return {"tok_s": speeds, "rungs": stats["rungs"]}
 
 
