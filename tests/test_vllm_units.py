@@ -250,6 +250,35 @@ def test_cost_lines_are_kept_per_batch_bucket():
     assert p.line("kernel", 1) == p.lines["kernel"].coefficients()
 
 
+def test_size_costs_price_a_step_by_its_measured_size():
+    """Batch 1 on 2 cores: 3- to 6-token steps no dearer than undrafted ones, 11 tokens
+    dearer (benchmarks/results/vllm_cpu_msn_step_costs.json). On its line a 4-token cut
+    accepting 0.05 tokens a step is not worth drafting; priced by size it is (it costs
+    nothing), and the whole chain stays priced at its own measured cost."""
+    def planner(size_costs: bool) -> CostPlanner:
+        p = CostPlanner([("chain:4", "kernel"), ("chain", "kernel")], probe_every=10**9,
+                        size_costs=size_costs)
+        for _ in range(40):
+            for tokens, ms in ((1, 38.6), (5, 37.2), (11, 45.3)):
+                p.record_step("kernel", tokens, ms / 1000, batch=1)
+        p.record_request("chain:4", 1, 4, 0)
+        p.record_request("chain:4", 1, 4, 0.1)  # 0.05 tokens a step
+        p.record_request("chain", 1, 10, 0)
+        p.record_request("chain", 1, 10, 0.1)
+        return p
+
+    line, sized = planner(False), planner(True)
+    assert line.step_cost("kernel", 1, 5) > line.step_cost("kernel", 1, 1)  # the line
+    assert sized.step_cost("kernel", 1, 1) == pytest.approx(0.0386, abs=5e-4)
+    assert sized.step_cost("kernel", 1, 5) == pytest.approx(0.0372, abs=5e-4)
+    assert sized.step_cost("kernel", 1, 11) == pytest.approx(0.0453, abs=5e-4)
+    # An unseen size: the line alone.
+    assert sized.step_cost("kernel", 1, 7) == pytest.approx(sum(
+        c * 7 ** i for i, c in enumerate(sized.line("kernel", 1))))
+    assert line.plan([1]) == [NONE]
+    assert sized.plan([1]) == ["chain:4"]
+
+
 def test_thin_estimates_lean_on_the_rungs_pooled_acceptance():
     """A (rung, feature) pair seen a few times at 0 is not written off: until it has
     PRIOR_UNTIL outcomes its estimate is lifted toward the rung's pooled acceptance per

@@ -95,6 +95,10 @@ class TRJacobiConfig:
     # Fit the step-cost lines per batch-size bucket (1, 2, 4, 8, ...; planner.batch_bucket)
     # as well as over all batches; False: one line per attention path for every batch.
     cost_buckets: bool = True
+    # Price a plan at its cost line plus the measured residual of steps of its exact size
+    # (planner.RESIDUAL_ALPHA): at batch 1 on 2 cores short drafts cost no more than none.
+    # Off by default until measured at batch 1 and 8 side by side.
+    size_costs: bool = False
     max_ngram: int = 3
     seed: int = 0
 

@@ -112,6 +112,14 @@ POOLED = -1  # the feature key of a rung's pooled estimate
 # priced a whole chain at 1.4x a plain step and the planner cut or skipped drafts.
 # A bucket's own line is used once it has this many steps; before, the all-batch line.
 BUCKET_MIN_STEPS = 8
+# `size_costs` (opt-in): a step is priced at its line plus the average residual of steps of
+# exactly its size (an exponential average with this weight per step, trusted in
+# proportion n / (n + RESIDUAL_PRIOR) after n steps). A batch-1 step's cost is not a line
+# in its tokens: on 2 cores 3- to 6-token steps ran no slower than undrafted 1-token ones
+# (37.1-37.3 against 38.6 ms), then 11 tokens 45.3 ms, where the line said +0.53 ms a token
+# (benchmarks/results/vllm_cpu_msn_step_costs.json).
+RESIDUAL_ALPHA = 0.1
+RESIDUAL_PRIOR = 4.0
 
 
 @dataclass
@@ -128,8 +136,16 @@ class _Line:
     # size (no drafts for a while), the per-token cost is still what it was.
     slope: float | None = None
     steps: int = 0
+    # Step size (tokens) -> [average residual against the line, steps seen] (`cost`).
+    residuals: dict[int, list[float]] = field(default_factory=dict)
 
     def add(self, x: float, y: float) -> None:
+        coef = self.coefficients()
+        if coef is not None:
+            r = y - (coef[0] + coef[1] * x)
+            cell = self.residuals.setdefault(round(x), [r, 0])
+            cell[0] += RESIDUAL_ALPHA * (r - cell[0])
+            cell[1] += 1
         self.steps += 1
         d = self.decay
         self.w = self.w * d + 1.0
@@ -161,6 +177,18 @@ class _Line:
             return max(my - slope * mx, 0.0), slope
         slope = self.slope if var < 1.0 else max((self.sxy / self.w - mx * my) / var, 0.0)
         return max(my - slope * mx, 0.0), slope
+
+    def cost(self, x: float) -> float | None:
+        """Seconds of a step of `x` tokens: the line, plus the residual of steps of this
+        exact size, trusted in proportion to how many there were (RESIDUAL_PRIOR)."""
+        coef = self.coefficients()
+        if coef is None:
+            return None
+        c = coef[0] + coef[1] * x
+        cell = self.residuals.get(round(x))
+        if cell is not None:
+            c += cell[0] * cell[1] / (cell[1] + RESIDUAL_PRIOR)
+        return max(c, 1e-9)
 
 
 @dataclass
@@ -210,13 +238,16 @@ class CostPlanner:
                  probe_every: int = 16, tree_probe_every: int = 64, min_gain: float = MIN_GAIN,
                  closed_value: str = CLOSED_VALUE, probe_share: float = PROBE_SHARE,
                  max_nodes: dict[str, int] | None = None, prior_weight: float = PRIOR_WEIGHT,
-                 cost_buckets: bool = True):
+                 cost_buckets: bool = True, size_costs: bool = False):
         """`max_nodes`: each rung's full size in draft tokens (the probe budget's cost of
         a rung not yet measured; default 16). `prior_weight`: pseudo-outcomes of the
         rung's pooled estimate in a thin (rung, feature) estimate (PRIOR_WEIGHT; 0: the
         estimates as recorded). `cost_buckets`: price a step on its batch bucket's own
-        cost line (`line`; False: the all-batch line only)."""
+        cost line (`line`; False: the all-batch line only). `size_costs`: price a plan
+        at its line plus the residual of steps of its exact size (`_Line.cost`), and try
+        every kernel rung for all requests alike as a plan too."""
         self.cost_buckets = cost_buckets
+        self.size_costs = size_costs
         if prior_weight < 0:
             raise ValueError(f"prior_weight must be >= 0, got {prior_weight!r}")
         self.prior_weight = prior_weight
@@ -256,14 +287,28 @@ class CostPlanner:
             self.bucket_lines.setdefault((path, batch_bucket(batch)), _Line()).add(
                 float(num_tokens), seconds)
 
+    def _line(self, path: str, batch: int | None) -> _Line:
+        own = (self.bucket_lines.get((path, batch_bucket(batch)))
+               if batch and self.cost_buckets else None)
+        return own if own is not None and own.steps >= BUCKET_MIN_STEPS else self.lines[path]
+
     def line(self, path: str, batch: int | None = None) -> tuple[float, float] | None:
         """(intercept, slope) of `path`'s steps at `batch` requests: the batch bucket's
         own line once it has BUCKET_MIN_STEPS steps, else the all-batch line."""
-        own = (self.bucket_lines.get((path, batch_bucket(batch)))
-               if batch and self.cost_buckets else None)
-        if own is not None and own.steps >= BUCKET_MIN_STEPS:
-            return own.coefficients()
-        return self.lines[path].coefficients()
+        return self._line(path, batch).coefficients()
+
+    def step_cost(self, path: str, batch: int, tokens: float) -> float | None:
+        """Expected seconds of a step of `tokens` tokens over `batch` requests on `path`:
+        the line (`_coefficients`), or with `size_costs` the line plus this size's
+        residual (a tree step never below a kernel step of the same size)."""
+        if not self.size_costs:
+            coef = self._coefficients(path, batch)
+            return None if coef is None else max(coef[0] + coef[1] * tokens, 1e-12)
+        kernel = self._line(KERNEL, batch).cost(tokens)
+        if path == KERNEL or kernel is None:
+            return kernel
+        tree = self._line(TREE, batch).cost(tokens)
+        return None if tree is None else max(tree, kernel)
 
     def cost_lines(self) -> dict[str, tuple[float, float] | None]:
         """Every fitted line, for traces and stats: "kernel", "tree" (all batches) and
@@ -399,10 +444,11 @@ class CostPlanner:
         best, best_rate = none, none_rate
         if least is None:
             least = together and self.closed_value == "least"
-        if least:
+        if least or self.size_costs:
             # Dinkelbach maximises the sum; valued by the least request, a plan may be
             # better with every request on the same rung (e.g. all on the whole chain,
-            # not one on a 2-token cut that caps the least at 2).
+            # not one on a 2-token cut that caps the least at 2). Dinkelbach also prices
+            # along the line: priced by size, a rung for everyone may be the best plan.
             candidates += [[r.name] * len(features) for r in kernel_rungs
                            if all(_eligible(r, f) and self._known(r, f) is not None
                                   for f in features)]
@@ -469,8 +515,8 @@ class CostPlanner:
             nodes += known[1]
             if by_name[name].path == TREE:
                 path = TREE
-        coef = self._coefficients(path, batch)
-        if coef is None:
+        cost = self.step_cost(path, batch, batch + nodes)
+        if cost is None:
             return None
         if least and accs:
             shift = expected_min_shift(len(accs)) * (sum(spreads) / len(spreads)
@@ -478,7 +524,7 @@ class CostPlanner:
             acc = batch * max(min(accs) - shift, 0.0)
         else:
             acc = sum(accs)
-        return (batch + acc) / max(coef[0] + coef[1] * (batch + nodes), 1e-12)
+        return (batch + acc) / cost
 
     def _coefficients(self, path: str, batch: int | None = None) -> tuple[float, float] | None:
         """The path's cost line at `batch` requests (`line`). A tree step is never assumed

@@ -177,7 +177,8 @@ class TRJacobiProposer:
                                    closed_value=self.config.closed_value,
                                    probe_share=self.config.probe_share, max_nodes=sizes,
                                    prior_weight=self.config.estimate_prior,
-                                   cost_buckets=self.config.cost_buckets)
+                                   cost_buckets=self.config.cost_buckets,
+                                   size_costs=self.config.size_costs)
         self.states: dict[str, RequestState] = {}
         self._chains: dict[int, TreeSpec] = {}
         self.batch: BatchFeedback | None = None
