@@ -18,7 +18,7 @@ what the runner observed, and `cost` a line fitted to measured times of decode s
 attention path ("kernel": vLLM's own CPU kernel, used by plain and chain steps; "tree": the
 PyTorch tree path, taken by the whole batch as soon as one request drafts a tree) and
 batch-size bucket (BUCKET_MIN_STEPS: a draft token costs ~0.5 ms of a batch-1 step and
-~2 ms of a batch-8 one on 2 cores). Steps
+3-4 ms of a batch-8 one on 2 cores). Steps
 with prompt tokens are left out of the fit (runner.prefill_tokens): a prompt token costs a
 fraction of a draft token, and a few prefill steps would flatten the slope.
 The ratio is maximised exactly per path with Dinkelbach's method: for a guess `lam` of
@@ -106,10 +106,11 @@ PRIOR_UNTIL = 10
 POOLED = -1  # the feature key of a rung's pooled estimate
 # Cost lines are also kept per batch-size bucket (`batch_bucket`): a step's cost is not
 # one line in its tokens across batch sizes. On 2 cores a batch-1 step reads the weights
-# for one token or nine alike (fitted 0.4-1.0 ms a token, ~1-2% of the step), while at
-# batch 8 every draft token is compute (~2 ms). One line for all batches carried batch 8's
-# slope into the first batch-1 steps after it (decay 0.97: ~100 steps to fade), where it
-# priced a whole chain at 1.4x a plain step and the planner cut or skipped drafts.
+# for one token or nine alike (fitted 0.4-0.5 ms a token, ~1% of a ~38 ms step), while at
+# batch 8 every draft token is compute (fitted 2.9-4.2 ms: vllm_cpu_msn_step_costs.json,
+# vllm_cpu_base_interleaved_table.json). One line for all batches carried batch 8's slope
+# into the first batch-1 steps after it (decay 0.97: ~100 steps to fade), where it priced
+# a 10-token chain at +30-40 ms and the planner cut or skipped drafts.
 # A bucket's own line is used once it has this many steps; before, the all-batch line.
 BUCKET_MIN_STEPS = 8
 # `size_costs` (opt-in): a step is priced at its line plus the average residual of steps of
