@@ -113,7 +113,7 @@ POOLED = -1  # the feature key of a rung's pooled estimate
 # a 10-token chain at +30-40 ms and the planner cut or skipped drafts.
 # A bucket's own line is used once it has this many steps; before, the all-batch line.
 BUCKET_MIN_STEPS = 8
-# `size_costs` (opt-in): a step is priced at its line plus the average residual of steps of
+# `size_costs` (default): a step is priced at its line plus the average residual of steps of
 # exactly its size (an exponential average with this weight per step, trusted in
 # proportion n / (n + RESIDUAL_PRIOR) after n steps). A batch-1 step's cost is not a line
 # in its tokens: on 2 cores 3- to 6-token steps ran no slower than undrafted 1-token ones
@@ -239,7 +239,7 @@ class CostPlanner:
                  probe_every: int = 16, tree_probe_every: int = 64, min_gain: float = MIN_GAIN,
                  closed_value: str = CLOSED_VALUE, probe_share: float = PROBE_SHARE,
                  max_nodes: dict[str, int] | None = None, prior_weight: float = PRIOR_WEIGHT,
-                 cost_buckets: bool = True, size_costs: bool = False):
+                 cost_buckets: bool = True, size_costs: bool = True):
         """`max_nodes`: each rung's full size in draft tokens (the probe budget's cost of
         a rung not yet measured; default 16). `prior_weight`: pseudo-outcomes of the
         rung's pooled estimate in a thin (rung, feature) estimate (PRIOR_WEIGHT; 0: the
