@@ -135,3 +135,20 @@ def test_step_costs_groups_decode_steps_by_size():
     one, five = out["rows"]  # the prefill step is left out
     assert (one["tokens"], one["steps"], one["median_ms"], one["mean_ms"]) == (1, 3, 40.0, 40.0)
     assert one["line_ms"] == 36.0 and five["line_ms"] == 40.0  # the batch bucket's own line
+
+
+def test_generate_workload_runs_batch_one_sequentially_and_batches_cycling():
+    from benchmarks.vllm.bench_vllm import generate_workload
+
+    calls = []
+
+    class FakeLLM:
+        def generate(self, prompts, params, use_tqdm):
+            calls.append(list(prompts))
+            return [f"out:{p}" for p in prompts]
+
+    assert generate_workload(FakeLLM(), ["a", "b"], None, 1) == ["out:a", "out:b"]
+    assert calls == [["a"], ["b"]]
+    calls.clear()
+    assert len(generate_workload(FakeLLM(), ["a", "b", "c"], None, 8)) == 8
+    assert calls == [["a", "b", "c", "a", "b", "c", "a", "b"]]

@@ -44,6 +44,7 @@ from benchmarks.vllm.bench_vllm import (
     GROUPS,
     NGRAM,
     ROOT,
+    generate_workload,
     group_questions,
     workload_args,
 )
@@ -252,11 +253,7 @@ def run(args) -> dict:
         llm.generate(prompts[:1], warm_params, use_tqdm=False)
         time.sleep(SETTLE_SECONDS)
         t0 = time.perf_counter()
-        if batch == 1:
-            outs = [llm.generate([p], sp, use_tqdm=False)[0] for p in prompts]
-        else:
-            outs = llm.generate([prompts[i % len(prompts)] for i in range(batch)], sp,
-                                use_tqdm=False)
+        outs = generate_workload(llm, prompts, sp, batch)
         seconds = time.perf_counter() - t0
         return sum(len(o.outputs[0].token_ids) for o in outs), seconds, \
             [list(o.outputs[0].token_ids) for o in outs]

@@ -44,6 +44,15 @@ ENGINE_ENV = {
 }
 
 
+def generate_workload(llm, prompts: list[str], params, batch: int) -> list:
+    """The benchmark's unit of work: at batch 1 the group's prompts one after the other,
+    else `batch` concurrent requests cycling over them. Returns vLLM's request outputs."""
+    if batch == 1:
+        return [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+    return llm.generate([prompts[i % len(prompts)] for i in range(batch)], params,
+                        use_tqdm=False)
+
+
 def group_questions(path: Path, per_group: int) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {g: [] for g in GROUPS}
     for line in path.read_text().splitlines():
@@ -97,15 +106,8 @@ def run_engine(engine: str, args) -> dict:
                 prompts = [chat(q) for q in questions[group]]
                 s0, r0 = stats()
                 t0 = time.perf_counter()
-                n_tokens = 0
-                if batch == 1:
-                    for p in prompts:
-                        out = llm.generate([p], params, use_tqdm=False)
-                        n_tokens += len(out[0].outputs[0].token_ids)
-                else:
-                    batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
-                    outs = llm.generate(batch_prompts, params, use_tqdm=False)
-                    n_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+                outs = generate_workload(llm, prompts, params, batch)
+                n_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
                 seconds = time.perf_counter() - t0
                 s1, r1 = stats()
                 drafts = s1.num_drafts - s0.num_drafts

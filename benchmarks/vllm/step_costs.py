@@ -27,7 +27,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.vllm.bench_interleaved import plugin_variant
-from benchmarks.vllm.bench_vllm import ENGINE_ENV, GROUPS, ROOT, group_questions, workload_args
+from benchmarks.vllm.bench_vllm import (
+    ENGINE_ENV,
+    GROUPS,
+    ROOT,
+    generate_workload,
+    group_questions,
+    workload_args,
+)
 
 
 def summarise(lines: list[dict]) -> dict:
@@ -104,11 +111,7 @@ def run(args, trace: Path) -> dict:
         prompts = [chat(q) for q in questions[group]]
         for batch in args.batch_sizes:
             t0 = time.perf_counter()
-            if batch == 1:
-                outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
-            else:
-                outs = llm.generate([prompts[i % len(prompts)] for i in range(batch)], params,
-                                    use_tqdm=False)
+            outs = generate_workload(llm, prompts, params, batch)
             seconds = time.perf_counter() - t0
             tokens = sum(len(o.outputs[0].token_ids) for o in outs)
             speeds[f"{group}@{batch}"] = round(tokens / seconds, 2)
