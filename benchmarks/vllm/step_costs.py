@@ -35,6 +35,7 @@ from benchmarks.vllm.bench_vllm import (
     group_questions,
     workload_args,
 )
+from proposers.vllm.planner import batch_bucket
 
 
 def summarise(lines: list[dict]) -> dict:
@@ -50,7 +51,7 @@ def summarise(lines: list[dict]) -> dict:
     rows = []
     for (path, batch, tokens), ms in sorted(cells.items()):
         ms = sorted(ms)
-        fit = fitted.get(f"{path}@{1 << max(batch - 1, 0).bit_length()}") or fitted.get(path)
+        fit = fitted.get(f"{path}@{batch_bucket(batch)}") or fitted.get(path)
         rows.append({"path": path, "batch": batch, "tokens": tokens, "steps": len(ms),
                      "median_ms": round(statistics.median(ms), 2),
                      "mean_ms": round(statistics.fmean(ms), 2),
