@@ -110,15 +110,43 @@ def test_interleaved_markdown_reports_every_engine_and_group():
              "tokens": {n: 100 for n in engines},
              "seconds": {"plain": 1.0, "plugin": 0.5 if g == "translation" else 1.0, TWIN: 1.0},
              "tok_s": {"plain": 100.0, "plugin": 200.0 if g == "translation" else 100.0,
-                       TWIN: 100.0}}
+                       TWIN: 100.0},
+             # drafted request-steps, accepted draft tokens (plain engines: no drafter)
+             "spec": {"plugin": [10, 30] if g == "translation" else [0, 0]}}
             for rep in range(2) for g in ("qa", "translation")]
-    text = markdown(paired_summary(rows, engines))
+    summary = paired_summary(rows, engines)
+    assert summary["8"]["plugin"]["translation"]["mat"] == 4.0
+    assert summary["8"]["plugin"]["qa"]["mat"] is None  # never drafted
+    assert summary["8"]["plugin"]["overall"]["mat"] == 4.0  # 60 accepted in 20 steps
+    assert summary["8"][TWIN]["overall"]["mat"] is None
+    text = markdown(summary)
     lines = text.splitlines()
     assert lines[0].startswith("batch 8, ratio to plain vLLM (both plain engines)")
     assert "| engine | translation | qa | overall (tok/s) |" in lines
     plugin = next(line for line in lines if line.startswith("| plugin"))
     assert "2.00 (2.00-2.00)" in plugin and "1.00 (1.00-1.00)" in plugin
     assert plugin.endswith("| 1.33 (133.3) |")  # 400 tokens in 3 s against 4 s
+    mats = lines[lines.index(next(x for x in lines if x.startswith("batch 8, MAT"))):]
+    assert "| plugin (TR-Jacobi, planned) | 4.00 | - | 4.00 |" in mats
+    assert not any(x.startswith("| plain vLLM") for x in mats)  # no drafter, no MAT row
+
+
+def test_spec_counts_read_vllms_per_request_acceptance():
+    from types import SimpleNamespace
+
+    stats = pytest.importorskip("vllm.v1.metrics.stats")
+
+    from benchmarks.vllm.bench_interleaved import spec_counts
+
+    def out(metrics):
+        return SimpleNamespace(outputs=[SimpleNamespace(spec_decode_metrics=metrics)])
+
+    a, b = stats.RequestSpecDecodeMetrics.new(4), stats.RequestSpecDecodeMetrics.new(4)
+    a.observe(4, 3)
+    a.observe(4, 0)
+    b.observe(2, 2)
+    assert spec_counts([out(a), out(b)]) == [3, 5]
+    assert spec_counts([out(None), out(None)]) is None  # plain engine
 
 
 def test_step_costs_groups_decode_steps_by_size():

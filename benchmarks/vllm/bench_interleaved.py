@@ -12,17 +12,19 @@ size and group, the median ratio and its range over the repeats, the geometric m
 90% bootstrap interval (resampled repeats), plus the overall ratio
 (total tokens / total seconds of each engine). Outputs must be identical (greedy).
 
-`--sync-plain` adds plain vLLM with async scheduling off: vLLM 0.32 turns async
-scheduling off for every `custom_class` drafter, ours included, so that engine shows what
-the plugin pays before it drafts anything; `--plugin-off` runs the plugin's engine with
-drafting off for every request, which adds the cost of vLLM's spec-decode path;
+`--plugin-off` runs the plugin's engine with drafting off for every request: what the
+plugin pays before it drafts anything (vLLM's spec-decode path; both engines schedule
+synchronously, vLLM-CPU turns async scheduling off for every engine);
 `--plain-twin` adds a second plain vLLM engine built after all others (an A/A control);
 `--ngram` adds vLLM's built-in n-gram speculation (K=4, as in `bench_vllm.py`), so the
 issue's whole table (plain, n-gram, chain, tree) can come from one interleaved run;
 `--plugin-variant NAME=JSON` adds a plugin engine with other TR-Jacobi settings (e.g. a
 different ladder), to compare settings on the same minutes of the machine.
+Every speculating engine runs with vLLM's per-request speculative-decoding metrics, so
+each reports its MAT (1 + accepted draft tokens per drafted request-step, vLLM's mean
+acceptance length) from its own outputs.
 
-    python -m benchmarks.vllm.bench_interleaved --model msn --batch-sizes 8 --sync-plain --plugin-off
+    python -m benchmarks.vllm.bench_interleaved --model msn --batch-sizes 8 --plain-twin --plugin-off
 
 Writes `<out>.json` and `<out>.png` (default benchmarks/results/vllm_cpu_interleaved)."""
 
@@ -51,10 +53,30 @@ from benchmarks.vllm.bench_vllm import (
 
 WARM_TOKENS = 4  # untimed warm-up generation before each timed one (tokens)
 SETTLE_SECONDS = 0.5  # pause after it, for other engines' threads to go idle
-SYNC = "plain-sync"  # plain vLLM with async scheduling off, as any custom_class drafter runs
 OFF = "plugin-off"  # the plugin's engine, every request with extra_args trjacobi=off
 TWIN = "plain-twin"  # a second plain vLLM engine, built after every other: an A/A control
 NGRAM_NAME = "ngram"  # vLLM's built-in n-gram speculation (K=4), the issue's peer
+
+
+def spec_counts(outs: list) -> list[int] | None:
+    """[drafted request-steps, accepted draft tokens] over a batch's outputs, from vLLM's
+    per-request speculative-decoding metrics; None for an engine without a drafter."""
+    metrics = [o.outputs[0].spec_decode_metrics for o in outs]
+    if all(m is None for m in metrics):
+        return None
+    steps = accepted = 0
+    for m in filter(None, metrics):
+        steps += sum(m.histogram)
+        accepted += sum(j * count for j, count in enumerate(m.histogram))
+    return [steps, accepted]
+
+
+def mat(rows: list[dict], name: str) -> float | None:
+    """MAT of an engine over rows: 1 + accepted draft tokens per drafted request-step
+    (vLLM's mean acceptance length); None when it never drafted or has no drafter."""
+    counts = [r["spec"][name] for r in rows if name in r.get("spec", {})]
+    steps = sum(c[0] for c in counts)
+    return round(1 + sum(c[1] for c in counts) / steps, 3) if steps else None
 
 
 def paired_summary(rows: list[dict], engines: list[str]) -> dict:
@@ -82,7 +104,8 @@ def paired_summary(rows: list[dict], engines: list[str]) -> dict:
                     "geomean": round(geomean(ratios), 3), "ci90": [round(lo, 3), round(hi, 3)],
                     "repeats": len(ratios),
                     "plain_tok_s": round(statistics.median(r["tok_s"]["plain"] for r in cells), 2),
-                    "tok_s": round(statistics.median(r["tok_s"][name] for r in cells), 2)}
+                    "tok_s": round(statistics.median(r["tok_s"][name] for r in cells), 2),
+                    "mat": mat(cells, name)}
                 if TWIN in engines and name != TWIN:
                     # Against both plain engines (geometric mean of their rates in the
                     # row): one built first, one last, so the plain side's build order is
@@ -100,7 +123,7 @@ def paired_summary(rows: list[dict], engines: list[str]) -> dict:
                                 "min": round(min(per_repeat), 3),
                                 "max": round(max(per_repeat), 3),
                                 "plain_tok_s": round(_rate(mine, "plain"), 2),
-                                "tok_s": round(_rate(mine, name), 2)}
+                                "tok_s": round(_rate(mine, name), 2), "mat": mat(mine, name)}
             if TWIN in engines and name != TWIN:
                 table["overall"]["vs_plain_pair"] = round(
                     _rate(mine, name) / math.sqrt(_rate(mine, "plain") * _rate(mine, TWIN)), 3)
@@ -155,12 +178,26 @@ def markdown(summary: dict) -> str:
             ratio = o["ratio"] if name == TWIN else o.get("vs_plain_pair", o["ratio"])
             out.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells)
                        + f" | {ratio:.2f} ({o['tok_s']:.1f}) |")
+        drafters = [n for n, t in by_engine.items() if t["overall"].get("mat") is not None]
+        if drafters:
+            out.append(f"\nbatch {batch}, MAT (1 + accepted draft tokens per drafted "
+                       "request-step)\n")
+            out.append("| engine | " + " | ".join(groups) + " | overall |")
+            out.append("|---" * (len(groups) + 2) + "|")
+            for name in drafters:
+                table = by_engine[name]
+                cells = [_mat_cell(table.get(g, {}).get("mat")) for g in groups]
+                out.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells)
+                           + f" | {_mat_cell(table['overall']['mat'])} |")
         out.append("")
     return "\n".join(out)
 
 
-LABELS = {"plugin": "plugin (TR-Jacobi, planned)",
-          SYNC: "plain vLLM, async scheduling off", OFF: "plugin engine, drafting off",
+def _mat_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+LABELS = {"plugin": "plugin (TR-Jacobi, planned)", OFF: "plugin engine, drafting off",
           TWIN: "plain vLLM, second engine built last", NGRAM_NAME: "vLLM n-gram (K=4)"}
 
 
@@ -205,15 +242,14 @@ def run(args) -> dict:
               "max_model_len": 4096, "max_num_seqs": max(args.batch_sizes),
               "disable_log_stats": False}
     builders = {"plain": lambda: LLM(**common)}
-    if args.sync_plain:
-        builders[SYNC] = lambda: LLM(**common, async_scheduling=False)
-    builders["plugin"] = lambda: LLM(**{**common,
+    spec = {**common, "per_request_spec_decode_metrics": "summary"}  # MAT from the outputs
+    builders["plugin"] = lambda: LLM(**{**spec,
                                         **engine_kwargs(max_num_seqs=max(args.batch_sizes))})
     for name, overrides in args.plugin_variant:
         builders[name] = lambda o=overrides: LLM(**{
-            **common, **engine_kwargs(TRJacobiConfig(**o), max_num_seqs=max(args.batch_sizes))})
+            **spec, **engine_kwargs(TRJacobiConfig(**o), max_num_seqs=max(args.batch_sizes))})
     if args.ngram:
-        builders[NGRAM_NAME] = lambda: LLM(**common, speculative_config=dict(NGRAM))
+        builders[NGRAM_NAME] = lambda: LLM(**spec, speculative_config=dict(NGRAM))
     if args.plain_twin:
         builders[TWIN] = builders["plain"]
     names = list(builders)
@@ -241,7 +277,7 @@ def run(args) -> dict:
     for llm in engines.values():  # first-call costs stay out of the figures
         llm.generate([chat("Hello")], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
 
-    def timed(name: str, prompts: list[str], batch: int) -> tuple[int, float, list]:
+    def timed(name: str, prompts: list[str], batch: int) -> tuple[int, float, list, list]:
         llm = engines[name]
         sp = off_params if name == OFF else params
         # Untimed, just before: the engine that ran last is warm (its process's caches;
@@ -256,7 +292,7 @@ def run(args) -> dict:
         outs = generate_workload(llm, prompts, sp, batch)
         seconds = time.perf_counter() - t0
         return sum(len(o.outputs[0].token_ids) for o in outs), seconds, \
-            [list(o.outputs[0].token_ids) for o in outs]
+            [list(o.outputs[0].token_ids) for o in outs], spec_counts(outs)
 
     def plugin_counters():
         # From the worker, not `get_metrics()`: vLLM's metrics registry is per process,
@@ -296,14 +332,16 @@ def run(args) -> dict:
                     "seconds": {n: round(res[n][1], 4) for n in names},
                     "tok_s": {n: round(res[n][0] / res[n][1], 3) for n in names},
                     "identical_outputs": same,
+                    "spec": {n: res[n][3] for n in names if res[n][3] is not None},
                     "plugin_mat": round(1 + (a1 - a0) / (d1 - d0), 3) if d1 > d0 else 1.0,
                     "plugin_rungs": rungs, "plugin_paths": paths,
                     "plugin_cost_lines": r1.get("cost_lines")})
                 r = rows[-1]
                 ratios = " ".join(f"{n} {r['tok_s'][n] / r['tok_s']['plain']:.3f}x"
+                                  f"{'' if mat([r], n) is None else f' (MAT {mat([r], n):.2f})'}"
                                   for n in names if n != "plain")
                 print(f"repeat {repeat} {group:15s} batch {batch}: plain "
-                      f"{r['tok_s']['plain']:6.1f} tok/s; {ratios}; plugin MAT "
+                      f"{r['tok_s']['plain']:6.1f} tok/s; {ratios}; plugin worker MAT "
                       f"{r['plugin_mat']:.2f} rungs {r['plugin_rungs']} paths {paths}"
                       f"{'' if same else '  OUTPUTS DIFFER'}", flush=True)
     drafts, accepted, stats = plugin_counters()
@@ -317,7 +355,7 @@ def plugin_variant(text: str) -> tuple[str, dict]:
     from proposers.vllm.config import TRJacobiConfig
 
     name, sep, raw = text.partition("=")
-    if not sep or not name or name in ("plain", "plugin", SYNC, OFF, TWIN, NGRAM_NAME):
+    if not sep or not name or name in ("plain", "plugin", OFF, TWIN, NGRAM_NAME):
         raise argparse.ArgumentTypeError(
             f"expected NAME=JSON with a new engine name, got {text!r}")
     try:
@@ -334,9 +372,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--groups", nargs="+", choices=GROUPS, default=GROUPS,
                     help="task groups to run (default: all)")
-    ap.add_argument("--sync-plain", action="store_true",
-                    help="also run plain vLLM with async scheduling off (what vLLM does to any "
-                         "engine with a custom_class drafter), to size that cost")
     ap.add_argument("--plugin-off", action="store_true",
                     help="also run the plugin's engine with drafting off for every request "
                          "(what the spec-decode path costs before any draft)")
