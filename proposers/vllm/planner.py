@@ -108,7 +108,7 @@ POOLED = -1  # the feature key of a rung's pooled estimate
 # one line in its tokens across batch sizes. On 2 cores a batch-1 step reads the weights
 # for one token or nine alike (fitted 0.4-0.5 ms a token, ~1% of a ~38 ms step), while at
 # batch 8 every draft token is compute (fitted 2.9-4.2 ms: vllm_cpu_msn_step_costs.json,
-# vllm_cpu_base_interleaved_table.json). One line for all batches carried batch 8's slope
+# vllm_cpu_base_interleaved_table-1253c13.json). One line for all batches carried batch 8's slope
 # into the first batch-1 steps after it (decay 0.97: ~100 steps to fade), where it priced
 # a 10-token chain at +30-40 ms and the planner cut or skipped drafts.
 # A bucket's own line is used once it has this many steps; before, the all-batch line.
