@@ -246,12 +246,16 @@ class TRJacobiProposer:
                 token_ids_cpu: np.ndarray, **_: object) -> list[list[int]]:
         batch, self.batch = self.batch, None
         rows = [row for row, sampled in enumerate(sampled_token_ids) if sampled]
-        contexts = {row: torch.from_numpy(token_ids_cpu[row, : num_tokens_no_spec[row]]).long()
-                    for row in rows}
+
+        def context(row: int) -> torch.Tensor:
+            # Built only for the rows that draft: at batch 8 most rows draft nothing,
+            # and a copy per row and step was the largest line of the planned path.
+            return torch.from_numpy(token_ids_cpu[row, : num_tokens_no_spec[row]]).long()
+
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
         if batch is None:
             for row in rows:
-                plan = self._draft(self.config.retrieval_template, contexts[row], None)
+                plan = self._draft(self.config.retrieval_template, context(row), None)
                 drafts[row] = list(plan.tokens) if plan else []
             return drafts
         # Planned requests (greedy trees, sampled "auto" chains): the planner picks each
@@ -260,7 +264,7 @@ class TRJacobiProposer:
         lookups = {row: self._lookup(batch.req_ids[row],
                                      token_ids_cpu[row, : num_tokens_no_spec[row]])
                    for row in planned}
-        features = {row: self._feature(contexts[row], batch.req_ids[row],
+        features = {row: self._feature(None, batch.req_ids[row],
                                        sampled=batch.modes[row] == "auto",
                                        match=lookups[row][1])
                     for row in planned}
@@ -282,19 +286,20 @@ class TRJacobiProposer:
         for row in rows:
             req_id, mode = batch.req_ids[row], batch.modes[row]
             state = self.states.setdefault(req_id, RequestState())
-            context = contexts[row]
             if mode == "off":
                 plan = None
             elif mode in PLANNED_MODES:
-                plan = self._plan_rung(rungs[row], features[row], context, state.feedback)
+                plan = None if rungs[row] == NONE else self._plan_rung(
+                    rungs[row], features[row], context(row), state.feedback)
                 if plan is None:
                     state.fade()
             else:  # chain / retrieval, as the request asked
-                plan = self._chain(context, state.feedback, jacobi=mode == "chain")
+                plan = self._chain(context(row), state.feedback, jacobi=mode == "chain")
             drafted = len(plan.tokens) if plan is not None and (
                 plan.rung == CHAIN_RUNG or plan.rung in self.cuts) else 0
             if self.shadows and mode == "tree" and len(lookups[row][0]) > drafted:
-                self._shadow(state, features[row], contexts[row], lookups[row][0], drafted)
+                self._shadow(state, features[row], int(num_tokens_no_spec[row]),
+                             lookups[row][0], drafted)
             if mode != "off" and state.feedback is not None and state.feedback.numel():
                 self.num_feedback_proposals += 1
             state.plan = plan
@@ -321,10 +326,11 @@ class TRJacobiProposer:
                           if f in features and e.accepted.value is not None},
         }) + "\n")
 
-    def _feature(self, context: torch.Tensor, req_id: str, sampled: bool,
+    def _feature(self, context: torch.Tensor | None, req_id: str, sampled: bool,
                  match: int | None = None) -> int:
         """The planner's per-request feature: retrieval match length (`match`, when
-        the caller has looked it up), feedback at hand, sampled or not (planner.py)."""
+        the caller has looked it up; else from `context`), feedback at hand, sampled or
+        not (planner.py)."""
         state = self.states.get(req_id)
         feedback = state is not None and state.feedback is not None and state.feedback.numel()
         if match is None:
@@ -340,11 +346,12 @@ class TRJacobiProposer:
     # only drafts and probes refreshed went stale while drafting was off: a batch of
     # translation requests after qa then drafted nothing. Jacobi chains (feedback) and
     # trees need the model's outputs at their positions, so they are still probed.
-    def _shadow(self, state: RequestState, feature: int, context: torch.Tensor,
+    def _shadow(self, state: RequestState, feature: int, start: int,
                 found: list[int], drafted: int = 0) -> None:
+        """Record the chain `found` for a context of `start` tokens."""
         if len(state.shadows) >= MAX_SHADOWS:
             state.shadows.pop(0)
-        state.shadows.append(Shadow(context.numel(), feature, tuple(found), drafted))
+        state.shadows.append(Shadow(start, feature, tuple(found), drafted))
 
     def _lookup(self, req_id: str, context: np.ndarray) -> tuple[list[int], int]:
         """The retrieval chain for a request's context now and its n-gram match length,
