@@ -56,7 +56,8 @@ def summarise(lines: list[dict]) -> dict:
                      "median_ms": round(statistics.median(ms), 2),
                      "mean_ms": round(statistics.fmean(ms), 2),
                      "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 2),
-                     "line_ms": None if fit is None else round(1000 * (fit[0] + fit[1] * tokens), 2)})
+                     "line_ms": (None if fit is None
+                                 else round(1000 * (fit[0] + fit[1] * tokens), 2))})
     return {"rows": rows, "lines": fitted}
 
 
@@ -151,8 +152,9 @@ def main() -> None:
          f"vLLM-CPU plugin step time by size, {args.model} model, batch {args.batch_sizes}")
     for r in summary["rows"]:
         if r["steps"] >= 3:
-            print(f"{r['path']:6s} batch {r['batch']:2d} tokens {r['tokens']:3d}: {r['steps']:4d} steps, "
-                  f"median {r['median_ms']:6.1f} ms (p90 {r['p90_ms']:6.1f}); line {r['line_ms']}")
+            print(f"{r['path']:6s} batch {r['batch']:2d} tokens {r['tokens']:3d}: "
+                  f"{r['steps']:4d} steps, median {r['median_ms']:6.1f} ms "
+                  f"(p90 {r['p90_ms']:6.1f}); line {r['line_ms']}")
 
 
 if __name__ == "__main__":
