@@ -42,10 +42,14 @@ class CandidateTable:
             k = min(self.top_k, topk_ids.shape[-1])
             self.table[:m, :k] = topk_ids[:m, :k].cpu()
 
-    def set_retrieval(self, context: torch.Tensor) -> None:
+    def set_retrieval(self, context: torch.Tensor, found=None) -> None:
+        """The retrieval column: the chain `found` when the caller looked it up (the vLLM
+        proposer's per-request index, or a shared corpus: retrieval.CorpusIndex), else
+        the prompt-lookup continuation of `context`."""
         self.table[:, self.top_k] = EMPTY
         if self.tree.template.uses_retrieval:
-            found = ngram_lookup(context, self.depth, self.max_ngram)
+            found = (ngram_lookup(context, self.depth, self.max_ngram) if found is None
+                     else torch.as_tensor(list(found)[: self.depth], dtype=torch.long))
             self.table[: found.numel(), self.top_k] = found
 
     def node_tokens(self, root_token: int, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,3 +106,84 @@ class NgramIndex:
             if end is not None:
                 return ids[end + 1: end + 1 + max_tokens], n
         return [], 0
+
+
+class CorpusIndex:
+    """Retrieval across requests (algorithm.md section 5): earlier requests' outputs.
+
+    A request whose own context has no match for its suffix (or only a shorter one) can
+    still continue text another request produced: answers share phrasing, formulas,
+    code and boilerplate. Holds whole documents (a finished request's output, led in by
+    the last `max_ngram` tokens before it, so its first tokens are found after the same
+    prompt ending), the oldest dropped first once more than `max_tokens` are held. Every
+    `min_ngram`..`max_ngram`-gram followed by a token maps to its most recent (document,
+    end); the longest match wins, the most recent among equals, and a continuation never
+    runs past its document's end. N-grams shorter than `min_ngram` are not indexed: one
+    shared token between unrelated texts predicts little.
+
+    Drafts only: greedy output is the target's whatever the drafts, so what the corpus
+    holds changes speed, never text. It does make one request's speed depend on what
+    others generated before (a timing side channel, like a shared prefix cache): an
+    engine serving mutually untrusted users should turn it off (`corpus_tokens=0`).
+    """
+
+    def __init__(self, max_tokens: int, max_ngram: int = 3, min_ngram: int = 2):
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_tokens, self.max_ngram, self.min_ngram = max_tokens, max_ngram, min_ngram
+        self.clear()
+
+    def clear(self) -> None:
+        self._docs: dict[int, list[int]] = {}  # id -> tokens; ids grow with age
+        self._oldest = self._next = self._size = 0
+        self._last: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (doc, end)
+
+    def __len__(self) -> int:
+        """Tokens held."""
+        return self._size
+
+    @property
+    def num_docs(self) -> int:
+        return len(self._docs)
+
+    def add(self, tokens) -> None:
+        """Hold `tokens` (one document: a lead-in plus a request's output) for lookups."""
+        tokens = [int(t) for t in tokens][-self.max_tokens:]
+        if len(tokens) <= self.min_ngram:  # no n-gram of it is followed by a token
+            return
+        doc, self._next = self._next, self._next + 1
+        self._docs[doc] = tokens
+        self._size += len(tokens)
+        self._index(doc, tokens)
+        while self._size > self.max_tokens:
+            dropped = self._docs.pop(self._oldest, None)
+            self._oldest += 1
+            if dropped is not None:
+                self._size -= len(dropped)
+        # Entries of dropped documents are skipped at lookup; rebuild once they could
+        # outnumber the live ones, so memory stays bounded by `max_tokens`.
+        if len(self._last) > 4 * (self.max_ngram - self.min_ngram + 1) * self.max_tokens:
+            self._last = {}
+            for live, held in self._docs.items():
+                self._index(live, held)
+
+    def _index(self, doc: int, tokens: list[int]) -> None:
+        last, lo, hi = self._last, self.min_ngram, self.max_ngram
+        for end in range(lo - 1, len(tokens) - 1):  # `end` is followed by a token
+            for n in range(lo, min(hi, end + 1) + 1):
+                last[tuple(tokens[end - n + 1: end + 1])] = (doc, end)
+
+    def match(self, context, max_tokens: int) -> tuple[list[int], int]:
+        """The tokens that followed the most recent longest match of `context`'s suffix
+        in the corpus (up to `max_tokens`), and the matched length; ([], 0) if none."""
+        tail = [int(t) for t in context[-self.max_ngram:]]
+        for n in range(min(self.max_ngram, len(tail)), self.min_ngram - 1, -1):
+            hit = self._last.get(tuple(tail[len(tail) - n:]))
+            if hit is None:
+                continue
+            tokens = self._docs.get(hit[0])
+            if tokens is not None:  # else dropped: a shorter n-gram may still be live
+                return tokens[hit[1] + 1: hit[1] + 1 + max_tokens], n
+        return [], 0

@@ -47,6 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vllm-speculation", choices=["tr-jacobi", "none"],
                    help="vllm engine: our TR-Jacobi plugin (default) or plain vLLM; an "
                         "explicit --speculative-config wins")
+    p.add_argument("--trjacobi", type=_json_dict,
+                   help="vllm engine with tr-jacobi: JSON of TR-Jacobi settings over the "
+                        "defaults (proposers.vllm.TRJacobiConfig), e.g. '{\"corpus_tokens\": "
+                        "0}' turns off drafting from other requests' outputs")
     p.add_argument("--vllm-engine-args", type=_json_dict,
                    help="vllm engine: JSON dict of extra AsyncEngineArgs")
     p.add_argument("--log-prompts", action="store_const", const=True,
@@ -69,7 +73,7 @@ _SETTING_FLAGS = (
     "engine", "model", "dtype", "device", "served_model_name", "host", "port", "max_running",
     "max_queue", "request_timeout_s", "max_body_bytes", "graceful_shutdown_s",
     "default_method", "api_key_file", "cors_allow_origins", "speculative_config",
-    "vllm_speculation", "vllm_engine_args", "log_prompts", "log_level",
+    "vllm_speculation", "trjacobi", "vllm_engine_args", "log_prompts", "log_level",
 )
 
 
@@ -92,6 +96,11 @@ def build_engine(settings):
     """Resolve the model and construct (not start) the configured engine."""
     from msn.models import resolve_model
 
+    if settings.trjacobi and not (settings.engine == "vllm" and settings.speculative_config
+                                  is None and settings.vllm_speculation == "tr-jacobi"):
+        raise UsageError("--trjacobi configures the vllm engine's TR-Jacobi plugin: it needs "
+                         "--engine vllm, --vllm-speculation tr-jacobi and no "
+                         "--speculative-config")
     model_path = resolve_model(settings.model, dtype=settings.dtype)
     if settings.engine == "vllm":
         try:
@@ -105,9 +114,13 @@ def build_engine(settings):
         engine_args = dict(settings.vllm_engine_args)
         speculative = settings.speculative_config
         if speculative is None and settings.vllm_speculation == "tr-jacobi":
-            from proposers.vllm import engine_kwargs
+            from proposers.vllm import TRJacobiConfig, engine_kwargs
 
-            plugin = engine_kwargs(max_num_seqs=settings.max_running or 8,
+            try:
+                config = TRJacobiConfig(**settings.trjacobi)
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"invalid --trjacobi: {exc}") from None
+            plugin = engine_kwargs(config, max_num_seqs=settings.max_running or 8,
                                    usage_context="OPENAI_API_SERVER")
             speculative = plugin.pop("speculative_config")
             engine_args = {**plugin, **engine_args}

@@ -58,6 +58,10 @@ class ServerSettings(BaseSettings):
     # vLLM engine: "tr-jacobi" enables our plugin (cost-aware trees) unless an explicit
     # speculative_config is given; "none" serves plain vLLM.
     vllm_speculation: Literal["tr-jacobi", "none"] = "tr-jacobi"
+    # vLLM engine with the plugin: TR-Jacobi settings over the defaults
+    # (proposers.vllm.TRJacobiConfig), e.g. {"corpus_tokens": 0} to keep one user's
+    # outputs from drafting (and so timing) another's.
+    trjacobi: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("api_keys", "cors_allow_origins", mode="before")
     @classmethod

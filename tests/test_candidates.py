@@ -46,3 +46,23 @@ def test_pruning_drops_empty_nodes_and_their_descendants():
     assert tokens.tolist() == [2, 9, 1, 2] and keep.tolist() == [0, 1, 2, 3]
     empty = torch.tensor([False, True, False, False])
     assert prune_empty(tree, empty).tolist() == [0, 1]
+
+
+def test_retrieval_column_takes_a_chain_looked_up_elsewhere():
+    """`set_retrieval(context, found)`: the chain the caller found (the vLLM proposer's
+    index, or the shared corpus) fills the column, cut to the table's depth; without it
+    the table looks the context up itself."""
+    from proposers.candidates import EMPTY, CandidateTable
+    from proposers.templates import load_template
+    from proposers.tree import compile_tree
+
+    tree = compile_tree(load_template("retrieval-10"))
+    table = CandidateTable(tree, fill_noise=False)
+    context = torch.tensor([4, 5, 6, 7, 4, 5])
+    table.set_retrieval(context)
+    own = table.table[:, table.top_k].clone()
+    assert own[:4].tolist() == [6, 7, 4, 5] and (own[4:] == EMPTY).all()
+    table.set_retrieval(context, found=list(range(100, 100 + tree.max_depth + 5)))
+    assert table.table[:, table.top_k].tolist() == list(range(100, 100 + tree.max_depth))
+    table.set_retrieval(context, found=[])
+    assert (table.table[:, table.top_k] == EMPTY).all()

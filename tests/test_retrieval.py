@@ -105,3 +105,59 @@ def test_ngram_index_starts_over_on_a_context_it_did_not_see_grow():
     assert index.tokens == [7, 8, 9, 9] and index.match(4) == ([9], 1)
     with pytest.raises(ValueError, match="max_ngram"):
         NgramIndex(0)
+
+
+def test_corpus_finds_the_longest_most_recent_match_within_a_document():
+    from proposers.retrieval import CorpusIndex
+
+    c = CorpusIndex(max_tokens=100, max_ngram=3, min_ngram=2)
+    c.add([1, 2, 3, 4, 5, 6])
+    c.add([9, 2, 3, 7, 8])  # "2 3" again, more recent; "1 2 3" only in the first
+    assert c.match([0, 2, 3], 4) == ([7, 8], 2)  # most recent 2-gram; stops at its end
+    assert c.match([1, 2, 3], 2) == ([4, 5], 3)  # the longer match wins
+    assert c.match([5, 3], 4) == ([], 0)  # never seen
+    assert c.match([7, 8], 4) == ([], 0)  # seen, but the document ends there
+    assert c.match([4], 4) == ([], 0)  # shorter than min_ngram: not used
+    assert (len(c), c.num_docs) == (11, 2)
+
+
+def test_corpus_drops_oldest_documents_and_falls_back_to_live_ones():
+    from proposers.retrieval import CorpusIndex
+
+    c = CorpusIndex(max_tokens=10, max_ngram=3, min_ngram=2)
+    c.add([1, 2, 3, 4])
+    c.add([7, 2, 3, 5])
+    assert c.match([1, 2, 3], 1) == ([4], 3)
+    c.add([8, 8, 8, 8, 8])  # 13 tokens > 10: the first document goes
+    assert c.num_docs == 2 and len(c) == 9
+    assert c.match([1, 2, 3], 1) == ([5], 2)  # its 3-gram is gone; "2 3" lives on
+    c.add(list(range(20, 40)))  # longer than the corpus: only its last 10 are kept
+    assert c.num_docs == 1 and len(c) == 10 and c.match([30, 31], 2) == ([32, 33], 2)
+    assert c.match([20, 21], 2) == ([], 0)
+    c.clear()
+    assert (len(c), c.num_docs, c.match([30, 31], 2)) == (0, 0, ([], 0))
+
+
+def test_corpus_index_memory_stays_bounded():
+    """Entries of dropped documents are rebuilt away: the index never holds more than a
+    few entries per live token however much passes through."""
+    from proposers.retrieval import CorpusIndex
+
+    gen = torch.Generator().manual_seed(0)
+    c = CorpusIndex(max_tokens=64, max_ngram=3, min_ngram=2)
+    for _ in range(200):
+        c.add(torch.randint(0, 1000, (30,), generator=gen).tolist())
+        assert len(c._last) <= 4 * 2 * 64
+        assert len(c) <= 64
+    doc = torch.randint(0, 1000, (30,), generator=gen).tolist()
+    c.add(doc)
+    assert c.match(doc[:3], 5) == (doc[3:8], 3)
+
+
+def test_corpus_rejects_bad_settings():
+    from proposers.retrieval import CorpusIndex
+
+    with pytest.raises(ValueError, match="max_tokens"):
+        CorpusIndex(0)
+    with pytest.raises(ValueError, match="min_ngram"):
+        CorpusIndex(10, max_ngram=2, min_ngram=3)

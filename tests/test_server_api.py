@@ -555,6 +555,27 @@ def test_serve_cli_rejects_bad_input():
         r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--engine", "reference", "--trjacobi", '{"corpus_tokens": 0}'], "needs --engine vllm"),
+    (["--engine", "vllm", "--vllm-speculation", "none", "--trjacobi", '{"corpus_tokens": 0}'],
+     "needs --engine vllm, --vllm-speculation tr-jacobi"),
+    (["--engine", "vllm", "--trjacobi", '{"corpus_tokens": -1}'], "corpus_tokens"),
+    (["--engine", "vllm", "--trjacobi", '{"no_such_setting": 1}'], "no_such_setting"),
+])
+def test_serve_cli_checks_trjacobi_settings(argv, message):
+    """`--trjacobi` (TR-Jacobi settings over the defaults) applies to the vllm engine's
+    plugin only, and bad settings are one line, exit code 2, before anything starts."""
+    from msn.cli import build_parser
+    from msn.errors import UsageError
+    from server.cli import build_engine, settings_from_args
+
+    settings = settings_from_args(build_parser().parse_args(["serve", *argv]))
+    if "needs --engine vllm" not in message:
+        pytest.importorskip("vllm")
+    with pytest.raises(UsageError, match=message):
+        build_engine(settings)
+
+
 # ----- graceful shutdown -----
 
 def test_sigterm_drains_in_flight_streams():

@@ -1393,3 +1393,75 @@ def test_planner_settings_reach_the_planner():
                 {"probe_share": -0.1}, {"probe_share": 1.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TRJacobiConfig(**bad)
+
+
+def test_finished_outputs_serve_later_requests_from_the_shared_corpus():
+    """Retrieval across requests (algorithm.md section 5): a finished request's output
+    (led in by its prompt's last tokens) joins the corpus; a later request whose own
+    context has no match, or a shorter one, drafts its continuation, under a feature of
+    its own (CORPUS) so the planner learns corpus hits apart. A full-length own match
+    wins; preempted requests and requests that never drafted add nothing; clearing or
+    `corpus_tokens=0` leaves only the request's own context."""
+    import numpy as np
+
+    from proposers.vllm.planner import CORPUS
+    from proposers.vllm.proposer import BatchFeedback
+
+    p = _tree8_proposer()
+    for _ in range(50):
+        p.planner.record_step("kernel", 1, 0.030)
+        p.planner.record_step("kernel", 20, 0.033)
+        p.planner.record_step("tree", 20, 0.2)
+    for _ in range(10):
+        p.planner.record_request("chain", 3 + CORPUS, 5, 5.0)
+        p.planner.record_request("tree-8", 3 + CORPUS, 8, 0.0)
+    p.planner.probe_share = 0.0
+
+    def step(req, tokens, mode="tree"):
+        p.set_target_feedback(BatchFeedback([req], [mode]))
+        return p.propose([[tokens[-1]]], np.array([len(tokens)]), np.array([tokens]))[0]
+
+    prompt, answer = [100, 101, 102], [7, 8, 9, 10, 11, 12]
+    for k in range(1, len(answer) + 1):  # "a" answers, one token a step
+        step("a", prompt + answer[:k])
+    step("o", [300, 301, 302, 303], mode="off")  # never looked up: adds nothing
+    p.finish(["a", "o"])
+    assert "a" not in p.states and p.corpus.num_docs == 1
+    assert len(p.corpus) == len(prompt + answer)
+
+    # "b": another prompt that ends as a's did; its own context has no match.
+    tokens = [200, 101, 102, 7]
+    assert step("b", tokens)[:5] == [8, 9, 10, 11, 12]
+    plan = p.plan_for("b")
+    assert plan.rung == "chain" and plan.feature == 3 + CORPUS
+    assert (p.num_corpus_lookups, p.num_corpus_drafts) == (1, 1)
+    # Own 1-gram match (7 seen before) against the corpus's 3-gram: the corpus wins.
+    assert p._lookup("c", np.array([7, 50, 101, 102, 7]))[1:] == (3, True)
+    # A full-length own match wins without asking the corpus.
+    assert p._lookup("d", np.array([101, 102, 7, 50, 101, 102, 7])) == ([50, 101, 102, 7], 3, False)
+    p.release(["b"])  # preempted: comes back later, adds nothing now
+    assert p.corpus.num_docs == 1
+    step("f", prompt + answer)  # alive when the corpus is cleared: never joins it
+    p.clear_corpus()
+    assert len(p.corpus) == 0 and p._lookup("e", np.array(tokens)) == ([], 0, False)
+    p.finish(["f"])
+    assert len(p.corpus) == 0
+
+    q = _tree8_proposer(corpus_tokens=0)
+    assert q.corpus is None
+    for k in range(1, len(answer) + 1):
+        q.set_target_feedback(BatchFeedback(["a"], ["tree"]))
+        q.propose([[1]], np.array([3 + k]), np.array([prompt + answer[:k]]))
+    q.finish(["a"])
+    assert q._lookup("b", np.array(tokens)) == ([], 0, False)
+
+
+def test_corpus_settings_are_checked():
+    from proposers.vllm.config import TRJacobiConfig
+
+    with pytest.raises(ValueError, match="corpus_tokens"):
+        TRJacobiConfig(corpus_tokens=-1)
+    with pytest.raises(ValueError, match="corpus_min_ngram"):
+        TRJacobiConfig(corpus_min_ngram=4)
+    with pytest.raises(ValueError, match="max_ngram"):
+        TRJacobiConfig(max_ngram=4)  # would collide with the planner's FEEDBACK bit

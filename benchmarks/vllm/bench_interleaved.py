@@ -253,6 +253,7 @@ def run(args) -> dict:
     if args.plain_twin:
         builders[TWIN] = builders["plain"]
     names = list(builders)
+    plugins = {"plugin", OFF, *(name for name, _ in args.plugin_variant)}  # have a corpus
     # Build order (--plain-last): the engine built first may run faster for the whole
     # run; two runs with opposite orders bound that bias, and --plain-twin measures it
     # (the twin is built last whatever the order of the others).
@@ -289,7 +290,7 @@ def run(args) -> dict:
         llm.generate(prompts[:1], warm_params, use_tqdm=False)
         time.sleep(SETTLE_SECONDS)
         t0 = time.perf_counter()
-        outs = generate_workload(llm, prompts, sp, batch)
+        outs = generate_workload(llm, prompts, sp, batch, fresh_corpus=name in plugins)
         seconds = time.perf_counter() - t0
         return sum(len(o.outputs[0].token_ids) for o in outs), seconds, \
             [list(o.outputs[0].token_ids) for o in outs], spec_counts(outs)

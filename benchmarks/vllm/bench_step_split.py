@@ -29,7 +29,14 @@ import time
 from pathlib import Path
 
 from benchmarks.vllm.bench_interleaved import SETTLE_SECONDS, WARM_TOKENS
-from benchmarks.vllm.bench_vllm import ENGINE_ENV, GROUPS, ROOT, group_questions, workload_args
+from benchmarks.vllm.bench_vllm import (
+    ENGINE_ENV,
+    GROUPS,
+    ROOT,
+    clear_corpus,
+    group_questions,
+    workload_args,
+)
 from benchmarks.vllm.timing_worker import WORKER_PATH as TIMING_WORKER
 
 PARTS = ("steps_seconds", "draft_seconds", "between_seconds", "other_seconds")
@@ -143,6 +150,8 @@ def run(args) -> list[dict]:
                 llm = engines[side]
                 llm.generate(prompts[:1], warm, use_tqdm=False)
                 time.sleep(SETTLE_SECONDS)
+                if side != "plain":
+                    clear_corpus(llm)
                 s0 = llm.collective_rpc("trjacobi_stats")[0]
                 t0 = time.perf_counter()
                 outs = llm.generate(prompts, params[side], use_tqdm=False)

@@ -113,7 +113,7 @@ def run(args, trace: Path) -> dict:
         prompts = [chat(q) for q in questions[group]]
         for batch in args.batch_sizes:
             t0 = time.perf_counter()
-            outs = generate_workload(llm, prompts, params, batch)
+            outs = generate_workload(llm, prompts, params, batch, fresh_corpus=True)
             seconds = time.perf_counter() - t0
             tokens = sum(len(o.outputs[0].token_ids) for o in outs)
             speeds[f"{group}@{batch}"] = round(tokens / seconds, 2)

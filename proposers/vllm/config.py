@@ -14,6 +14,7 @@ from proposers.templates import load_template
 from proposers.vllm.planner import (
     CLOSED_VALUE,
     CLOSED_VALUES,
+    MAX_NGRAM,
     MIN_GAIN,
     PRIOR_WEIGHT,
     PROBE_SHARE,
@@ -101,6 +102,14 @@ class TRJacobiConfig:
     # and -b8-sized): 1.77x against 1.69x of plain vLLM at batch 1, 1.03x against 1.02x at 8.
     size_costs: bool = True
     max_ngram: int = 3
+    # Retrieval across requests (retrieval.CorpusIndex, algorithm.md section 5): the
+    # outputs of finished requests, up to this many tokens (oldest dropped first; ~100
+    # bytes of index a token), serve requests whose own context has no match or a
+    # shorter one. Matches shorter than `corpus_min_ngram` tokens are not used. 0: off.
+    # It makes a request's speed depend on what others generated (never its text): an
+    # engine shared by mutually untrusted users should turn it off.
+    corpus_tokens: int = 1 << 16
+    corpus_min_ngram: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -118,6 +127,15 @@ class TRJacobiConfig:
             raise ValueError(f"trjacobi min_gain must be in [0, 1), got {self.min_gain!r}")
         if not 0.0 <= self.probe_share <= 1.0:
             raise ValueError(f"trjacobi probe_share must be in [0, 1], got {self.probe_share!r}")
+        if not 1 <= self.max_ngram <= MAX_NGRAM:
+            raise ValueError(f"trjacobi max_ngram must be in [1, {MAX_NGRAM}] (the planner's "
+                             f"feature holds the match length in 2 bits), got {self.max_ngram!r}")
+        if not isinstance(self.corpus_tokens, int) or self.corpus_tokens < 0:
+            raise ValueError(f"trjacobi corpus_tokens must be an int >= 0 (0: no shared "
+                             f"corpus), got {self.corpus_tokens!r}")
+        if not 1 <= self.corpus_min_ngram <= self.max_ngram:
+            raise ValueError(f"trjacobi corpus_min_ngram must be in [1, max_ngram="
+                             f"{self.max_ngram}], got {self.corpus_min_ngram!r}")
         if not self.estimate_prior >= 0.0:
             raise ValueError(
                 f"trjacobi estimate_prior must be >= 0, got {self.estimate_prior!r}")

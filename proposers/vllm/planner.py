@@ -11,9 +11,11 @@ expected throughput
     rate = (B + sum_i accepted(rung_i, f_i)) / cost(path, B + sum_i nodes(rung_i, f_i))
 
 where B is the number of decoding requests, `f_i` a cheap per-request feature (the
-length of the n-gram the retrieval lookup matched now, 0-3, plus FEEDBACK when the
-target's top-K from the request's previous drafts is at hand, which Jacobi guesses
-need; offset by SAMPLED for sampled requests, which draft chains only), `accepted` / `nodes` exponential averages per (rung, feature) of
+length of the n-gram the retrieval lookup matched now, 0-3, plus CORPUS when that match
+is in other requests' outputs rather than the request's own context, plus FEEDBACK when
+the target's top-K from the request's previous drafts is at hand, which Jacobi guesses
+need; offset by SAMPLED for sampled requests, which draft chains only), `accepted` /
+`nodes` exponential averages per (rung, feature) of
 what the runner observed, and `cost` a line fitted to measured times of decode steps per
 attention path ("kernel": vLLM's own CPU kernel, used by plain and chain steps; "tree": the
 PyTorch tree path, taken by the whole batch as soon as one request drafts a tree) and
@@ -74,6 +76,8 @@ FAST_PROBE_EVERY = 4
 # ones, and they may only draft chains (vLLM's rejection sampler verifies chains).
 SAMPLED = 16
 FEEDBACK = 4  # added to the feature when Jacobi feedback is available
+CORPUS = 8  # added when the retrieval match is in the shared corpus (retrieval.CorpusIndex)
+MAX_NGRAM = FEEDBACK - 1  # the match length takes the feature's two low bits
 # A step drafts only if its expected rate beats not drafting by this much: the estimates
 # are noisy averages, and at batch 8 on 2 cores drafts the planner expected to pay by a
 # little (4-18% of request-steps on mt_bench, qa, summarization) made those groups

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from proposers.candidates import CandidateTable
-from proposers.retrieval import NgramIndex, ngram_match
+from proposers.retrieval import CorpusIndex, NgramIndex, ngram_match
 from proposers.templates import chain, load_template
 from proposers.tree import TreeSpec, compile_tree
 from proposers.vllm.config import TRJacobiConfig
-from proposers.vllm.planner import FEEDBACK, KERNEL, NONE, SAMPLED, TREE, CostPlanner
+from proposers.vllm.planner import CORPUS, FEEDBACK, KERNEL, NONE, SAMPLED, TREE, CostPlanner
 from proposers.vllm.version import check_vllm_version
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ def shadow_accepted(tokens: tuple[int, ...], actual) -> int | None:
 class RequestState:
     feedback: torch.Tensor | None = None
     index: NgramIndex | None = None  # the retrieval lookup, kept up to date per step
+    output_start: int = 0  # context length where the output began (for the corpus)
+    to_corpus: bool = True  # False once the corpus was cleared while this request lived
     plan: DraftPlan | None = None
     accepted: float = 0.0  # decaying sum of accepted draft tokens
     expected: float = 0.0  # decaying sum of what the shared estimates expected
@@ -188,6 +190,13 @@ class TRJacobiProposer:
         # Shadows mirror the retrieval chain exactly only when empty slots are pruned.
         self.shadows = not self.config.fill_noise
         self.retrieval_depth = self.trees[self.config.retrieval_template].max_depth
+        # Earlier requests' outputs, for requests whose own context has no match
+        # (`_lookup`; retrieval.CorpusIndex). Fed by `finish`.
+        self.corpus = (CorpusIndex(self.config.corpus_tokens, self.config.max_ngram,
+                                   self.config.corpus_min_ngram)
+                       if self.config.corpus_tokens else None)
+        self.num_corpus_lookups = 0  # request-steps whose retrieval chain came from it
+        self.num_corpus_drafts = 0  # ... and that drafted
         trace = os.environ.get(TRACE_ENV)
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115
 
@@ -210,6 +219,28 @@ class TRJacobiProposer:
         """Free per-request state (finished or preempted requests)."""
         for req_id in req_ids:
             self.states.pop(req_id, None)
+
+    def finish(self, req_ids) -> None:
+        """Requests that finished (or were aborted): their outputs join the shared corpus,
+        led in by the last `max_ngram` tokens before them, and their state is freed. A
+        request never looked up (drafting off, or no step after its prefill) adds
+        nothing. Preempted requests are only `release`d: they come back."""
+        if self.corpus is not None:
+            for req_id in req_ids:
+                state = self.states.get(req_id)
+                if state is not None and state.index is not None and state.to_corpus:
+                    start = max(state.output_start - self.config.max_ngram, 0)
+                    self.corpus.add(state.index.tokens[start:])
+        self.release(req_ids)
+
+    def clear_corpus(self) -> None:
+        """Forget every earlier output, and those of the requests alive now (benchmarks:
+        each timed run starts from none; a request that finished just before joins the
+        corpus only at the engine's next step, which would be after this)."""
+        if self.corpus is not None:
+            self.corpus.clear()
+        for state in self.states.values():
+            state.to_corpus = False
 
     def record_outcome(self, req_id: str, rung: str, feature: int, nodes: int,
                        accepted: int, shadow: bool = False, drafted: int = 0) -> None:
@@ -263,10 +294,10 @@ class TRJacobiProposer:
         planned = [row for row in rows if batch.modes[row] in PLANNED_MODES]
         lookups = {row: self._lookup(batch.req_ids[row],
                                      token_ids_cpu[row, : num_tokens_no_spec[row]])
-                   for row in planned}
+                   for row in rows if batch.modes[row] != "off"}
         features = {row: self._feature(None, batch.req_ids[row],
                                        sampled=batch.modes[row] == "auto",
-                                       match=lookups[row][1])
+                                       match=lookups[row][1], corpus=lookups[row][2])
                     for row in planned}
         if self.shadows:
             for row in planned:
@@ -286,15 +317,20 @@ class TRJacobiProposer:
         for row in rows:
             req_id, mode = batch.req_ids[row], batch.modes[row]
             state = self.states.setdefault(req_id, RequestState())
+            found = lookups[row][0] if row in lookups else None
             if mode == "off":
                 plan = None
             elif mode in PLANNED_MODES:
                 plan = None if rungs[row] == NONE else self._plan_rung(
-                    rungs[row], features[row], context(row), state.feedback)
+                    rungs[row], features[row], context(row), state.feedback, found)
                 if plan is None:
                     state.fade()
             else:  # chain / retrieval, as the request asked
-                plan = self._chain(context(row), state.feedback, jacobi=mode == "chain")
+                plan = self._chain(context(row), state.feedback, jacobi=mode == "chain",
+                                   found=found)
+            if row in lookups and lookups[row][2]:
+                self.num_corpus_lookups += 1
+                self.num_corpus_drafts += plan is not None
             drafted = len(plan.tokens) if plan is not None and (
                 plan.rung == CHAIN_RUNG or plan.rung in self.cuts) else 0
             if self.shadows and mode == "tree" and len(lookups[row][0]) > drafted:
@@ -327,15 +363,17 @@ class TRJacobiProposer:
         }) + "\n")
 
     def _feature(self, context: torch.Tensor | None, req_id: str, sampled: bool,
-                 match: int | None = None) -> int:
+                 match: int | None = None, corpus: bool = False) -> int:
         """The planner's per-request feature: retrieval match length (`match`, when
-        the caller has looked it up; else from `context`), feedback at hand, sampled or
-        not (planner.py)."""
+        the caller has looked it up; else from `context`), whether that match is in the
+        shared corpus rather than the request's own context, feedback at hand, sampled
+        or not (planner.py)."""
         state = self.states.get(req_id)
         feedback = state is not None and state.feedback is not None and state.feedback.numel()
         if match is None:
             match = ngram_match(context, 1, self.config.max_ngram)[1]
-        return match + (FEEDBACK if feedback else 0) + (SAMPLED if sampled else 0)
+        return (match + (FEEDBACK if feedback else 0) + (CORPUS if corpus else 0)
+                + (SAMPLED if sampled else 0))
 
     # Shadow drafts: a greedy request that does not draft the chain rung this step
     # records the retrieval chain that rung would have drafted (the same lookup, made
@@ -353,14 +391,21 @@ class TRJacobiProposer:
             state.shadows.pop(0)
         state.shadows.append(Shadow(start, feature, tuple(found), drafted))
 
-    def _lookup(self, req_id: str, context: np.ndarray) -> tuple[list[int], int]:
-        """The retrieval chain for a request's context now and its n-gram match length,
-        from the request's own `NgramIndex` (brought up to date with `context`)."""
+    def _lookup(self, req_id: str, context: np.ndarray) -> tuple[list[int], int, bool]:
+        """The retrieval chain for a request's context now, its n-gram match length, and
+        whether it came from the shared corpus: the request's own `NgramIndex` (brought
+        up to date with `context`) first, the corpus when it matches a longer suffix."""
         state = self.states.setdefault(req_id, RequestState())
         if state.index is None:
             state.index = NgramIndex(self.config.max_ngram)
+            state.output_start = max(len(context) - 1, 0)  # prompt + the first token
         state.index.sync(context)
-        return state.index.match(self.retrieval_depth)
+        found, n = state.index.match(self.retrieval_depth)
+        if self.corpus is not None and n < self.config.max_ngram and len(self.corpus):
+            shared, m = self.corpus.match(state.index.tokens, self.retrieval_depth)
+            if m > n:
+                return shared, m, True
+        return found, n, False
 
     def _judge_shadows(self, req_id: str) -> None:
         """Judge a request's pending shadows against its tokens so far (its index's
@@ -383,38 +428,40 @@ class TRJacobiProposer:
         state.shadows = pending
 
     def _plan_rung(self, rung: str, feature: int, context: torch.Tensor,
-                   feedback: torch.Tensor | None) -> DraftPlan | None:
+                   feedback: torch.Tensor | None, found=None) -> DraftPlan | None:
         if rung == NONE:
             return None
         if rung == CHAIN_RUNG or rung in self.cuts:
-            plan = self._chain(context, feedback, jacobi=True)
+            plan = self._chain(context, feedback, jacobi=True, found=found)
             k = self.cuts.get(rung)
             if plan is not None and k is not None and len(plan.tokens) > k:
                 plan = replace(plan, tree=plan.tree.subtree(torch.arange(k + 1)),
                                tokens=plan.tokens[:k])
         else:
-            plan = self._draft(rung, context, feedback)
+            plan = self._draft(rung, context, feedback, found)
         if plan is None:  # nothing to draft: the planner learns that this rung is empty
             self.planner.record_request(rung, feature, 0, 0)
             return None
         return replace(plan, rung=rung, feature=feature)
 
     def _chain(self, context: torch.Tensor, feedback: torch.Tensor | None,
-               jacobi: bool) -> DraftPlan | None:
-        """The retrieval chain when the context repeats, else (if `jacobi`) the Jacobi
-        chain from the target's feedback."""
-        plan = self._draft(self.config.retrieval_template, context, None)
+               jacobi: bool, found=None) -> DraftPlan | None:
+        """The retrieval chain when the context repeats (or `found`, the chain `_lookup`
+        found), else (if `jacobi`) the Jacobi chain from the target's feedback."""
+        plan = self._draft(self.config.retrieval_template, context, None, found)
         if plan is None and jacobi:
-            plan = self._draft(self.config.chain_template, context, feedback)
+            plan = self._draft(self.config.chain_template, context, feedback, found)
         return plan
 
-    def _draft(self, name: str, context: torch.Tensor,
-               feedback: torch.Tensor | None) -> DraftPlan | None:
+    def _draft(self, name: str, context: torch.Tensor, feedback: torch.Tensor | None,
+               found=None) -> DraftPlan | None:
+        """Draft template `name`; its retrieval column is `found` when given (`_lookup`:
+        the request's own index or the shared corpus), else looked up in `context`."""
         table = self.tables[name]
         table.reset()
         if feedback is not None and feedback.numel():
             table.set_feedback(feedback)
-        table.set_retrieval(context)
+        table.set_retrieval(context, found)
         tokens, keep = table.node_tokens(int(context[-1]), context)
         if tokens.numel() <= 1:
             return None

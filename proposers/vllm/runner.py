@@ -184,7 +184,7 @@ class TRJacobiRunnerMixin:
 
     # -- request lifecycle ---------------------------------------------------------
     def _update_states(self, scheduler_output):
-        self.trj.release(scheduler_output.finished_req_ids)
+        self.trj.finish(scheduler_output.finished_req_ids)  # outputs join the corpus
         self._unspeculated.difference_update(scheduler_output.finished_req_ids)
         self.trj.release(scheduler_output.preempted_req_ids or ())
         return super()._update_states(scheduler_output)
@@ -417,6 +417,12 @@ class TRJacobiRunnerMixin:
             "proposals": self.trj.num_proposals,
             "feedback_proposals": self.trj.num_feedback_proposals,
             "shadow_outcomes": self.trj.num_shadow_outcomes,
+            # The shared corpus (retrieval.CorpusIndex): what it holds, request-steps
+            # whose retrieval chain came from it, and of those the ones that drafted.
+            "corpus": {"tokens": len(self.trj.corpus) if self.trj.corpus else 0,
+                       "docs": self.trj.corpus.num_docs if self.trj.corpus else 0,
+                       "lookups": self.trj.num_corpus_lookups,
+                       "drafts": self.trj.num_corpus_drafts},
             "sampled_unspeculated": self.sampled_unspeculated,
             "rungs": dict(self.trj.planner.history),
             "closed_batch_steps": self.trj.planner.closed_steps,
@@ -429,6 +435,9 @@ class TRJacobiRunnerMixin:
             # (seconds, seconds per token).
             "cost_lines": self.trj.planner.cost_lines(),
         }
+
+    def trjacobi_clear_corpus(self) -> None:
+        self.trj.clear_corpus()
 
 
 class TRJacobiRunner(TRJacobiRunnerMixin, CPUModelRunner):
@@ -641,6 +650,10 @@ class TRJacobiWorker(CPUWorker):
         # Steps whose drafts rode their output (no take_draft_token_ids RPC).
         return {**self.model_runner.trjacobi_stats(), "carried_draft_steps": self._carried_steps}
 
+    def trjacobi_clear_corpus(self) -> None:
+        """`collective_rpc("trjacobi_clear_corpus")`: forget earlier requests' outputs."""
+        self.model_runner.trjacobi_clear_corpus()
+
 
 class TRJacobiGPUWorker(GPUWorker):
     """vLLM's CUDA worker with the TR-Jacobi runner and the Triton tree backend.
@@ -663,3 +676,6 @@ class TRJacobiGPUWorker(GPUWorker):
 
     def trjacobi_stats(self) -> dict:
         return self.model_runner.trjacobi_stats()
+
+    def trjacobi_clear_corpus(self) -> None:
+        self.model_runner.trjacobi_clear_corpus()
