@@ -180,3 +180,27 @@ def test_generate_workload_runs_batch_one_sequentially_and_batches_cycling():
     calls.clear()
     assert len(generate_workload(FakeLLM(), ["a", "b", "c"], None, 8)) == 8
     assert calls == [["a", "b", "c", "a", "b", "c", "a", "b"]]
+
+
+def test_generate_workload_rounds_and_a_fresh_corpus():
+    """`rounds` repeats the whole workload in a row (the second round is the repeated
+    request the shared corpus serves); `fresh_corpus` clears a plugin engine's corpus
+    before anything runs."""
+    from benchmarks.vllm.bench_vllm import generate_workload
+
+    calls = []
+
+    class FakeLLM:
+        def generate(self, prompts, params, use_tqdm):
+            calls.append(list(prompts))
+            return [f"out:{p}" for p in prompts]
+
+        def collective_rpc(self, method):
+            calls.append(method)
+
+    outs = generate_workload(FakeLLM(), ["a", "b"], None, 1, fresh_corpus=True, rounds=2)
+    assert outs == ["out:a", "out:b"] * 2
+    assert calls == ["trjacobi_clear_corpus", ["a"], ["b"], ["a"], ["b"]]
+    calls.clear()
+    assert len(generate_workload(FakeLLM(), ["a", "b", "c"], None, 4, rounds=2)) == 8
+    assert calls == [["a", "b", "c", "a"]] * 2

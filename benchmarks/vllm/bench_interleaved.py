@@ -24,6 +24,12 @@ Every speculating engine runs with vLLM's per-request speculative-decoding metri
 each reports its MAT (1 + accepted draft tokens per drafted request-step, vLLM's mean
 acceptance length) from its own outputs.
 
+The plugin's shared corpus (earlier requests' outputs, retrieval.CorpusIndex) is cleared
+before every timed run of a plugin engine, so no run finds an answer from an earlier run
+of the same prompts; within a run later requests do find earlier ones' outputs (the 3
+questions of a group at batch 1). `--rounds 2` sends the prompts twice in each timed run:
+the second round is the repeated-request case, where the corpus holds the answers.
+
     python -m benchmarks.vllm.bench_interleaved --model msn --batch-sizes 8 --plain-twin --plugin-off
 
 Writes `<out>.json` and `<out>.png` (default benchmarks/results/vllm_cpu_interleaved)."""
@@ -290,7 +296,8 @@ def run(args) -> dict:
         llm.generate(prompts[:1], warm_params, use_tqdm=False)
         time.sleep(SETTLE_SECONDS)
         t0 = time.perf_counter()
-        outs = generate_workload(llm, prompts, sp, batch, fresh_corpus=name in plugins)
+        outs = generate_workload(llm, prompts, sp, batch, fresh_corpus=name in plugins,
+                                 rounds=args.rounds)
         seconds = time.perf_counter() - t0
         return sum(len(o.outputs[0].token_ids) for o in outs), seconds, \
             [list(o.outputs[0].token_ids) for o in outs], spec_counts(outs)
@@ -389,6 +396,10 @@ def main() -> None:
     ap.add_argument("--plain-twin", action="store_true",
                     help="also run a second plain vLLM engine, built after all others: an A/A "
                          "control whose ratio to plain is the bias of build order plus noise")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="send each group's prompts this many times in a row per timed run "
+                         "(default 1); from the second round on, the plugin's shared corpus "
+                         "holds the answers of the first (a repeated or regenerated request)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_cpu_interleaved"))
     ap.add_argument("--report", metavar="JSON",
                     help="print the markdown tables of an earlier run's JSON and exit")
@@ -399,8 +410,8 @@ def main() -> None:
         except (OSError, ValueError, KeyError) as exc:
             ap.error(f"--report {args.report}: {exc}")
         return
-    if args.repeats < 1 or args.per_group < 1 or min(args.batch_sizes) < 1:
-        ap.error("--repeats, --per-group and --batch-sizes must be positive")
+    if min(args.repeats, args.per_group, args.rounds, *args.batch_sizes) < 1:
+        ap.error("--repeats, --per-group, --rounds and --batch-sizes must be positive")
     for k, v in ENGINE_ENV.items():
         os.environ.setdefault(k, v)
     result = run(args)
@@ -409,7 +420,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python -m benchmarks.vllm.bench_interleaved " + shlex.join(sys.argv[1:]),
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model,
-            "max_tokens": args.max_tokens, "per_group": args.per_group,
+            "max_tokens": args.max_tokens, "per_group": args.per_group, "rounds": args.rounds,
             "repeats": args.repeats, "engines": result["engines"],
             "plain_built": "last" if args.plain_last else "first", "device": "cpu", "dtype": "float32", "greedy": True,
             "engine_env": {k: os.environ[k] for k in ENGINE_ENV},

@@ -55,16 +55,21 @@ def clear_corpus(llm) -> None:
 
 
 def generate_workload(llm, prompts: list[str], params, batch: int,
-                      fresh_corpus: bool = False) -> list:
+                      fresh_corpus: bool = False, rounds: int = 1) -> list:
     """The benchmark's unit of work: at batch 1 the group's prompts one after the other,
-    else `batch` concurrent requests cycling over them. Returns vLLM's request outputs.
-    `fresh_corpus` (plugin engines): `clear_corpus` first."""
+    else `batch` concurrent requests cycling over them; all that `rounds` times in a row
+    (a second round asks the same again: a repeated or regenerated request). Returns
+    vLLM's request outputs. `fresh_corpus` (plugin engines): `clear_corpus` first."""
     if fresh_corpus:
         clear_corpus(llm)
-    if batch == 1:
-        return [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
-    return llm.generate([prompts[i % len(prompts)] for i in range(batch)], params,
-                        use_tqdm=False)
+    outs = []
+    for _ in range(rounds):
+        if batch == 1:
+            outs += [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+        else:
+            outs += llm.generate([prompts[i % len(prompts)] for i in range(batch)], params,
+                                 use_tqdm=False)
+    return outs
 
 
 def group_questions(path: Path, per_group: int) -> dict[str, list[str]]:
