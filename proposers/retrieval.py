@@ -111,9 +111,8 @@ class NgramIndex:
 class CorpusIndex:
     """Retrieval across requests (algorithm.md section 5): earlier requests' outputs.
 
-    A request whose own context has no match for its suffix (or only a shorter one) can
-    still continue text another request produced: answers share phrasing, formulas,
-    code and boilerplate. Holds whole documents (a finished request's output, led in by
+    A request whose own context has no match for its suffix can still continue text
+    another request produced: answers share phrasing, formulas, code and boilerplate. Holds whole documents (a finished request's output, led in by
     the last `max_ngram` tokens before it, so its first tokens are found after the same
     prompt ending), the oldest dropped first once more than `max_tokens` are held. Every
     `min_ngram`..`max_ngram`-gram followed by a token maps to its most recent (document,

@@ -204,3 +204,24 @@ def test_generate_workload_rounds_and_a_fresh_corpus():
     calls.clear()
     assert len(generate_workload(FakeLLM(), ["a", "b", "c"], None, 4, rounds=2)) == 8
     assert calls == [["a", "b", "c", "a"]] * 2
+
+
+def test_retrieval_sources_replays_both_sources():
+    """The offline replay behind the proposer's choice of retrieval source: the second
+    request of a group finds the first one's answer in the corpus where its own context
+    has no match, and counts what that chain would have had accepted."""
+    from benchmarks.vllm.retrieval_sources import matched, simulate
+
+    assert matched([4, 5, 6], [4, 5, 7]) == 2 and matched([4], []) == 0
+    groups = {"g": [{"prompt": [1, 2, 3], "output": [10, 11, 12, 13]},
+                    {"prompt": [7, 2, 3], "output": [10, 11, 12, 99]}]}
+    run = simulate(groups, clear_every=2)
+    assert run["positions"] == 6
+    # Second request: "2 3 10" continues 11 12 13 in the corpus; the answer went on
+    # 11 12 99, so 2 tokens, then 1 ("12 13" against "12 99"), then 0.
+    cell = next(c for c in run["pairs"] if (c["own_n"], c["corpus_m"]) == (0, 3))
+    assert cell["positions"] == 3 and cell["corpus_accepted"] == 1.0
+    assert run["rules"]["own only"] == 0.0
+    assert run["rules"]["corpus if no own match"] == 0.5
+    alone = simulate(groups, clear_every=1)  # the corpus is cleared before each request
+    assert alone["rules"]["corpus if no own match"] == 0.0

@@ -394,16 +394,25 @@ class TRJacobiProposer:
     def _lookup(self, req_id: str, context: np.ndarray) -> tuple[list[int], int, bool]:
         """The retrieval chain for a request's context now, its n-gram match length, and
         whether it came from the shared corpus: the request's own `NgramIndex` (brought
-        up to date with `context`) first, the corpus when it matches a longer suffix."""
+        up to date with `context`), and the corpus only when that has no match at all.
+
+        Replaying real answers offline (`benchmarks/vllm/retrieval_sources.py`), an own
+        match of 2-3 tokens predicted far better than a corpus match beside it (own
+        2-gram 1.4-2.5 accepted tokens a lookup, the corpus's 0.3-0.8), an own 1-gram
+        about as well as a corpus 2- or 3-gram (better on the base model, worse on the
+        MSN model), and with no own match a corpus 3-gram gave 1.7-2.8. This rule was
+        best on the base model and within 0.3% of the best on the MSN model; letting a
+        longer corpus match win also measured slower on the base model's qa at batch 1
+        (`vllm_cpu_base_interleaved_b1-corpus.json`)."""
         state = self.states.setdefault(req_id, RequestState())
         if state.index is None:
             state.index = NgramIndex(self.config.max_ngram)
             state.output_start = max(len(context) - 1, 0)  # prompt + the first token
         state.index.sync(context)
         found, n = state.index.match(self.retrieval_depth)
-        if self.corpus is not None and n < self.config.max_ngram and len(self.corpus):
+        if not n and self.corpus is not None and len(self.corpus):
             shared, m = self.corpus.match(state.index.tokens, self.retrieval_depth)
-            if m > n:
+            if m:
                 return shared, m, True
         return found, n, False
 
