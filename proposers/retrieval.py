@@ -108,13 +108,27 @@ class NgramIndex:
         return [], 0
 
 
+TOKEN_BITS = 24  # CorpusIndex keys hold token ids below 2**24 (vocabularies are far smaller)
+
+
+def _key(ngram: list[int]) -> int:
+    """An n-gram as one int: its tokens in TOKEN_BITS-bit fields above a leading 1 (so
+    n-grams of different lengths never share a key)."""
+    key = 1
+    for token in ngram:
+        key = key << TOKEN_BITS | token
+    return key
+
+
 class CorpusIndex:
     """Retrieval across requests (algorithm.md section 5): earlier requests' outputs.
 
     A request whose own context has no match for its suffix can still continue text
-    another request produced: answers share phrasing, formulas, code and boilerplate. Holds whole documents (a finished request's output, led in by
-    the last `max_ngram` tokens before it, so its first tokens are found after the same
-    prompt ending), the oldest dropped first once more than `max_tokens` are held. Every
+    another request produced: answers share phrasing, formulas, code and boilerplate.
+    Holds whole documents (a finished request's output, led in by the last `max_ngram`
+    tokens before it, so its first tokens are found after the same prompt ending), the
+    oldest dropped first, with its index entries, once more than `max_tokens` are held
+    (about 300 bytes a token held: 65,536 tokens take ~20 MiB). Every
     `min_ngram`..`max_ngram`-gram followed by a token maps to its most recent (document,
     end); the longest match wins, the most recent among equals, and a continuation never
     runs past its document's end. N-grams shorter than `min_ngram` are not indexed: one
@@ -137,7 +151,10 @@ class CorpusIndex:
     def clear(self) -> None:
         self._docs: dict[int, list[int]] = {}  # id -> tokens; ids grow with age
         self._oldest = self._next = self._size = 0
-        self._last: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (doc, end)
+        # n-gram -> its latest (doc, end). Both packed into ints (`_key`; doc << 32 |
+        # end): tuples would be objects the garbage collector tracks, and a full
+        # collection over ~130k of them paused adds for 60-160 ms.
+        self._last: dict[int, int] = {}
 
     def __len__(self) -> int:
         """Tokens held."""
@@ -152,37 +169,48 @@ class CorpusIndex:
         tokens = [int(t) for t in tokens][-self.max_tokens:]
         if len(tokens) <= self.min_ngram:  # no n-gram of it is followed by a token
             return
+        if min(tokens) < 0 or max(tokens) >= 1 << TOKEN_BITS:
+            raise ValueError(f"token ids must be in [0, 2**{TOKEN_BITS})")
         doc, self._next = self._next, self._next + 1
         self._docs[doc] = tokens
         self._size += len(tokens)
         self._index(doc, tokens)
         while self._size > self.max_tokens:
             dropped = self._docs.pop(self._oldest, None)
-            self._oldest += 1
             if dropped is not None:
                 self._size -= len(dropped)
-        # Entries of dropped documents are skipped at lookup; rebuild once they could
-        # outnumber the live ones, so memory stays bounded by `max_tokens`.
-        if len(self._last) > 4 * (self.max_ngram - self.min_ngram + 1) * self.max_tokens:
-            self._last = {}
-            for live, held in self._docs.items():
-                self._index(live, held)
+                self._index(self._oldest, dropped, drop=True)
+            self._oldest += 1
 
-    def _index(self, doc: int, tokens: list[int]) -> None:
-        last, lo, hi = self._last, self.min_ngram, self.max_ngram
-        for end in range(lo - 1, len(tokens) - 1):  # `end` is followed by a token
+    def _ngrams(self, tokens: list[int]):
+        """(key, end) for every indexed n-gram of `tokens` followed by a token."""
+        lo, hi = self.min_ngram, self.max_ngram
+        for end in range(lo - 1, len(tokens) - 1):
             for n in range(lo, min(hi, end + 1) + 1):
-                last[tuple(tokens[end - n + 1: end + 1])] = (doc, end)
+                yield _key(tokens[end - n + 1: end + 1]), end
+
+    def _index(self, doc: int, tokens: list[int], drop: bool = False) -> None:
+        """Point `tokens`' n-grams at `doc`, or (`drop`) remove those still pointing at
+        it: a dropped document takes its entries along, so the index holds live ones
+        only, at a cost per document like adding it (no rebuild pauses)."""
+        last = self._last
+        if drop:
+            for key, _ in self._ngrams(tokens):
+                if last.get(key, -1) >> 32 == doc:
+                    del last[key]
+        else:
+            for key, end in self._ngrams(tokens):
+                last[key] = doc << 32 | end
 
     def match(self, context, max_tokens: int) -> tuple[list[int], int]:
         """The tokens that followed the most recent longest match of `context`'s suffix
         in the corpus (up to `max_tokens`), and the matched length; ([], 0) if none."""
         tail = [int(t) for t in context[-self.max_ngram:]]
         for n in range(min(self.max_ngram, len(tail)), self.min_ngram - 1, -1):
-            hit = self._last.get(tuple(tail[len(tail) - n:]))
+            hit = self._last.get(_key(tail[len(tail) - n:]))
             if hit is None:
                 continue
-            tokens = self._docs.get(hit[0])
-            if tokens is not None:  # else dropped: a shorter n-gram may still be live
-                return tokens[hit[1] + 1: hit[1] + 1 + max_tokens], n
+            tokens = self._docs[hit >> 32]
+            end = hit & 0xFFFFFFFF
+            return tokens[end + 1: end + 1 + max_tokens], n
         return [], 0

@@ -103,8 +103,8 @@ class TRJacobiConfig:
     size_costs: bool = True
     max_ngram: int = 3
     # Retrieval across requests (retrieval.CorpusIndex, algorithm.md section 5): the
-    # outputs of finished requests, up to this many tokens (oldest dropped first; ~100
-    # bytes of index a token), serve requests whose own context has no match for its
+    # outputs of finished requests, up to this many tokens (oldest dropped first; ~300
+    # bytes a token with its index), serve requests whose own context has no match for its
     # last tokens. Matches shorter than `corpus_min_ngram` tokens are not used. 0: off.
     # It makes a request's speed depend on what others generated (never its text): an
     # engine shared by mutually untrusted users should turn it off.
