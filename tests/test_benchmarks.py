@@ -220,8 +220,17 @@ def test_retrieval_sources_replays_both_sources():
     # Second request: "2 3 10" continues 11 12 13 in the corpus; the answer went on
     # 11 12 99, so 2 tokens, then 1 ("12 13" against "12 99"), then 0.
     cell = next(c for c in run["pairs"] if (c["own_n"], c["corpus_m"]) == (0, 3))
-    assert cell["positions"] == 3 and cell["corpus_accepted"] == 1.0
+    assert cell["positions"] == 3 and cell["corpus_accepted"] == 1.0 and not cell["long"]
     assert run["rules"]["own only"] == 0.0
     assert run["rules"]["corpus if no own match"] == 0.5
     alone = simulate(groups, clear_every=1)  # the corpus is cleared before each request
     assert alone["rules"]["corpus if no own match"] == 0.0
+    # Asked again: in the second round (the only one counted) the corpus holds the first
+    # round's answer, led in by the prompt's end, so its matches run back CORPUS_LONG
+    # tokens and its chains are the answer itself.
+    one = {"g": [{"prompt": [1, 2, 3, 4, 5, 6], "output": [10, 11, 12, 13, 14, 15]}]}
+    again = simulate(one, clear_every=2, rounds=2)
+    assert again["positions"] == 5 and any(c["long"] for c in again["pairs"])
+    assert again["rules"]["own only"] == 0.0
+    # t = 1..5: chains 11-15, 12-15, 13-15, 14-15, 15: 5 + 4 + 3 + 2 + 1 tokens.
+    assert again["rules"]["default: corpus if no own match or long"] == 3.0

@@ -113,11 +113,11 @@ def test_corpus_finds_the_longest_most_recent_match_within_a_document():
     c = CorpusIndex(max_tokens=100, max_ngram=3, min_ngram=2)
     c.add([1, 2, 3, 4, 5, 6])
     c.add([9, 2, 3, 7, 8])  # "2 3" again, more recent; "1 2 3" only in the first
-    assert c.match([0, 2, 3], 4) == ([7, 8], 2)  # most recent 2-gram; stops at its end
-    assert c.match([1, 2, 3], 2) == ([4, 5], 3)  # the longer match wins
-    assert c.match([5, 3], 4) == ([], 0)  # never seen
-    assert c.match([7, 8], 4) == ([], 0)  # seen, but the document ends there
-    assert c.match([4], 4) == ([], 0)  # shorter than min_ngram: not used
+    assert c.match([0, 2, 3], 4)[:2] == ([7, 8], 2)  # most recent 2-gram; stops at its end
+    assert c.match([1, 2, 3], 2)[:2] == ([4, 5], 3)  # the longer match wins
+    assert c.match([5, 3], 4)[:2] == ([], 0)  # never seen
+    assert c.match([7, 8], 4)[:2] == ([], 0)  # seen, but the document ends there
+    assert c.match([4], 4)[:2] == ([], 0)  # shorter than min_ngram: not used
     assert (len(c), c.num_docs) == (11, 2)
 
 
@@ -127,15 +127,15 @@ def test_corpus_drops_oldest_documents_and_falls_back_to_live_ones():
     c = CorpusIndex(max_tokens=10, max_ngram=3, min_ngram=2)
     c.add([1, 2, 3, 4])
     c.add([7, 2, 3, 5])
-    assert c.match([1, 2, 3], 1) == ([4], 3)
+    assert c.match([1, 2, 3], 1)[:2] == ([4], 3)
     c.add([8, 8, 8, 8, 8])  # 13 tokens > 10: the first document goes
     assert c.num_docs == 2 and len(c) == 9
-    assert c.match([1, 2, 3], 1) == ([5], 2)  # its 3-gram is gone; "2 3" lives on
+    assert c.match([1, 2, 3], 1)[:2] == ([5], 2)  # its 3-gram is gone; "2 3" lives on
     c.add(list(range(20, 40)))  # longer than the corpus: only its last 10 are kept
-    assert c.num_docs == 1 and len(c) == 10 and c.match([30, 31], 2) == ([32, 33], 2)
-    assert c.match([20, 21], 2) == ([], 0)
+    assert c.num_docs == 1 and len(c) == 10 and c.match([30, 31], 2)[:2] == ([32, 33], 2)
+    assert c.match([20, 21], 2)[:2] == ([], 0)
     c.clear()
-    assert (len(c), c.num_docs, c.match([30, 31], 2)) == (0, 0, ([], 0))
+    assert (len(c), c.num_docs, c.match([30, 31], 2)) == (0, 0, ([], 0, 0))
 
 
 def test_corpus_index_memory_stays_bounded():
@@ -152,7 +152,20 @@ def test_corpus_index_memory_stays_bounded():
         assert len(c) <= 64
     doc = torch.randint(0, 1000, (30,), generator=gen).tolist()
     c.add(doc)
-    assert c.match(doc[:3], 5) == (doc[3:8], 3)
+    assert c.match(doc[:3], 5)[:2] == (doc[3:8], 3)
+
+
+def test_corpus_match_tells_how_far_back_it_runs():
+    """`extend`: the match compared further back, token by token, up to `extend` tokens
+    (a repeat runs far back; a common 3-gram does not)."""
+    from proposers.retrieval import CorpusIndex
+
+    c = CorpusIndex(max_tokens=100, max_ngram=3, min_ngram=2)
+    c.add([1, 2, 3, 4, 5, 6, 7, 8])
+    assert c.match([0, 3, 4, 5, 6], 2, extend=6) == ([7, 8], 3, 4)  # 3 4 5 6, not 0
+    assert c.match([1, 2, 3, 4, 5, 6], 2, extend=4) == ([7, 8], 3, 4)  # capped at extend
+    assert c.match([1, 2, 3, 4, 5, 6], 2, extend=9) == ([7, 8], 3, 6)  # the document's start
+    assert c.match([9, 5, 6], 2) == ([7, 8], 2, 2)  # no extend: the n-gram length
 
 
 def test_corpus_rejects_bad_settings():

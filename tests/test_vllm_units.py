@@ -1405,7 +1405,7 @@ def test_finished_outputs_serve_later_requests_from_the_shared_corpus():
     import numpy as np
 
     from proposers.vllm.planner import CORPUS
-    from proposers.vllm.proposer import BatchFeedback
+    from proposers.vllm.proposer import CORPUS_LONG, LONG_MATCH, BatchFeedback
 
     p = _tree8_proposer()
     for _ in range(50):
@@ -1435,8 +1435,14 @@ def test_finished_outputs_serve_later_requests_from_the_shared_corpus():
     plan = p.plan_for("b")
     assert plan.rung == "chain" and plan.feature == 3 + CORPUS
     assert (p.num_corpus_lookups, p.num_corpus_drafts) == (1, 1)
-    # An own match, even a 1-gram (7 seen before), wins over the corpus's 3-gram.
+    # An own match, even a 1-gram (7 seen before), wins over the corpus's 3-gram...
     assert p._lookup("c", np.array([7, 50, 101, 102, 7])) == ([50, 101, 102, 7], 1, False)
+    # ...unless the corpus match runs back CORPUS_LONG tokens (a repeated answer), which
+    # beats even a full-length own match, under its own feature value (LONG_MATCH).
+    repeat = [100, 101, 102, 7, 8, 9, 10, 8, 9, 10]  # own "8 9 10" -> 8 9 10 too
+    assert CORPUS_LONG <= 7 and p._lookup("r", np.array(repeat))[1:] == (3, False)
+    answer_again = prompt + answer[:5]  # 100 101 102 7 8 9 10 11: all in a's document
+    assert p._lookup("s", np.array(answer_again)) == ([12], LONG_MATCH, True)
     p.release(["b"])  # preempted: comes back later, adds nothing now
     assert p.corpus.num_docs == 1
     step("f", prompt + answer)  # alive when the corpus is cleared: never joins it
@@ -1461,5 +1467,8 @@ def test_corpus_settings_are_checked():
         TRJacobiConfig(corpus_tokens=-1)
     with pytest.raises(ValueError, match="corpus_min_ngram"):
         TRJacobiConfig(corpus_min_ngram=4)
+    with pytest.raises(ValueError, match="corpus_min_ngram"):
+        TRJacobiConfig(corpus_min_ngram=1)  # 1 marks a long corpus match in the feature
+    assert TRJacobiConfig(corpus_tokens=0, corpus_min_ngram=1).corpus_tokens == 0
     with pytest.raises(ValueError, match="max_ngram"):
         TRJacobiConfig(max_ngram=4)  # would collide with the planner's FEEDBACK bit

@@ -7,9 +7,11 @@ first `--per-group` questions per task group, then, question by question in each
 (the corpus holding the earlier answers of the group, cleared every `--clear-every`
 questions), every output position looks up both sources and counts how many tokens of
 each chain the answer went on to match: what a drafted chain would have had accepted
-(greedy output does not depend on drafting). Reported per pair (own match length,
-corpus match length), and in total for the ways of choosing between the sources
-(`RULES`; the proposer uses "corpus if no own match").
+(greedy output does not depend on drafting). A second scenario asks every question of
+the group again after the first round (a repeated or regenerated request) and counts
+the second round only. Reported per (own match length, corpus match length, whether
+the corpus match runs back CORPUS_LONG tokens), and in total for the ways of choosing
+between the sources (`RULES`; the proposer's is marked "default").
 
 No timing: acceptance only, exact and deterministic for given outputs.
 
@@ -33,16 +35,19 @@ import numpy as np
 
 from benchmarks.vllm.bench_vllm import DEV_SET, ENGINE_ENV, GROUPS, ROOT, group_questions
 from proposers.retrieval import CorpusIndex, NgramIndex
+from proposers.vllm.proposer import CORPUS_LONG
 
 DEPTH = 10  # tokens of a chain (the retrieval template's depth)
 MAX_NGRAM, CORPUS_MIN_NGRAM = 3, 2  # the plugin's defaults (TRJacobiConfig)
 
-# How to choose between the own chain (match length n) and the corpus chain (m).
+# How to choose between the own chain (match length n) and the corpus chain (m; `long`:
+# the corpus match runs back CORPUS_LONG tokens).
 RULES = {
-    "own only": lambda n, m: False,
-    "corpus if no own match": lambda n, m: n == 0 and m > 0,
-    "corpus if longer": lambda n, m: m > n,
-    "corpus if longer than a 1-gram": lambda n, m: m > n and n <= 1,
+    "own only": lambda n, m, long: False,
+    "corpus if no own match": lambda n, m, long: n == 0 and m > 0,
+    "corpus if longer": lambda n, m, long: m > n,
+    "default: corpus if no own match or long": lambda n, m, long: (n == 0 and m > 0) or long,
+    "corpus if longer than a 1-gram or long": lambda n, m, long: (m > n and n <= 1) or long,
 }
 
 
@@ -56,24 +61,27 @@ def matched(chain: list[int], actual: list[int]) -> int:
     return count
 
 
-def simulate(groups: dict[str, list[dict]], clear_every: int) -> dict:
-    """Replay each group's requests ({"prompt": ids, "output": ids}) in order; returns,
-    per (own n, corpus m) pair, the positions and the accepted tokens of each source, and
-    the mean accepted tokens per position under each of `RULES`."""
-    pairs: dict[tuple[int, int], list[float]] = defaultdict(lambda: [0, 0, 0])
+def simulate(groups: dict[str, list[dict]], clear_every: int, rounds: int = 1) -> dict:
+    """Replay each group's requests ({"prompt": ids, "output": ids}) in order, `rounds`
+    times over (counting the last round only); returns, per (own n, corpus m, long)
+    triple, the positions and the accepted tokens of each source, and the mean accepted
+    tokens per position under each of `RULES`."""
+    pairs: dict[tuple[int, int, bool], list[float]] = defaultdict(lambda: [0, 0, 0])
     for requests in groups.values():
         corpus = CorpusIndex(1 << 16, MAX_NGRAM, CORPUS_MIN_NGRAM)
-        for i, request in enumerate(requests):
+        for i, request in enumerate(requests * rounds):
             if i % clear_every == 0:
                 corpus.clear()
+            counted = i >= (rounds - 1) * len(requests)
             prompt, output = request["prompt"], request["output"]
             own = NgramIndex(MAX_NGRAM)
-            for t in range(1, len(output)):  # the first lookup follows the first token
+            for t in range(1, len(output) if counted else 0):  # lookups follow a token
                 own.sync(np.asarray(prompt + output[:t]))
                 chain, n = own.match(DEPTH)
-                shared, m = corpus.match(own.tokens, DEPTH) if len(corpus) else ([], 0)
+                shared, m, length = (corpus.match(own.tokens, DEPTH, extend=CORPUS_LONG)
+                                     if len(corpus) else ([], 0, 0))
                 actual = output[t: t + DEPTH]
-                cell = pairs[(n, m)]
+                cell = pairs[(n, m, length >= CORPUS_LONG)]
                 cell[0] += 1
                 cell[1] += matched(chain, actual)
                 cell[2] += matched(shared, actual)
@@ -81,12 +89,19 @@ def simulate(groups: dict[str, list[dict]], clear_every: int) -> dict:
             # max_ngram tokens before it.
             corpus.add((prompt + output)[max(len(prompt) - MAX_NGRAM, 0):])
     positions = sum(c[0] for c in pairs.values()) or 1
-    rules = {name: sum(c[2] if pick(n, m) else c[1] for (n, m), c in pairs.items()) / positions
+    rules = {name: sum(c[2] if pick(*key) else c[1] for key, c in pairs.items()) / positions
              for name, pick in RULES.items()}
-    return {"clear_every": clear_every, "positions": positions, "rules": rules,
-            "pairs": [{"own_n": n, "corpus_m": m, "positions": c[0],
+    return {"clear_every": clear_every, "rounds": rounds, "positions": positions,
+            "rules": rules,
+            "pairs": [{"own_n": n, "corpus_m": m, "long": long, "positions": c[0],
                        "own_accepted": c[1] / c[0], "corpus_accepted": c[2] / c[0]}
-                      for (n, m), c in sorted(pairs.items())]}
+                      for (n, m, long), c in sorted(pairs.items())]}
+
+
+def scenario(run: dict) -> str:
+    if run["rounds"] > 1:
+        return "the same questions again"
+    return f"distinct questions, corpus of {run['clear_every'] - 1} answers at most"
 
 
 def generate(model_name: str, per_group: int, max_tokens: int, dev_set: str) -> dict:
@@ -125,7 +140,7 @@ def plot(results: dict, path: Path) -> None:
         ax.bar([i + k * width for i in range(len(runs))],
                [run["rules"][name] for _, run in runs], width, label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(runs))],
-                  [f"{model}, corpus of {run['clear_every']}" for model, run in runs])
+                  [f"{model}: {scenario(run)}" for model, run in runs], fontsize=7)
     ax.set_ylabel("accepted tokens per lookup")
     ax.set_title("Retrieval chain: own context vs shared corpus (offline replay)")
     ax.legend(fontsize=8)
@@ -134,11 +149,11 @@ def plot(results: dict, path: Path) -> None:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| model | corpus holds | " + " | ".join(RULES) + " |",
+    lines = ["| model | scenario | " + " | ".join(RULES) + " |",
              "|---|---|" + "---|" * len(RULES)]
     for model, runs in results.items():
         for run in runs:
-            lines.append(f"| {model} | {run['clear_every'] - 1} earlier answers at most | "
+            lines.append(f"| {model} | {scenario(run)} | "
                          + " | ".join(f"{run['rules'][r]:.3f}" for r in RULES) + " |")
     return "\n".join(lines)
 
@@ -160,21 +175,23 @@ def main() -> None:
     results, outputs = {}, {}
     for model in args.model:
         outputs[model] = generate(model, args.per_group, args.max_tokens, args.dev_set)
-        results[model] = [simulate(outputs[model], k) for k in args.clear_every]
+        results[model] = [simulate(outputs[model], k) for k in args.clear_every] + [
+            simulate(outputs[model], 2 * args.per_group, rounds=2)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python -m benchmarks.vllm.retrieval_sources " + shlex.join(sys.argv[1:]),
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "per_group": args.per_group,
             "max_tokens": args.max_tokens, "depth": DEPTH, "max_ngram": MAX_NGRAM,
-            "corpus_min_ngram": CORPUS_MIN_NGRAM}
+            "corpus_min_ngram": CORPUS_MIN_NGRAM, "corpus_long": CORPUS_LONG}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results},
                                                    indent=1))
     plot(results, out.with_suffix(".png"))
     for model, runs in results.items():
         for run in runs:
-            print(f"{model}, corpus of {run['clear_every']} questions:")
+            print(f"{model}, {scenario(run)}:")
             for cell in run["pairs"]:
-                print(f"  own n={cell['own_n']} corpus m={cell['corpus_m']}: "
+                print(f"  own n={cell['own_n']} corpus m={cell['corpus_m']}"
+                      f"{' long' if cell['long'] else ''}: "
                       f"{cell['positions']:5d} positions, accepted own {cell['own_accepted']:.3f}"
                       f", corpus {cell['corpus_accepted']:.3f}")
     print(markdown(results))

@@ -105,7 +105,8 @@ class TRJacobiConfig:
     # Retrieval across requests (retrieval.CorpusIndex, algorithm.md section 5): the
     # outputs of finished requests, up to this many tokens (oldest dropped first; ~300
     # bytes a token with its index), serve requests whose own context has no match for its
-    # last tokens. Matches shorter than `corpus_min_ngram` tokens are not used. 0: off.
+    # last tokens, or whose corpus match runs back 6+ tokens (a repeat). Matches shorter
+    # than `corpus_min_ngram` (>= 2) tokens are not used. 0: off.
     # It makes a request's speed depend on what others generated (never its text): an
     # engine shared by mutually untrusted users should turn it off.
     corpus_tokens: int = 1 << 16
@@ -133,8 +134,8 @@ class TRJacobiConfig:
         if not isinstance(self.corpus_tokens, int) or self.corpus_tokens < 0:
             raise ValueError(f"trjacobi corpus_tokens must be an int >= 0 (0: no shared "
                              f"corpus), got {self.corpus_tokens!r}")
-        if not 1 <= self.corpus_min_ngram <= self.max_ngram:
-            raise ValueError(f"trjacobi corpus_min_ngram must be in [1, max_ngram="
+        if self.corpus_tokens and not 2 <= self.corpus_min_ngram <= self.max_ngram:
+            raise ValueError(f"trjacobi corpus_min_ngram must be in [2, max_ngram="
                              f"{self.max_ngram}], got {self.corpus_min_ngram!r}")
         if not self.estimate_prior >= 0.0:
             raise ValueError(

@@ -12,7 +12,8 @@ expected throughput
 
 where B is the number of decoding requests, `f_i` a cheap per-request feature (the
 length of the n-gram the retrieval lookup matched now, 0-3, plus CORPUS when that match
-is in other requests' outputs rather than the request's own context, plus FEEDBACK when
+is in other requests' outputs rather than the request's own context (there 1 marks a
+match running back 6+ tokens: proposer.CORPUS_LONG), plus FEEDBACK when
 the target's top-K from the request's previous drafts is at hand, which Jacobi guesses
 need; offset by SAMPLED for sampled requests, which draft chains only), `accepted` /
 `nodes` exponential averages per (rung, feature) of

@@ -88,6 +88,13 @@ SKILL_DECAY, SKILL_FADE, SKILL_PRIOR = 0.7, 0.98, 1.0
 SKILL_RANGE = (0.1, 3.0)
 
 
+# A corpus match running back this many tokens is taken over the request's own match
+# (a repeated or regenerated answer; `_lookup`). Its planner feature holds LONG_MATCH as
+# the match value: corpus n-grams are at least 2 long (config corpus_min_ngram), so 1
+# is free there.
+CORPUS_LONG = 6
+LONG_MATCH = 1
+
 # Shadow drafts (see `TRJacobiProposer._shadow`): at most this many pending per request.
 MAX_SHADOWS = 16
 
@@ -392,17 +399,21 @@ class TRJacobiProposer:
         state.shadows.append(Shadow(start, feature, tuple(found), drafted))
 
     def _lookup(self, req_id: str, context: np.ndarray) -> tuple[list[int], int, bool]:
-        """The retrieval chain for a request's context now, its n-gram match length, and
-        whether it came from the shared corpus: the request's own `NgramIndex` (brought
-        up to date with `context`), and the corpus only when that has no match at all.
+        """The retrieval chain for a request's context now, the planner's match value,
+        and whether it came from the shared corpus: the request's own `NgramIndex`
+        (brought up to date with `context`), unless that has no match at all or the
+        corpus match runs back at least CORPUS_LONG tokens (a repeat). The match value
+        is the n-gram length, or LONG_MATCH for a long corpus match.
 
-        Replaying real answers offline (`benchmarks/vllm/retrieval_sources.py`), an own
-        match of 2-3 tokens predicted far better than a corpus match beside it (own
-        2-gram 1.4-2.5 accepted tokens a lookup, the corpus's 0.3-0.8), an own 1-gram
-        about as well as a corpus 2- or 3-gram (better on the base model, worse on the
-        MSN model), and with no own match a corpus 3-gram gave 1.7-2.8. This rule was
-        best on the base model and within 0.3% of the best on the MSN model; letting a
-        longer corpus match win also measured slower on the base model's qa at batch 1
+        Replaying real answers offline (`benchmarks/vllm/retrieval_sources.py`): on
+        distinct questions an own match of 2-3 tokens predicted far better than a corpus
+        3-gram beside it (own 2-gram 1.4-2.5 accepted tokens a lookup, the corpus's
+        0.3-0.8), and with no own match a corpus 3-gram gave 1.7-2.8; on a second round
+        of the same questions, corpus matches running back 6+ tokens gave 5.6-9.3 where
+        the own chain had 0.6-5.8. This rule was within 0.2% of the best rule replayed
+        on distinct questions and within 1% on repeated ones (accepted tokens a lookup
+        2.2 -> 7.2 on the base model, 3.2 -> 6.9 on the MSN model). Letting any longer
+        corpus n-gram win measured slower on the base model's qa at batch 1
         (`vllm_cpu_base_interleaved_b1-corpus.json`)."""
         state = self.states.setdefault(req_id, RequestState())
         if state.index is None:
@@ -410,9 +421,12 @@ class TRJacobiProposer:
             state.output_start = max(len(context) - 1, 0)  # prompt + the first token
         state.index.sync(context)
         found, n = state.index.match(self.retrieval_depth)
-        if not n and self.corpus is not None and len(self.corpus):
-            shared, m = self.corpus.match(state.index.tokens, self.retrieval_depth)
-            if m:
+        if self.corpus is not None and len(self.corpus):
+            shared, m, length = self.corpus.match(state.index.tokens, self.retrieval_depth,
+                                                  extend=CORPUS_LONG)
+            if length >= CORPUS_LONG:
+                return shared, LONG_MATCH, True
+            if m and not n:
                 return shared, m, True
         return found, n, False
 
