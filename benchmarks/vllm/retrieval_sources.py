@@ -140,7 +140,9 @@ def plot(results: dict, path: Path) -> None:
         ax.bar([i + k * width for i in range(len(runs))],
                [run["rules"][name] for _, run in runs], width, label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(runs))],
-                  [f"{model}: {scenario(run)}" for model, run in runs], fontsize=7)
+                  [f"{model}\n" + ("asked again" if run["rounds"] > 1 else
+                                   f"distinct, corpus <= {run['clear_every'] - 1}")
+                   for model, run in runs], fontsize=8)
     ax.set_ylabel("accepted tokens per lookup")
     ax.set_title("Retrieval chain: own context vs shared corpus (offline replay)")
     ax.legend(fontsize=8)
