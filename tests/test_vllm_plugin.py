@@ -5,7 +5,8 @@ starts exactly two engine processes, each once (module-scoped fixture), by runni
 file as a script: plain vLLM, then vLLM with the plugin. Results come back as JSON.
 
 - 17 greedy requests (16 dev questions + 1 repetitive prompt) with different prompt and
-  output lengths, in one batch, under a KV cache small enough to force preemption; in the
+  output lengths, in one batch with 3 long ones (400 tokens, EOS ignored) under a KV
+  cache too small for those 3 together, so preemption is certain; in the
   plugin run the same batch also holds the 17 requests again in mixed modes (tree, no
   speculation, chain), so some requests are in prefill while others verify trees;
 - 400 sampled continuations of one repetitive prompt (temperature 1, fixed seeds) for a
@@ -46,8 +47,11 @@ MAX_MODEL_LEN = 1024
 # worker replaces that kernel (`runner.fix_cpu_expand_kernel`); forced chains must then
 # be lossless like everything else.
 REPEAT_PROMPT = "Repeat exactly, ten times: the red fox jumps over the lazy dog."
-GREEDY_TOKENS = (12, 20, 28, 16, 24, 96)  # finish at different steps; the long ones
-# hold more blocks, so the small KV cache forces preemption whatever the drafts accept
+GREEDY_TOKENS = (12, 20, 28, 16, 24, 32)  # finish at different steps
+# Preemption by construction: the batch starts with NUM_LONG requests that each grow to
+# LONG_TOKENS new tokens (EOS ignored), 4+ blocks each, more than the KV cache holds
+# together; whatever the drafts accept, vLLM must preempt and resume some of them.
+NUM_LONG, LONG_TOKENS = 3, 400
 MIXED_MODES = ("tree", "off", "chain")
 
 ENGINE_ENV = {
@@ -104,18 +108,20 @@ def run_engine(mode: str, out: Path) -> None:
     prompts = [chat(q) for q in dev_questions(NUM_GREEDY)] + [chat(REPEAT_PROMPT)]
     lengths = [GREEDY_TOKENS[i % len(GREEDY_TOKENS)] for i in range(len(prompts))]
     greedy = [SamplingParams(temperature=0.0, max_tokens=m) for m in lengths]
-    result: dict = {}
+    long = [SamplingParams(temperature=0.0, max_tokens=LONG_TOKENS, ignore_eos=True)
+            for _ in range(NUM_LONG)]
+    batch, params = prompts[:NUM_LONG] + prompts, long + greedy
     if mode == "plugin":
         # One batch: the greedy requests (trees) plus the same prompts again in mixed
         # modes, so trees, chains, no-speculation rows and prefills share steps.
         mixed = [SamplingParams(temperature=0.0, max_tokens=m,
                                 extra_args={"trjacobi": MIXED_MODES[i % 3]})
                  for i, m in enumerate(lengths)]
-        outs = llm.generate(prompts + prompts, greedy + mixed)
-        result["greedy"] = [list(o.outputs[0].token_ids) for o in outs[: len(prompts)]]
-        result["mixed"] = [list(o.outputs[0].token_ids) for o in outs[len(prompts):]]
-    else:
-        result["greedy"] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy)]
+        batch, params = batch + prompts, params + mixed
+    outs = [list(o.outputs[0].token_ids) for o in llm.generate(batch, params)]
+    result: dict = {"long": outs[:NUM_LONG],
+                    "greedy": outs[NUM_LONG: NUM_LONG + len(prompts)],
+                    "mixed": outs[NUM_LONG + len(prompts):]}
 
     if mode == "plugin":
         result["cache_hit_admission"] = cache_hit_admission(llm, tok.encode(chat(REPEAT_PROMPT)))
@@ -224,6 +230,11 @@ def test_greedy_identical_to_plain_vllm(runs):
     assert len(plugin["greedy"]) == NUM_GREEDY + 1
     for i, (a, b) in enumerate(zip(plain["greedy"], plugin["greedy"])):
         assert a == b, f"request {i}: plugin diverged at token {_first_diff(a, b)}"
+    # The long requests, preempted and resumed (test_tree_mechanics_exercised counts
+    # vLLM's preemptions), also equal plain vLLM's, all LONG_TOKENS of them.
+    assert [len(t) for t in plugin["long"]] == [LONG_TOKENS] * NUM_LONG
+    for i, (a, b) in enumerate(zip(plain["long"], plugin["long"])):
+        assert a == b, f"long request {i}: plugin diverged at token {_first_diff(a, b)}"
 
 
 def test_mixed_batch_identical(runs):
