@@ -75,6 +75,24 @@ def _pv(p, v, USE_DOT: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_BF16: tl.con
 
 
 @triton.jit
+def _pv_into(acc, p, v, USE_DOT: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_BF16: tl.constexpr):
+    """``acc + p @ v`` with the tensor cores accumulating into ``acc`` itself (no second
+    fp32 tile for the product); the FMA path adds its row sums."""
+    if USE_DOT:
+        p = p.to(v.dtype)
+        if UPCAST_BF16:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE_DOT:
+            acc = tl.dot(p, v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p, v, acc)
+    else:
+        acc += tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+    return acc
+
+
+@triton.jit
 def _key_rows(block_tables_ptr, bt_row, tile, key_end, stride_b, stride_s,
               BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, TABLE_PER_BLOCK: tl.constexpr,
               MASKED: tl.constexpr):
@@ -119,6 +137,7 @@ def _tree_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, IS_CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr,
     UPCAST_BF16: tl.constexpr, USE_DOT: tl.constexpr, TABLE_PER_BLOCK: tl.constexpr,
+    ACC_IN_DOT: tl.constexpr, FMA_SCALE: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     seq = tl.program_id(1) // HEAD_GROUPS
@@ -190,12 +209,20 @@ def _tree_attention_kernel(
             v = tl.load(v_cache_ptr + v_rows[:, None] + v_col[None, :], mask=col_ok[None, :], other=0.0)
         if UPCAST_BF16:
             k = k.to(tl.float32)
-        s = _qk(q, k, USE_DOT, IEEE_DOT) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
+        qk = _qk(q, k, USE_DOT, IEEE_DOT)
+        if FMA_SCALE:  # scale inside the exponent's FMA (qk_scale > 0 keeps the max)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+        else:
+            s = qk * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _pv(p, v, USE_DOT, IEEE_DOT, UPCAST_BF16)
+        if ACC_IN_DOT:
+            acc = _pv_into(acc * alpha[:, None], p, v, USE_DOT, IEEE_DOT, UPCAST_BF16)
+        else:
+            acc = acc * alpha[:, None] + _pv(p, v, USE_DOT, IEEE_DOT, UPCAST_BF16)
         m_i = m_new
 
     n = tl.arange(0, BLOCK_N)
@@ -230,7 +257,10 @@ def _tree_attention_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _pv(p, v, USE_DOT, IEEE_DOT, UPCAST_BF16)
+        if ACC_IN_DOT:
+            acc = _pv_into(acc * alpha[:, None], p, v, USE_DOT, IEEE_DOT, UPCAST_BF16)
+        else:
+            acc = acc * alpha[:, None] + _pv(p, v, USE_DOT, IEEE_DOT, UPCAST_BF16)
         m_i = m_new
 
     o_off = q_row[:, None] * stride_ot + head[:, None] * stride_oh + o_col[None, :]
@@ -319,6 +349,21 @@ class TileConfig:
         v = list(v)
         return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), *(int(x) for x in v[4:5]),
                    *(bool(x) for x in v[5:7]), *(int(x) for x in v[7:8]))
+
+
+@dataclass(frozen=True, slots=True)
+class KernelVariant:
+    """Code variants of the key loop, for side-by-side benchmarks
+    (``benchmarks/kernels/ab_kernel_variant.py``); the defaults are what ships.
+
+    ``acc_in_dot``: ``p @ v`` accumulates into the output tile inside the dot (one
+    fp32 tile fewer in registers) instead of a product tile added afterwards;
+    ``fma_scale``: the softmax scale is applied inside the exponent's FMA instead of
+    a separate multiply of every score.
+    """
+
+    acc_in_dot: bool = True
+    fma_scale: bool = True
 
 
 def estimate_programs_per_sm(tile: TileConfig, head_dim: int, elt: int,
@@ -485,6 +530,7 @@ def tree_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     tile: TileConfig | None = None,
+    variant: KernelVariant | None = None,
 ) -> torch.Tensor:
     """Attention of packed tree queries over paged prefixes plus their own tree.
 
@@ -495,7 +541,8 @@ def tree_attention(
     ``tree_mask`` ``[total_q, num_words]`` int32 ancestor-or-self bits, or None for
     causal. ``max_query_len``/``max_seq_len`` are host-side upper bounds that size
     the grid (static under CUDA graphs); ``tile`` overrides the launch shape and
-    kernel variant (benchmark sweeps). Returns ``[total_q, num_heads, head_dim]``.
+    kernel variant (benchmark sweeps), ``variant`` the key loop's code
+    (``KernelVariant``). Returns ``[total_q, num_heads, head_dim]``.
     """
     assert query.dim() == 3 and key_cache.dim() == 4 and key_cache.shape == value_cache.shape
     total_q, num_heads, head_dim = query.shape
@@ -519,6 +566,9 @@ def tree_attention(
     if total_q == 0:
         return out
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if scale <= 0:
+        raise ValueError(f"tree_attention: scale must be positive, got {scale}")
+    variant = variant or KernelVariant()
 
     tile = tile or default_tile_config(max_query_len, group, head_dim, query.dtype, num_seqs, num_kv_heads,
                                        max_seq_len, device_num_sms(query.device))
@@ -570,6 +620,7 @@ def tree_attention(
         SPLIT=num_splits > 1, IS_CAUSAL=tree_mask is None,
         IEEE_DOT=query.dtype == torch.float32 or upcast_bf16,
         UPCAST_BF16=upcast_bf16, USE_DOT=tile.use_dot, TABLE_PER_BLOCK=table_per_block,
+        ACC_IN_DOT=variant.acc_in_dot, FMA_SCALE=variant.fma_scale,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     if num_splits > 1:

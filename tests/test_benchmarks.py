@@ -234,3 +234,24 @@ def test_retrieval_sources_replays_both_sources():
     assert again["rules"]["own only"] == 0.0
     # t = 1..5: chains 11-15, 12-15, 13-15, 14-15, 15: 5 + 4 + 3 + 2 + 1 tokens.
     assert again["rules"]["default: corpus if no own match or long"] == 3.0
+
+
+def test_kernel_variant_ab_smoke(tmp_path):
+    """The key-loop A/B script end to end on tiny shapes under the Triton interpreter:
+    every variant and an extra tile timed per case, ratios to the baseline written."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ab.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, "benchmarks/kernels/ab_kernel_variant.py", "--smoke",
+                    "--tree-sizes", "4", "--rounds", "1", "--variants", "old", "new",
+                    "--extra-tiles", "[[16, 32, 4, 2]]", "--out", str(out)],
+                   check=True, env=env, capture_output=True, text=True)
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 2  # the two smoke models
+    for row in data["rows"]:
+        assert set(row["us"]) >= {"old", "new"} and row["ratio_to_old"]["old"] == 1.0
+        assert any(name.startswith("new@") for name in row["us"])

@@ -7,6 +7,7 @@ import torch
 
 from kernels.paged_cache import PagedKVCache
 from kernels.tree_attention import (
+    KernelVariant,
     TileConfig,
     choose_num_splits,
     default_tile_config,
@@ -63,12 +64,12 @@ def build_batch(prefix_lens, trees, num_heads, num_kv_heads, head_dim, dtype, bl
     }, max(q_lens), max(total)
 
 
-def check(args, max_q, max_len, num_splits=None, causal=False, tile=None):
+def check(args, max_q, max_len, num_splits=None, causal=False, tile=None, variant=None):
     if causal:
         args = dict(args, tree_mask=None)
     dtype = args["query"].dtype
     out = tree_attention(**args, max_query_len=max_q, max_seq_len=max_len, num_splits=num_splits,
-                         tile=tile)
+                         tile=tile, variant=variant)
     ref = tree_attention_reference(**args)
     tol = tolerance(dtype)
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
@@ -234,6 +235,27 @@ def test_decode_batch_block_size_16_default_splits(tile):
     args, max_q, max_len = build_batch([100, 47, 64], trees, 8, 2, 64, torch.float16, block_size=16)
     check(args, max_q, max_len, tile=tile)
     check(args, max_q, max_len, num_splits=4, tile=tile)
+
+
+@pytest.mark.parametrize("variant", [KernelVariant(acc_in_dot=a, fma_scale=f)
+                                     for a in (False, True) for f in (False, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_key_loop_code_variants(variant, dtype):
+    """Each code variant of the key loop (``KernelVariant``: the product accumulated in the
+    dot or added after it; the scale in the exponent's FMA or multiplied first) against
+    the reference: trees, decode, split and unsplit, the FMA tile path too."""
+    rng = random.Random(11)
+    trees = [[-1], random_parents(9, rng), [-1, 0, 1, 2, 3]]
+    args, max_q, max_len = build_batch([37, 16, 2], trees, 8, 2, 64, dtype, block_size=4)
+    for tile in (TileConfig(16, 16, 4, 2), TileConfig(4, 8, 4, 2, use_dot=False)):
+        for splits in (1, 3):
+            check(args, max_q, max_len, num_splits=splits, tile=tile, variant=variant)
+
+
+def test_non_positive_scale_is_an_error():
+    args, max_q, max_len = build_batch([5], [[-1]], 2, 1, 64, torch.float32, block_size=4)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        tree_attention(**args, max_query_len=max_q, max_seq_len=max_len, scale=0.0)
 
 
 def test_causal_mode_variants():
