@@ -354,7 +354,7 @@ class TileConfig:
 @dataclass(frozen=True, slots=True)
 class KernelVariant:
     """Code variants of the key loop, for side-by-side benchmarks
-    (``benchmarks/kernels/ab_kernel_variant.py``); the defaults are what ships.
+    (``benchmarks/kernels/ab_kernel_variant.py``); ``default_variant`` picks per launch.
 
     ``acc_in_dot``: ``p @ v`` accumulates into the output tile inside the dot (one
     fp32 tile fewer in registers) instead of a product tile added afterwards;
@@ -364,6 +364,15 @@ class KernelVariant:
 
     acc_in_dot: bool = True
     fma_scale: bool = True
+
+
+def default_variant(tile: TileConfig, head_dim: int) -> KernelVariant:
+    """The key loop's code for a launch, from the H200 A/B of all 36 cases at prefixes
+    of 4k and 32k keys (``benchmarks/results/kernels-h200-variants.json``): the product
+    in the dot everywhere (0.95-1.005x the time of the separate add); the scale in the
+    FMA except on 128-row tiles of head dim 128 (Llama-3-8B trees of 64 nodes: 1.016-1.023x
+    the time there, 0.977-0.996x on the other tree cases, level on decode)."""
+    return KernelVariant(acc_in_dot=True, fma_scale=not (tile.block_m >= 128 and head_dim >= 128))
 
 
 def estimate_programs_per_sm(tile: TileConfig, head_dim: int, elt: int,
@@ -568,10 +577,10 @@ def tree_attention(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if scale <= 0:
         raise ValueError(f"tree_attention: scale must be positive, got {scale}")
-    variant = variant or KernelVariant()
 
     tile = tile or default_tile_config(max_query_len, group, head_dim, query.dtype, num_seqs, num_kv_heads,
                                        max_seq_len, device_num_sms(query.device))
+    variant = variant or default_variant(tile, head_dim)
     pack = tile.head_pack
     assert pack >= 1 and num_kv_heads % pack == 0, (pack, num_kv_heads)
     rows_per_tok = pack * group

@@ -364,3 +364,24 @@ def test_default_launch_shapes_follow_the_h200_measurements():
         best = min(r["us"] for r in timed)
         assert mine[0] <= before, (model, batch, prefix, tree)
         assert mine[0] <= best * (1.01 if tree * group <= 64 else 1.2), (model, batch, prefix, tree)
+
+def test_default_key_loop_variant_follows_the_h200_ab():
+    """``default_variant`` against the H200 A/B (kernels-h200-variants.json): wherever the
+    scale-in-FMA choice changed a case's time by more than 0.5% (product in the dot in
+    both), the default takes the faster; the product in the dot is always on."""
+    import json
+    from pathlib import Path
+
+    from kernels.tree_attention import TileConfig, default_variant
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/results/kernels-h200-variants.json"
+    rows = json.loads(path.read_text())["rows"]
+    decided = 0
+    for r in rows:
+        variant = default_variant(TileConfig.from_list(r["tile"]), r["head_dim"])
+        assert variant.acc_in_dot
+        fma, plain = r["us"]["new"], r["us"]["acc_in_dot"]
+        if abs(fma / plain - 1) > 0.005:
+            decided += 1
+            assert variant.fma_scale == (fma < plain), r
+    assert decided >= 12
