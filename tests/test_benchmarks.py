@@ -67,6 +67,10 @@ def test_step_split_accounts_for_the_whole_wall_time():
     assert d["draft_seconds"] == 0.1 and d["between_seconds"] == 0.3
     assert d["other_seconds"] == 0.1  # 2.5 - 2.0 - 0.1 - 0.3
     assert d["rungs"] == {"none": 4, "chain": 1}
+    assert d["propose_seconds"] == {}  # counters without the proposer's phases
+    s0["propose_seconds"] = {"lookup": 0.01, "plan": 0.02}
+    s1["propose_seconds"] = {"lookup": 0.04, "plan": 0.05}
+    assert delta(s0, s1, wall=2.5)["propose_seconds"] == {"lookup": 0.03, "plan": 0.03}
     rows = [{"group": "qa", "on": d, "off": {**d, "wall": 5.0}}]
     assert summarise(rows)["qa"]["speedup_on_over_off"] == 2.0
     assert "plain" not in summarise(rows)["qa"]

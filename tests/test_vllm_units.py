@@ -811,6 +811,9 @@ def test_proposer_plans_per_request():
     drafts = propose(p, ["tree", "tree", "auto"])
     assert drafts[0][:2] == [8, 9] and drafts[1] == [] and drafts[2][:2] == [8, 9]
     assert p.plan_for("a").rung == "chain" and p.plan_for("a").feature == 3
+    # Its host time is kept by phase (trjacobi_stats "propose_seconds"), each one timed.
+    assert set(p.host_seconds) == {"lookup", "shadows", "plan", "draft"}
+    assert all(v > 0 for v in p.host_seconds.values())
     assert p.plan_for("c").feature == 3 + SAMPLED and p.plan_for("c").is_chain
 
     # Jacobi feedback for "b" (the target's top-K at its last drafts) is a feature too.

@@ -54,6 +54,9 @@ def delta(s0: dict, s1: dict, wall: float) -> dict:
             "steps_seconds": round(step_s, 4), "draft_seconds": round(draft, 4),
             "between_seconds": round(between, 4),
             "other_seconds": round(wall - step_s - draft - between, 4), "paths": paths,
+            # The proposer's share of draft_seconds by phase (proposer.HOST_PHASES).
+            "propose_seconds": {k: round(v - s0.get("propose_seconds", {}).get(k, 0.0), 4)
+                                for k, v in s1.get("propose_seconds", {}).items()},
             "rungs": {k: v - s0["rungs"].get(k, 0) for k, v in s1["rungs"].items()
                       if v - s0["rungs"].get(k, 0)}}
 
@@ -164,6 +167,7 @@ def run(args) -> list[dict]:
             print(f"repeat {repeat} {group:15s}: on {row['on']['wall']:.2f} s "
                   f"({row['on']['steps']} steps), off {row['off']['wall']:.2f} s "
                   f"({row['off']['steps']} steps); on: drafting {row['on']['draft_seconds']:.3f} s, "
+                  f"(proposer {row['on']['propose_seconds']}), "
                   f"between steps {row['on']['between_seconds']:.3f} s (off "
                   f"{row['off']['between_seconds']:.3f} s), rungs {row['on']['rungs']}"
                   + (f"; plain {row['plain']['wall']:.2f} s, steps "

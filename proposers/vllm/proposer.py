@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -97,6 +98,10 @@ LONG_MATCH = 1
 
 # Shadow drafts (see `TRJacobiProposer._shadow`): at most this many pending per request.
 MAX_SHADOWS = 16
+
+# Phases of a planned `propose` call, timed (`TRJacobiProposer.host_seconds`): retrieval
+# lookups, features + judging shadow drafts, the planner, drafting the chosen rungs.
+HOST_PHASES = ("lookup", "shadows", "plan", "draft")
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,9 @@ class TRJacobiProposer:
                        if self.config.corpus_tokens else None)
         self.num_corpus_lookups = 0  # request-steps whose retrieval chain came from it
         self.num_corpus_drafts = 0  # ... and that drafted
+        # Host seconds of planned `propose` calls by phase (`HOST_PHASES`): what drafting
+        # costs a step before any draft is verified (trjacobi_stats "propose_seconds").
+        self.host_seconds = dict.fromkeys(HOST_PHASES, 0.0)
         trace = os.environ.get(TRACE_ENV)
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115
 
@@ -298,10 +306,19 @@ class TRJacobiProposer:
             return drafts
         # Planned requests (greedy trees, sampled "auto" chains): the planner picks each
         # one's rung (or none) for this step.
+        clock = [time.perf_counter()]
+        host = self.host_seconds
+
+        def lap(phase: str) -> None:
+            now = time.perf_counter()
+            host[phase] += now - clock[0]
+            clock[0] = now
+
         planned = [row for row in rows if batch.modes[row] in PLANNED_MODES]
         lookups = {row: self._lookup(batch.req_ids[row],
                                      token_ids_cpu[row, : num_tokens_no_spec[row]])
                    for row in rows if batch.modes[row] != "off"}
+        lap("lookup")
         features = {row: self._feature(None, batch.req_ids[row],
                                        sampled=batch.modes[row] == "auto",
                                        match=lookups[row][1], corpus=lookups[row][2])
@@ -309,6 +326,7 @@ class TRJacobiProposer:
         if self.shadows:
             for row in planned:
                 self._judge_shadows(batch.req_ids[row])
+        lap("shadows")
         scales = [self.states[batch.req_ids[r]].skill if batch.req_ids[r] in self.states
                   else 1.0 for r in planned]
         remaining = (None if batch.remaining is None
@@ -318,6 +336,7 @@ class TRJacobiProposer:
                                                    closed=batch.closed
                                                    and bool(self.config.closed_batches),
                                                    remaining=remaining)))
+        lap("plan")
         if self._trace is not None and planned:
             self._write_trace([features[r] for r in planned], scales,
                               [rungs[r] for r in planned], batch.closed)
@@ -349,6 +368,7 @@ class TRJacobiProposer:
             state.feedback = None  # feedback is per step; a stale one would mislead
             self.num_proposals += plan is not None  # request-steps that drafted
             drafts[row] = list(plan.tokens) if plan else []
+        lap("draft")
         return drafts
 
     def trace_step(self, path: str, batch: int, tokens: int, prefill: int, seconds: float) -> None:

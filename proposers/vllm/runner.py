@@ -430,6 +430,8 @@ class TRJacobiRunnerMixin:
             "paths": {p: {"steps": n, "tokens": t, "seconds": round(sec, 4)}
                       for p, (n, t, sec) in self.path_stats.items()},
             "draft_seconds": round(self.draft_seconds, 4),
+            # Of those, the proposer's own host time by phase (proposer.HOST_PHASES).
+            "propose_seconds": {k: round(v, 4) for k, v in self.trj.host_seconds.items()},
             "between_steps_seconds": round(self.between_seconds, 4),
             # The planner's fitted step cost per path (and batch bucket, "kernel@8"):
             # (seconds, seconds per token).
