@@ -9,6 +9,11 @@ Speculative decoding is observed per step:
   d is accepted[d] / draft[d] (a step that accepted a drafts accepted depths 1..a). Where an
   engine does not report its tree depth, use accepted[d] / msn_spec_decode_num_drafts_total,
   vLLM's per-position convention.
+
+With the TR-Jacobi plugin on vLLM, `msn_trjacobi_*` export the worker's own counters
+(`trjacobi_stats`, read when /metrics is scraped: `TRJacobiCollector`): what the planner
+chose per rung, steps per attention path, the proposer's host time by phase, and the shared
+corpus of earlier outputs (its size, and request-steps whose retrieval chain came from it).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # The *_created series double the exposition for no operational use (vLLM drops them too).
 disable_created_metrics()
@@ -105,6 +111,10 @@ class Metrics:
         self.spec_accepted_per_depth = Counter(
             "msn_spec_decode_accepted_tokens_per_depth", "Steps that accepted the draft at "
             "tree depth d.", ["method", "depth"], registry=r)
+        # The TR-Jacobi worker's own counters (vLLM engine with the plugin; `update`d
+        # by the engine when /metrics is scraped).
+        self.trjacobi = TRJacobiCollector()
+        r.register(self.trjacobi)
 
     def observe_step(self, method: str, num_tokens: int, num_drafted: int,
                      accepted_depth: int, draft_depth: int) -> None:
@@ -144,3 +154,75 @@ class Metrics:
         for accepted in range(len(at_least) - 1):
             for _ in range(at_least[accepted] - at_least[accepted + 1]):
                 hist.observe(accepted + 1)
+
+
+class TRJacobiCollector:
+    """The TR-Jacobi worker's cumulative counters (`runner.trjacobi_stats()`), as of the
+    last `update`: a custom collector, because the worker keeps the totals and a scrape
+    only copies them. Nothing is exported before the first update."""
+
+    def __init__(self) -> None:
+        self.stats: dict | None = None
+
+    def update(self, stats: dict) -> None:
+        self.stats = stats
+
+    def describe(self):
+        return []  # dynamic (nothing before the first update): no registration-time names
+
+    def collect(self):
+        s = self.stats
+        if s is None:
+            return
+        counters = [
+            ("proposals", "Request-steps that drafted (any rung).", s.get("proposals")),
+            ("verified_drafts", "Drafted request-steps verified by the worker.",
+             s.get("verified_drafts")),
+            ("accepted_tokens", "Draft tokens the worker's verification accepted.",
+             s.get("accepted_tokens")),
+            ("tree_steps", "Steps that verified at least one tree (the tree attention path).",
+             s.get("tree_steps")),
+            ("undrafted_steps", "Steps in which no request drafted.", s.get("undrafted_steps")),
+            ("probes", "Drafts the planner made to refresh a stale estimate.", s.get("probes")),
+            ("shadow_outcomes", "Undrafted retrieval chains judged against the output.",
+             s.get("shadow_outcomes")),
+            ("draft_seconds", ("Host seconds spent drafting between steps (vLLM's drafter "
+                               "call included)."), s.get("draft_seconds")),
+        ]
+        for name, doc, value in counters:
+            if value is not None:
+                yield CounterMetricFamily(f"msn_trjacobi_{name}", doc, value=float(value))
+        corpus = s.get("corpus") or {}
+        for name, doc in (("tokens", "Tokens held by the shared corpus of earlier outputs."),
+                          ("docs", "Finished outputs held by the shared corpus.")):
+            if name in corpus:
+                yield GaugeMetricFamily(f"msn_trjacobi_corpus_{name}", doc,
+                                        value=float(corpus[name]))
+        for name, doc in (("lookups", ("Request-steps whose retrieval chain came from the "
+                                       "shared corpus.")),
+                          ("drafts", "Of those, the request-steps that drafted.")):
+            if name in corpus:
+                yield CounterMetricFamily(f"msn_trjacobi_corpus_{name}", doc,
+                                          value=float(corpus[name]))
+        rungs = CounterMetricFamily("msn_trjacobi_rung_request_steps", "Request-steps the "
+                                    "planner gave each rung (none: no speculation).",
+                                    labels=["rung"])
+        for rung, n in sorted((s.get("rungs") or {}).items()):
+            rungs.add_metric([rung], float(n))
+        yield rungs
+        phases = CounterMetricFamily("msn_trjacobi_proposer_seconds", "The proposer's host "
+                                     "seconds by phase (lookup, shadows, plan, draft).",
+                                     labels=["phase"])
+        for phase, sec in sorted((s.get("propose_seconds") or {}).items()):
+            phases.add_metric([phase], float(sec))
+        yield phases
+        steps = CounterMetricFamily("msn_trjacobi_steps", "Decode steps by path (plain: no "
+                                    "drafts, chain, tree).", labels=["path"])
+        step_s = CounterMetricFamily("msn_trjacobi_step_seconds", "Forward + sampling seconds "
+                                     "of decode steps by path.", labels=["path"])
+        for path, cell in sorted((s.get("paths") or {}).items()):
+            steps.add_metric([path], float(cell.get("steps", 0)))
+            step_s.add_metric([path], float(cell.get("seconds", 0.0)))
+        yield steps
+        yield step_s
+

@@ -152,5 +152,6 @@ async def ready(request: Request,
 
 @ops_router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
+    await request.app.state.service.engine.refresh_metrics()
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -614,3 +614,79 @@ def _ready(url: str) -> bool:
         return httpx.get(url + "/ready", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# ----- TR-Jacobi worker counters (vLLM engine with the plugin) -----
+
+TRJ_STATS = {  # the shape of runner.trjacobi_stats()
+    "tree_steps": 3, "compactions": 2, "verified_drafts": 40, "accepted_tokens": 55,
+    "undrafted_steps": 90, "proposals": 41, "feedback_proposals": 12, "shadow_outcomes": 30,
+    "corpus": {"tokens": 900, "docs": 4, "lookups": 25, "drafts": 9},
+    "sampled_unspeculated": 0, "rungs": {"none": 100, "chain:4": 30, "tree-16": 11},
+    "closed_batch_steps": 80, "probes": 5,
+    "paths": {"plain": {"steps": 90, "tokens": 90, "seconds": 4.5},
+              "chain": {"steps": 20, "tokens": 140, "seconds": 1.25},
+              "tree": {"steps": 3, "tokens": 60, "seconds": 0.5}},
+    "draft_seconds": 0.25, "between_steps_seconds": 0.4,
+    "propose_seconds": {"lookup": 0.01, "shadows": 0.02, "plan": 0.03, "draft": 0.04},
+    "cost_lines": {"kernel": [0.03, 0.001]},
+}
+
+
+def test_trjacobi_collector_exports_the_worker_counters():
+    from prometheus_client import generate_latest
+
+    from server.metrics import Metrics
+
+    metrics = Metrics()
+    assert "msn_trjacobi" not in generate_latest(metrics.registry).decode()  # no copy yet
+    metrics.trjacobi.update(TRJ_STATS)
+    text = generate_latest(metrics.registry).decode()
+    assert _metric(text, "msn_trjacobi_proposals_total") == 41
+    assert _metric(text, "msn_trjacobi_tree_steps_total") == 3
+    assert _metric(text, "msn_trjacobi_corpus_tokens") == 900
+    assert _metric(text, "msn_trjacobi_corpus_docs") == 4
+    assert _metric(text, "msn_trjacobi_corpus_lookups_total") == 25
+    assert _metric(text, "msn_trjacobi_corpus_drafts_total") == 9
+    assert _metric(text, "msn_trjacobi_rung_request_steps_total", rung="chain:4") == 30
+    assert _metric(text, "msn_trjacobi_proposer_seconds_total", phase="plan") == 0.03
+    assert _metric(text, "msn_trjacobi_steps_total", path="chain") == 20
+    assert _metric(text, "msn_trjacobi_step_seconds_total", path="plain") == 4.5
+    # A later copy replaces the earlier one (the worker keeps the totals).
+    metrics.trjacobi.update({**TRJ_STATS, "proposals": 50})
+    assert _metric(generate_latest(metrics.registry).decode(), "msn_trjacobi_proposals_total") == 50
+
+
+def test_vllm_engine_refreshes_trjacobi_metrics_and_keeps_the_last_copy(caplog):
+    import asyncio
+    import types
+
+    from prometheus_client import generate_latest
+
+    from server.engines.vllm import VLLMEngine
+    from server.metrics import Metrics
+
+    calls = []
+
+    async def rpc(method, timeout=None, args=(), kwargs=None):
+        calls.append((method, timeout))
+        if len(calls) == 2:
+            raise TimeoutError("engine busy")
+        return [TRJ_STATS]
+
+    metrics = Metrics()
+    engine = VLLMEngine("/models/m", metrics=metrics, speculative_config={
+        "method": "custom_class", "model": "proposers.vllm.TRJacobiProposer",
+        "num_speculative_tokens": 8})
+    engine._llm = types.SimpleNamespace(errored=False, collective_rpc=rpc)
+    asyncio.run(engine.refresh_metrics())
+    assert calls[0][0] == "trjacobi_stats" and calls[0][1] > 0
+    assert _metric(generate_latest(metrics.registry).decode(), "msn_trjacobi_probes_total") == 5
+    asyncio.run(engine.refresh_metrics())  # times out: the last copy stays, a warning says why
+    assert _metric(generate_latest(metrics.registry).decode(), "msn_trjacobi_probes_total") == 5
+    assert "TR-Jacobi worker stats unavailable" in caplog.text
+    # Plain vLLM (no plugin) has no such counters: nothing is asked.
+    plain = VLLMEngine("/models/m", metrics=Metrics())
+    plain._llm = types.SimpleNamespace(errored=False, collective_rpc=rpc)
+    asyncio.run(plain.refresh_metrics())
+    assert len(calls) == 2

@@ -184,3 +184,15 @@ def test_vllm_spec_decode_counters_reach_metrics(server, client):
     # MAT histogram: one observation per verified draft, accepted + 1 tokens each
     assert d["msn_spec_decode_accepted_tokens_per_step_count"] == drafts
     assert d["msn_spec_decode_accepted_tokens_per_step_sum"] == drafts + accepted
+    # The TR-Jacobi worker's own counters, read from the worker at the scrape: it drafted
+    # (proposals), and the planner's rungs and the proposer's host time are there.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+               if f.name.startswith("msn_trjacobi") for s in f.samples}
+    assert samples[("msn_trjacobi_proposals_total", ())] > 0
+    assert sum(v for (n, _), v in samples.items()
+               if n == "msn_trjacobi_rung_request_steps_total") > 0
+    assert samples[("msn_trjacobi_proposer_seconds_total", (("phase", "plan"),))] > 0
+    assert ("msn_trjacobi_corpus_tokens", ()) in samples

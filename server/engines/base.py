@@ -86,6 +86,10 @@ class Engine(abc.ABC):
         """Engines with their own statistics (vLLM) export them through the app's
         registry; called by create_app before start()."""
 
+    async def refresh_metrics(self) -> None:
+        """Bring engine-side statistics the app exports up to date (called before
+        /metrics answers). Default: nothing to fetch."""
+
     def mark_dead(self, reason: str) -> None:
         if self._dead_reason is None:
             self._dead_reason = reason

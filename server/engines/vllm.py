@@ -33,6 +33,9 @@ from server.metrics import Metrics
 log = logging.getLogger("msn.server")
 
 # Small CPU defaults; override any of them with `vllm_engine_args`.
+# How long /metrics waits for the TR-Jacobi worker's counters (`refresh_metrics`).
+STATS_TIMEOUT_S = 5.0
+
 CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "enforce_eager": True,
     "max_num_seqs": 8,
@@ -104,6 +107,27 @@ class VLLMEngine(Engine):
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.max_context = int(llm.model_config.max_model_len)
         self._llm = llm
+
+    @property
+    def runs_trjacobi(self) -> bool:
+        """Whether the engine drafts with the TR-Jacobi plugin (its worker keeps stats)."""
+        spec = self.speculative_config or {}
+        return str(spec.get("model", "")).startswith("proposers.vllm")
+
+    async def refresh_metrics(self) -> None:
+        """Copy the TR-Jacobi worker's counters (`trjacobi_stats`) into the app's
+        registry. Bounded by STATS_TIMEOUT_S: a busy engine answers between two steps;
+        on a timeout or error the last copy stays and the failure is logged."""
+        if self.metrics is None or not self.runs_trjacobi or not self.ready:
+            return
+        try:
+            stats = await self._llm.collective_rpc("trjacobi_stats", timeout=STATS_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 (metrics must not fail the scrape)
+            log.warning("TR-Jacobi worker stats unavailable for /metrics: %s: %s",
+                        type(exc).__name__, exc)
+            return
+        if stats:
+            self.metrics.trjacobi.update(stats[0])
 
     async def shutdown(self) -> None:
         if self._llm is not None:
