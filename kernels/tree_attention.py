@@ -59,19 +59,10 @@ def _qk(q, k, USE_DOT: tl.constexpr, IEEE_DOT: tl.constexpr):
 
 @triton.jit
 def _pv(p, v, USE_DOT: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_BF16: tl.constexpr):
-    """``p @ v`` of one tile; the dot path rounds ``p`` to the cache dtype first (tensor cores)."""
-    if USE_DOT:
-        p = p.to(v.dtype)
-        if UPCAST_BF16:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        if IEEE_DOT:
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.dot(p, v)
-    else:
-        pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-    return pv
+    """``p @ v`` of one tile, in a tile of its own (``_pv_into`` from zero); the dot path
+    rounds ``p`` to the cache dtype first (tensor cores)."""
+    return _pv_into(tl.zeros([p.shape[0], v.shape[1]], dtype=tl.float32), p, v,
+                    USE_DOT, IEEE_DOT, UPCAST_BF16)
 
 
 @triton.jit

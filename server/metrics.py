@@ -193,29 +193,21 @@ class TRJacobiCollector:
             if value is not None:
                 yield CounterMetricFamily(f"msn_trjacobi_{name}", doc, value=float(value))
         corpus = s.get("corpus") or {}
-        for name, doc in (("tokens", "Tokens held by the shared corpus of earlier outputs."),
-                          ("docs", "Finished outputs held by the shared corpus.")):
+        for family, name, doc in (
+                (GaugeMetricFamily, "tokens", ("Tokens held by the shared corpus of earlier "
+                                              "outputs.")),
+                (GaugeMetricFamily, "docs", "Finished outputs held by the shared corpus."),
+                (CounterMetricFamily, "lookups", ("Request-steps whose retrieval chain came "
+                                                 "from the shared corpus.")),
+                (CounterMetricFamily, "drafts", "Of those, the request-steps that drafted.")):
             if name in corpus:
-                yield GaugeMetricFamily(f"msn_trjacobi_corpus_{name}", doc,
-                                        value=float(corpus[name]))
-        for name, doc in (("lookups", ("Request-steps whose retrieval chain came from the "
-                                       "shared corpus.")),
-                          ("drafts", "Of those, the request-steps that drafted.")):
-            if name in corpus:
-                yield CounterMetricFamily(f"msn_trjacobi_corpus_{name}", doc,
-                                          value=float(corpus[name]))
-        rungs = CounterMetricFamily("msn_trjacobi_rung_request_steps", "Request-steps the "
-                                    "planner gave each rung (none: no speculation).",
-                                    labels=["rung"])
-        for rung, n in sorted((s.get("rungs") or {}).items()):
-            rungs.add_metric([rung], float(n))
-        yield rungs
-        phases = CounterMetricFamily("msn_trjacobi_proposer_seconds", "The proposer's host "
-                                     "seconds by phase (lookup, shadows, plan, draft).",
-                                     labels=["phase"])
-        for phase, sec in sorted((s.get("propose_seconds") or {}).items()):
-            phases.add_metric([phase], float(sec))
-        yield phases
+                yield family(f"msn_trjacobi_corpus_{name}", doc, value=float(corpus[name]))
+        yield _labelled_counter("msn_trjacobi_rung_request_steps", "Request-steps the "
+                                "planner gave each rung (none: no speculation).", "rung",
+                                s.get("rungs"))
+        yield _labelled_counter("msn_trjacobi_proposer_seconds", "The proposer's host seconds "
+                                "by phase (lookup, shadows, plan, draft).", "phase",
+                                s.get("propose_seconds"))
         steps = CounterMetricFamily("msn_trjacobi_steps", "Decode steps by path (plain: no "
                                     "drafts, chain, tree).", labels=["path"])
         step_s = CounterMetricFamily("msn_trjacobi_step_seconds", "Forward + sampling seconds "
@@ -225,4 +217,12 @@ class TRJacobiCollector:
             step_s.add_metric([path], float(cell.get("seconds", 0.0)))
         yield steps
         yield step_s
+
+
+def _labelled_counter(name: str, doc: str, label: str, values: dict | None) -> CounterMetricFamily:
+    """A counter family with one sample per (label value, total) of `values`."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, value in sorted((values or {}).items()):
+        family.add_metric([key], float(value))
+    return family
 
