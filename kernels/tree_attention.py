@@ -360,9 +360,10 @@ class KernelVariant:
 def default_variant(tile: TileConfig, head_dim: int) -> KernelVariant:
     """The key loop's code for a launch, from the H200 A/B of all 36 cases at prefixes
     of 4k and 32k keys (``benchmarks/results/kernels-h200-variants.json``): the product
-    in the dot everywhere (0.95-1.005x the time of the separate add); the scale in the
-    FMA except on 128-row tiles of head dim 128 (Llama-3-8B trees of 64 nodes: 1.016-1.023x
-    the time there, 0.977-0.996x on the other tree cases, level on decode)."""
+    in the dot everywhere (0.950-1.005x the time of the separate add); on top of it, the
+    scale in the FMA except on 128-row tiles of head dim 128 (Llama-3-8B trees of 64
+    nodes: 1.015-1.031x the time there, 0.977-1.001x on the other tree cases,
+    0.996-1.004x on decode)."""
     return KernelVariant(acc_in_dot=True, fma_scale=not (tile.block_m >= 128 and head_dim >= 128))
 
 
