@@ -32,10 +32,10 @@ from server.metrics import Metrics
 
 log = logging.getLogger("msn.server")
 
-# Small CPU defaults; override any of them with `vllm_engine_args`.
 # How long /metrics waits for the TR-Jacobi worker's counters (`refresh_metrics`).
 STATS_TIMEOUT_S = 5.0
 
+# Small CPU defaults; override any of them with `vllm_engine_args`.
 CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "enforce_eager": True,
     "max_num_seqs": 8,
