@@ -46,6 +46,7 @@ class Job:
     text: list[str] = field(default_factory=list)
     num_tokens: int = 0
     num_steps: int = 0
+    num_eos: int = 0  # 1 once a step generated the end-of-sequence token (EngineStep.eos)
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     finish_reason: str | None = None
@@ -56,7 +57,8 @@ class Job:
                      total_tokens=prompt + self.num_tokens)
 
     def decoding(self) -> DecodingInfo:
-        mat = self.num_tokens / self.num_steps if self.num_steps else None
+        generated = self.num_tokens + self.num_eos
+        mat = generated / self.num_steps if self.num_steps else None
         return DecodingInfo(method=self.sampling.method, num_steps=self.num_steps,
                             mat=round(mat, 4) if mat is not None else None,
                             num_draft_tokens=self.num_draft_tokens,
@@ -196,6 +198,7 @@ class GenerationService:
                 n = len(step.token_ids)
                 job.num_steps += 1
                 job.num_tokens += n
+                job.num_eos += step.eos
                 job.num_draft_tokens += step.num_drafted
                 job.num_accepted_tokens += step.accepted_depth
                 if self.engine.reports_step_metrics:

@@ -182,8 +182,9 @@ class DecodingInfo(BaseModel):
     """msn extension: how the request was decoded."""
     method: str
     num_steps: int = Field(description="decoding steps (model forward passes after prefill)")
-    mat: float | None = Field(description="mean accepted tokens per step "
-                              "(completion_tokens / num_steps)")
+    mat: float | None = Field(description="mean tokens generated per step: completion_tokens, "
+                              "plus the end-of-sequence token when one was generated, over "
+                              "num_steps (as `msn generate` reports it)")
     num_draft_tokens: int
     num_accepted_tokens: int
 

@@ -85,6 +85,8 @@ def test_chat_greedy_equals_msn_generate(client, server):
     assert r.choices[0].message.content == expected["text"]
     assert r.usage.completion_tokens == len(expected["token_ids"])
     assert r.choices[0].finish_reason == expected["finish_reason"]
+    assert r.model_extra["decoding"]["num_steps"] == expected["num_steps"]
+    assert r.model_extra["decoding"]["mat"] == pytest.approx(expected["mat"], abs=1e-4)
     # streaming, with speculation (Jacobi: a cheap chain; the 68-node TR-Jacobi tree costs
     # several plain steps on 2 CPU cores): the same text, exact in float32, and its MAT
     chunks = list(client.chat.completions.create(
@@ -97,8 +99,21 @@ def test_chat_greedy_equals_msn_generate(client, server):
     assert decoding["method"] == "jacobi"
     assert chunks[-1].usage.completion_tokens == len(expected["token_ids"])
     assert decoding["num_draft_tokens"] > 0
-    assert decoding["mat"] == pytest.approx(len(expected["token_ids"]) / decoding["num_steps"],
-                                            abs=1e-3)
+    eos = expected["finish_reason"] == "stop"  # ended on EOS: that token counts for MAT
+    assert decoding["mat"] == pytest.approx((len(expected["token_ids"]) + eos)
+                                            / decoding["num_steps"], abs=1e-3)
+
+
+def test_mat_counts_the_end_of_sequence_token_like_msn_generate(client, server):
+    """A greedy answer that ends on EOS: plain decoding reports MAT 1.0, as `msn generate`
+    does (the EOS step generated a token that is not in the completion)."""
+    r = client.chat.completions.create(
+        model=server.engine.model_name, max_tokens=64, temperature=0,
+        messages=[{"role": "user", "content": "Say hi."}])
+    assert r.choices[0].finish_reason == "stop"
+    decoding = r.model_extra["decoding"]
+    assert decoding["num_steps"] == r.usage.completion_tokens + 1
+    assert decoding["mat"] == 1.0
 
 
 def test_completion_greedy_equals_runner(client, server, runner):

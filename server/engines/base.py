@@ -47,6 +47,9 @@ class EngineStep:
     # acceptance is accepted_at_depth[d] / drafted_at_depth[d]).
     draft_depth: int = 0
     finish_reason: str | None = None
+    # The step generated the end-of-sequence token, which is not in token_ids: it counts
+    # for MAT (as `msn generate` counts it), not for completion_tokens.
+    eos: bool = False
 
 
 class Engine(abc.ABC):

@@ -148,4 +148,5 @@ def _to_engine_step(step: Any) -> EngineStep:
         accepted_depth=int(step.accepted_depth),
         draft_depth=int(step.draft_depth),
         finish_reason=step.finish_reason,
+        eos=bool(step.eos),
     )
