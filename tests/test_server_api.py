@@ -690,3 +690,15 @@ def test_vllm_engine_refreshes_trjacobi_metrics_and_keeps_the_last_copy(caplog):
     plain._llm = types.SimpleNamespace(errored=False, collective_rpc=rpc)
     asyncio.run(plain.refresh_metrics())
     assert len(calls) == 2
+
+
+def test_eos_token_ids_from_generation_config_and_tokenizer(tmp_path):
+    import json
+    import types
+
+    from server.engines.vllm import eos_token_ids
+
+    tokenizer = types.SimpleNamespace(eos_token_id=5)
+    assert eos_token_ids(tmp_path, tokenizer) == {5}  # no generation_config.json
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert eos_token_ids(tmp_path, tokenizer) == {2, 5, 7}

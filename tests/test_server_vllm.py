@@ -53,14 +53,38 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def reference_text(model_path):
-    """Greedy answer of the reference runner (what `msn generate --method ar` prints)."""
-    from proposers.reference.runner import GenerationConfig, ReferenceRunner
+def runner(model_path):
+    from proposers.reference.runner import ReferenceRunner
 
-    runner = ReferenceRunner.load(model_path, device="cpu", dtype="float32")
-    ids = runner.encode_chat([{"role": "user", "content": QUESTION}])
-    return runner.generate(ids, GenerationConfig(method="ar", max_new_tokens=MAX_TOKENS,
-                                                 temperature=0.0)).text
+    return ReferenceRunner.load(model_path, device="cpu", dtype="float32")
+
+
+def reference_answer(runner, question: str, max_tokens: int):
+    """Greedy answer of the reference runner (what `msn generate --method ar` prints)."""
+    from proposers.reference.runner import GenerationConfig
+
+    ids = runner.encode_chat([{"role": "user", "content": question}])
+    return runner.generate(ids, GenerationConfig(method="ar", max_new_tokens=max_tokens,
+                                                 temperature=0.0))
+
+
+@pytest.fixture(scope="module")
+def reference_text(runner):
+    return reference_answer(runner, QUESTION, MAX_TOKENS).text
+
+
+def test_usage_excludes_the_end_of_sequence_token_like_the_reference_engine(client, server,
+                                                                            runner):
+    """An answer that ends on EOS: vLLM keeps that token in its output ids, the reference
+    engine does not; the server counts completion tokens the reference way on both."""
+    expected = reference_answer(runner, "Say hi.", 64)
+    assert expected.finish_reason == "stop"
+    r = client.chat.completions.create(model=server.engine.model_name, max_tokens=64,
+                                       temperature=0,
+                                       messages=[{"role": "user", "content": "Say hi."}])
+    assert r.choices[0].message.content == expected.text
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == len(expected.token_ids)
 
 
 def test_chat_greedy_matches_the_reference_runner(client, server, reference_text):

@@ -77,6 +77,7 @@ class VLLMEngine(Engine):
         self.max_context = 0
         self._llm: Any = None
         self._tokenizer: Any = None
+        self._eos_ids: set[int] = set()
 
     def attach_metrics(self, metrics: Metrics) -> None:
         """The app's registry; must be set before start() to export spec-decode stats."""
@@ -105,6 +106,7 @@ class VLLMEngine(Engine):
         # process); off the event loop so /health stays responsive meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=loggers)
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self._eos_ids = eos_token_ids(self.model_path, self._tokenizer)
         self.max_context = int(llm.model_config.max_model_len)
         self._llm = llm
 
@@ -165,7 +167,15 @@ class VLLMEngine(Engine):
                     raise EngineError(f"vLLM finished the request with {finish!r}")
                 finished = output.finished
                 tokens = list(completion.token_ids)
-                yield EngineStep(token_ids=tokens, text=completion.text, finish_reason=finish)
+                # vLLM keeps the end-of-sequence token in token_ids (stop_reason None);
+                # the reference engine and `msn generate` do not count it as a completion
+                # token, only for MAT: the same here, so usage agrees across engines.
+                eos = (finish == "stop" and completion.stop_reason is None and bool(tokens)
+                       and tokens[-1] in self._eos_ids)
+                if eos:
+                    tokens = tokens[:-1]
+                yield EngineStep(token_ids=tokens, text=completion.text, finish_reason=finish,
+                                 eos=eos)
                 if finished:
                     return
         except VLLMEngineDead as exc:
@@ -176,6 +186,22 @@ class VLLMEngine(Engine):
                 # vLLM aborts on cancellation itself; this covers a consumer that simply
                 # stopped iterating. A task, because this may run inside a cancelled one.
                 asyncio.get_running_loop().create_task(self._llm.abort(request_id))
+
+
+def eos_token_ids(model_path: str | Path, tokenizer: Any) -> set[int]:
+    """The model's end-of-sequence ids: its generation config's and its tokenizer's."""
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    try:
+        sources = [GenerationConfig.from_pretrained(model_path), tokenizer]
+    except OSError:  # no generation_config.json: the tokenizer's alone
+        sources = [tokenizer]
+    for src in sources:
+        eos = getattr(src, "eos_token_id", None)
+        if eos is not None:
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return ids
 
 
 def _stat_logger_factory(metrics: Metrics, method: str):
