@@ -6,6 +6,7 @@ Every flag has an environment twin (`MSN_<NAME>`, see server/settings.py); flags
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -116,6 +117,11 @@ def build_engine(settings):
         if speculative is None and settings.vllm_speculation == "tr-jacobi":
             from proposers.vllm import TRJacobiConfig, engine_kwargs
 
+            known = {f.name for f in dataclasses.fields(TRJacobiConfig)}
+            unknown = sorted(set(settings.trjacobi) - known)
+            if unknown:
+                raise UsageError(f"invalid --trjacobi: unknown setting(s) {', '.join(unknown)} "
+                                 f"(known: {', '.join(sorted(known))})")
             try:
                 config = TRJacobiConfig(**settings.trjacobi)
             except (TypeError, ValueError) as exc:
