@@ -671,7 +671,7 @@ def test_vllm_engine_refreshes_trjacobi_metrics_and_keeps_the_last_copy(caplog):
 
     async def rpc(method, timeout=None, args=(), kwargs=None):
         calls.append((method, timeout))
-        if len(calls) == 2:
+        if len(calls) in (2, 3):
             raise TimeoutError("engine busy")
         return [TRJ_STATS]
 
@@ -683,14 +683,19 @@ def test_vllm_engine_refreshes_trjacobi_metrics_and_keeps_the_last_copy(caplog):
     asyncio.run(engine.refresh_metrics())
     assert calls[0][0] == "trjacobi_stats" and calls[0][1] > 0
     assert _metric(generate_latest(metrics.registry).decode(), "msn_trjacobi_probes_total") == 5
+    caplog.set_level(logging.DEBUG, logger="msn.server")
     asyncio.run(engine.refresh_metrics())  # times out: the last copy stays, a warning says why
     assert _metric(generate_latest(metrics.registry).decode(), "msn_trjacobi_probes_total") == 5
-    assert "TR-Jacobi worker stats unavailable" in caplog.text
+    asyncio.run(engine.refresh_metrics())  # fails again: no second warning
+    warnings = [r for r in caplog.records if "worker stats unavailable" in r.getMessage()]
+    assert [r.levelno for r in warnings] == [logging.WARNING, logging.DEBUG]
+    asyncio.run(engine.refresh_metrics())  # succeeds: a later failure warns again
+    assert engine._stats_failing is False
     # Plain vLLM (no plugin) has no such counters: nothing is asked.
     plain = VLLMEngine("/models/m", metrics=Metrics())
     plain._llm = types.SimpleNamespace(errored=False, collective_rpc=rpc)
     asyncio.run(plain.refresh_metrics())
-    assert len(calls) == 2
+    assert len(calls) == 4
 
 
 def test_eos_token_ids_from_generation_config_and_tokenizer(tmp_path):

@@ -78,6 +78,7 @@ class VLLMEngine(Engine):
         self._llm: Any = None
         self._tokenizer: Any = None
         self._eos_ids: set[int] = set()
+        self._stats_failing = False  # the last worker-stats read failed (refresh_metrics)
 
     def attach_metrics(self, metrics: Metrics) -> None:
         """The app's registry; must be set before start() to export spec-decode stats."""
@@ -125,9 +126,14 @@ class VLLMEngine(Engine):
         try:
             stats = await self._llm.collective_rpc("trjacobi_stats", timeout=STATS_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 (metrics must not fail the scrape)
-            log.warning("TR-Jacobi worker stats unavailable for /metrics: %s: %s",
-                        type(exc).__name__, exc)
+            # Once per run of failures (a long prefill can outlast the timeout on every
+            # scrape): a warning, then debug lines until a read succeeds again.
+            level = logging.DEBUG if self._stats_failing else logging.WARNING
+            self._stats_failing = True
+            log.log(level, "TR-Jacobi worker stats unavailable for /metrics (the last copy "
+                    "stays): %s: %s", type(exc).__name__, exc)
             return
+        self._stats_failing = False
         if stats:
             self.metrics.trjacobi.update(stats[0])
 
