@@ -259,3 +259,4 @@ def test_kernel_variant_ab_smoke(tmp_path):
     for row in data["rows"]:
         assert set(row["us"]) >= {"old", "new"} and row["ratio_to_old"]["old"] == 1.0
         assert any(name.startswith("new@") for name in row["us"])
+    assert out.with_suffix(".png").stat().st_size > 0  # the plot beside the JSON

@@ -6,9 +6,11 @@ FMA or multiplied first). Every case of ``bench_tree_attention.py``'s grid (or a
 runs each variant with the default launch shape and split count, in alternating order
 (A B B A ...) so that drift hits both alike; per case the median over rounds, and the
 ratio of each variant's time to the baseline's (``old``: both off, the code before).
-Writes JSON (+ a plot when matplotlib is there).
+Writes JSON and a plot beside it (the GPU machine may lack matplotlib: then
+``--plot JSON`` draws it later from the JSON).
 
     python benchmarks/kernels/ab_kernel_variant.py --out benchmarks/results/kernels-h200-variants.json
+    python benchmarks/kernels/ab_kernel_variant.py --plot benchmarks/results/kernels-h200-variants.json
 """
 
 from __future__ import annotations
@@ -58,9 +60,41 @@ def time_variant(case: Case, variant: KernelVariant, tile: TileConfig | None = N
     return time_graph([lambda c=c: call(c) for c in range(case.copies)], target_ms=20, replays=5)
 
 
+def plot(data: dict, path: Path) -> None:
+    """Each variant's (and extra tile's) time ratio to the baseline, per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["rows"]
+    base = data["meta"]["variants"][0]
+    names = [n for n in dict.fromkeys(n for r in rows for n in r["us"]) if n != base]
+    labels = [f"{r['model'].split('-')[0]} B{r['batch']} P{r['prefix_len'] // 1024}k "
+              f"T{r['tree_size']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(min(18.0, max(8.0, 0.45 * len(rows))), 5.0))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        xs = [j + i * width for j, r in enumerate(rows) if name in r["us"]]
+        ys = [r["us"][name] / r["us"][base] for r in rows if name in r["us"]]
+        ax.bar(xs, ys, width, label=name)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_ylim(0.8, None)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], labels, rotation=90,
+                  fontsize=7)
+    ax.set_ylabel(f"time / {base} (lower is faster)")
+    ax.set_title(f"tree attention key-loop variants, {data['meta']['device']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--plot", type=Path, metavar="JSON",
+                    help="draw the plot of an earlier run's JSON (beside it, .png) and exit")
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--prefix-lens", type=int, nargs="+", default=[4096, 32768])
@@ -74,6 +108,11 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on CPU under TRITON_INTERPRET=1 (checks the script, times nothing real)")
     args = ap.parse_args()
+    if args.plot:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return
+    if args.out is None:
+        ap.error("--out is required (or --plot JSON)")
     if args.smoke:
         if not os.environ.get("TRITON_INTERPRET"):
             sys.exit("ab_kernel_variant.py: --smoke needs TRITON_INTERPRET=1 in the environment")
@@ -145,6 +184,10 @@ def main() -> None:
     meta["seconds"] = round(time.time() - start, 1)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
+    try:
+        plot({"meta": meta, "rows": rows}, args.out.with_suffix(".png"))
+    except ImportError as exc:
+        print(f"no plot ({exc}); run --plot {args.out} where matplotlib is installed")
 
 
 if __name__ == "__main__":
