@@ -70,3 +70,15 @@ class TextStream:
                     end -= k
                     break
         return end
+
+
+def eos_token_ids(*sources) -> set[int]:
+    """End-of-sequence ids named by any of `sources` (generation configs, model configs,
+    tokenizers: their `eos_token_id`, one id or a list; None sources are skipped)."""
+    ids: set[int] = set()
+    for src in sources:
+        eos = getattr(src, "eos_token_id", None)
+        if eos is not None:
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return ids
+

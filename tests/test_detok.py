@@ -40,3 +40,13 @@ def test_stop_inside_one_multi_token_step():
     ts = TextStream(ByteTokenizer(), stop=["\n\n"])
     p = ts.push(ids("ab\n\ncd"))
     assert p.stopped and p.text == "ab" and p.num_tokens == 4
+
+
+def test_eos_token_ids_from_every_source():
+    import types
+
+    from proposers.detok import eos_token_ids
+
+    assert eos_token_ids(types.SimpleNamespace(eos_token_id=[2, 7]), None,
+                         types.SimpleNamespace(eos_token_id=5),
+                         types.SimpleNamespace(eos_token_id=None)) == {2, 5, 7}

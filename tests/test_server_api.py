@@ -702,9 +702,9 @@ def test_eos_token_ids_from_generation_config_and_tokenizer(tmp_path):
     import json
     import types
 
-    from server.engines.vllm import eos_token_ids
+    from server.engines.vllm import model_eos_ids
 
     tokenizer = types.SimpleNamespace(eos_token_id=5)
-    assert eos_token_ids(tmp_path, tokenizer) == {5}  # no generation_config.json
+    assert model_eos_ids(tmp_path, tokenizer) == {5}  # no generation_config.json
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
-    assert eos_token_ids(tmp_path, tokenizer) == {2, 5, 7}
+    assert model_eos_ids(tmp_path, tokenizer) == {2, 5, 7}

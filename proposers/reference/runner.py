@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from proposers.candidates import CandidateTable
-from proposers.detok import TextStream
+from proposers.detok import TextStream, eos_token_ids
 from proposers.reference.cache import StaticKVCache
 from proposers.templates import TreeTemplate, load_template
 from proposers.tree import TreeSpec, compile_tree
@@ -110,7 +110,8 @@ class ReferenceRunner:
         self.config = model.config
         self.dtype = next(model.parameters()).dtype
         self.max_context = int(getattr(self.config, "max_position_embeddings", 2048))
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(getattr(model, "generation_config", None),
+                                     model.config, tokenizer)
         self.use_cuda_graphs = device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self.graph_capacity = min(graph_capacity, self.max_context + 128)
         self._trees: dict[str, TreeSpec] = {}
@@ -389,13 +390,3 @@ class _GraphStep:
         self.graph.replay()
         both = torch.cat([self.target.unsqueeze(-1), self.topk[:, :k]], dim=-1).cpu()
         return both[:, 0], both[:, 1:]
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = set()
-    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
-        eos = getattr(src, "eos_token_id", None)
-        if eos is None:
-            continue
-        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
-    return ids

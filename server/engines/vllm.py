@@ -107,7 +107,7 @@ class VLLMEngine(Engine):
         # process); off the event loop so /health stays responsive meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=loggers)
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self._eos_ids = eos_token_ids(self.model_path, self._tokenizer)
+        self._eos_ids = model_eos_ids(self.model_path, self._tokenizer)
         self.max_context = int(llm.model_config.max_model_len)
         self._llm = llm
 
@@ -194,20 +194,17 @@ class VLLMEngine(Engine):
                 asyncio.get_running_loop().create_task(self._llm.abort(request_id))
 
 
-def eos_token_ids(model_path: str | Path, tokenizer: Any) -> set[int]:
+def model_eos_ids(model_path: str | Path, tokenizer: Any) -> set[int]:
     """The model's end-of-sequence ids: its generation config's and its tokenizer's."""
     from transformers import GenerationConfig
 
-    ids: set[int] = set()
+    from proposers.detok import eos_token_ids
+
     try:
-        sources = [GenerationConfig.from_pretrained(model_path), tokenizer]
+        generation = GenerationConfig.from_pretrained(model_path)
     except OSError:  # no generation_config.json: the tokenizer's alone
-        sources = [tokenizer]
-    for src in sources:
-        eos = getattr(src, "eos_token_id", None)
-        if eos is not None:
-            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
-    return ids
+        generation = None
+    return eos_token_ids(generation, tokenizer)
 
 
 def _stat_logger_factory(metrics: Metrics, method: str):
