@@ -56,6 +56,9 @@ def ngram_match(
     return context[start : start + max_tokens], best
 
 
+BULK_TOKENS = 16  # NgramIndex.sync indexes more new tokens than this in bulk
+
+
 class NgramIndex:
     """`ngram_match` for one growing context, in time per new token, not per context.
 
@@ -91,11 +94,25 @@ class NgramIndex:
         if seen > len(context) or (seen and int(context[seen - 1]) != self._ids[-1]):
             self._ids, self._last, seen = [], {}, 0
         ids, last, longest = self._ids, self._last, self.max_ngram
-        for token in context[seen:].tolist():
-            end = len(ids) - 1  # the newest token so far is followed now
-            for n in range(1, min(longest, end + 1) + 1):
-                last[tuple(ids[end - n + 1: end + 1])] = end
-            ids.append(token)
+        new = context[seen:].tolist()
+        if len(new) <= BULK_TOKENS:  # a decode step's few tokens
+            for token in new:
+                end = len(ids) - 1  # the newest token so far is followed now
+                for n in range(1, min(longest, end + 1) + 1):
+                    last[tuple(ids[end - n + 1: end + 1])] = end
+                ids.append(token)
+            return
+        ids.extend(new)
+        # Every n-gram ending at `end` in [seen - 1, len - 2] is followed by a token now;
+        # each n's are added in order of `end`, so the latest end of a repeated n-gram
+        # wins. In bulk (`dict.update` over zipped slices): a prompt is indexed ~3x
+        # faster than by the loop per token above (bench_proposer_host.py).
+        stop = len(ids) - 1
+        for n in range(1, longest + 1):
+            start = max(seen - 1, n - 1)
+            if start < stop:
+                grams = zip(*(ids[start - n + 1 + k: stop - n + 1 + k] for k in range(n)))
+                last.update(zip(grams, range(start, stop)))
 
     def match(self, max_tokens: int) -> tuple[list[int], int]:
         """The tokens that followed the most recent longest match of the suffix (up to

@@ -260,3 +260,39 @@ def test_kernel_variant_ab_smoke(tmp_path):
         assert set(row["us"]) >= {"old", "new"} and row["ratio_to_old"]["old"] == 1.0
         assert any(name.startswith("new@") for name in row["us"])
     assert out.with_suffix(".png").stat().st_size > 0  # the plot beside the JSON
+
+
+def test_proposer_host_replay(tmp_path):
+    """The proposer's host-time replay on the committed greedy answers: two configs side
+    by side, every step timed by phase, the planner fed outcomes judged on the real text;
+    a bad config is a one-line usage error."""
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks.vllm.bench_proposer_host import accepted_tokens, main
+
+    out = tmp_path / "host"
+    main(["--repeats", "1", "--batch", "4", "--groups", "rag", "--configs",
+          '{"quiet_every": 1}', "{}", "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    cells = data["groups"]["rag"]
+    assert list(cells) == ['{"quiet_every": 1}', "{}"]
+    for cell in cells.values():
+        assert cell["steps"] > 0 and cell["propose_us"] > 0
+        assert set(cell["phases_us"]) == {"lookup", "shadows", "plan", "draft"}
+    assert cells['{"quiet_every": 1}']["model_ratio_to_first"] == 1.0
+    assert out.with_suffix(".png").stat().st_size > 0
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.vllm.bench_proposer_host",
+                          "--configs", '{"quiet_every": 0}'], check=False,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "quiet_every" in bad.stderr.strip().splitlines()[-1]
+
+    # Acceptance as greedy verification: the deepest node spelling the real text.
+    from proposers.templates import chain
+    from proposers.tree import compile_tree
+    from proposers.vllm.proposer import DraftPlan
+
+    plan = DraftPlan("chain", compile_tree(chain(3)), (7, 8, 9))
+    assert accepted_tokens(plan, [7, 8, 1]) == 2 and accepted_tokens(plan, [1]) == 0
+    assert accepted_tokens(plan, [7, 8, 9, 4]) == 3 and accepted_tokens(plan, [7]) == 1

@@ -81,14 +81,18 @@ def test_ngram_match_equals_its_definition_on_random_contexts():
 @pytest.mark.parametrize("max_ngram", [1, 2, 3, 4])
 def test_ngram_index_equals_ngram_match_as_the_context_grows(max_ngram):
     """The proposer's per-request index gives `ngram_match`'s answer at every length,
-    whether the context grows by one token or by several (accepted drafts)."""
+    whether the context grows by one token, by several (accepted drafts) or by more than
+    BULK_TOKENS at once (a prompt, indexed in bulk)."""
+    from proposers.retrieval import BULK_TOKENS
+
     rng = np.random.default_rng(max_ngram)
     for _ in range(60):
-        vocab, n = int(rng.integers(2, 10)), int(rng.integers(1, 70))
+        vocab, n = int(rng.integers(2, 10)), int(rng.integers(1, 120))
         ctx = rng.integers(0, vocab, n).astype(np.int32)  # vLLM's token_ids_cpu dtype
         index, length = NgramIndex(max_ngram), 0
         while length < n:
-            length = min(n, length + int(rng.integers(1, 4)))
+            jump = BULK_TOKENS + 1 + int(rng.integers(0, 30)) if rng.random() < 0.2 else 1
+            length = min(n, length + jump + int(rng.integers(0, 3)))
             index.sync(ctx[:length])
             found, matched = ngram_match(torch.from_numpy(ctx[:length]).long(), 6, max_ngram)
             assert index.match(6) == (found.tolist(), matched)

@@ -101,6 +101,13 @@ class TRJacobiConfig:
     # Measured side by side (MSN model, benchmarks/results/vllm_cpu_msn_interleaved_b1-sized
     # and -b8-sized): 1.77x against 1.69x of plain vLLM at batch 1, 1.03x against 1.02x at 8.
     size_costs: bool = True
+    # Quiet steps: once a batch's planned requests have drafted nothing for
+    # proposer.QUIET_AFTER planned steps in a row, only every `quiet_every`-th step is
+    # planned; the others skip lookups, shadow drafts and the planner (the host work of a
+    # step that drafts nothing: ~0.4 ms of a ~47 ms batch-8 step on 2 cores,
+    # benchmarks/results/vllm_cpu_proposer_host.json). A new request, or a request that
+    # asked for chains, plans the next step. 1: plan every step.
+    quiet_every: int = 4
     max_ngram: int = 3
     # Retrieval across requests (retrieval.CorpusIndex, algorithm.md section 5): the
     # outputs of finished requests, up to this many tokens (oldest dropped first; ~300
@@ -128,6 +135,9 @@ class TRJacobiConfig:
             raise ValueError(f"trjacobi min_gain must be in [0, 1), got {self.min_gain!r}")
         if not 0.0 <= self.probe_share <= 1.0:
             raise ValueError(f"trjacobi probe_share must be in [0, 1], got {self.probe_share!r}")
+        if not isinstance(self.quiet_every, int) or self.quiet_every < 1:
+            raise ValueError(f"trjacobi quiet_every must be an int >= 1 (1: plan every "
+                             f"step), got {self.quiet_every!r}")
         if not 1 <= self.max_ngram <= MAX_NGRAM:
             raise ValueError(f"trjacobi max_ngram must be in [1, {MAX_NGRAM}] (the planner's "
                              f"feature holds the match length in 2 bits), got {self.max_ngram!r}")

@@ -66,6 +66,7 @@ batch about 3%, for drafts that could not shorten it.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
@@ -184,6 +185,16 @@ class _Line:
         slope = self.slope if var < 1.0 else max((self.sxy / self.w - mx * my) / var, 0.0)
         return max(my - slope * mx, 0.0), slope
 
+    def min_cost(self, x0: float) -> float | None:
+        """A lower bound of `cost(x)` over every x >= `x0` (the line rises with x; a
+        residual below it lowers it at most by the lowest of sizes >= x0)."""
+        coef = self.coefficients()
+        if coef is None:
+            return None
+        low = min([0.0] + [c[0] * c[1] / (c[1] + RESIDUAL_PRIOR)
+                           for x, c in self.residuals.items() if x >= round(x0)])
+        return max(coef[0] + coef[1] * x0 + low, 1e-9)
+
     def cost(self, x: float) -> float | None:
         """Seconds of a step of `x` tokens: the line, plus the residual of steps of this
         exact size, trusted in proportion to how many there were (RESIDUAL_PRIOR)."""
@@ -214,6 +225,15 @@ class _Estimate:
     last_used: int = -(10**9)
     count: int = 0  # outcomes recorded
 
+    def add(self, accepted: float, nodes: float) -> None:
+        """One outcome (the three averages updated inline: ~20 outcomes a step at
+        batch 8, shadows and chain cuts included)."""
+        self.count += 1
+        for ema, x in ((self.accepted, accepted), (self.accepted_sq, accepted * accepted),
+                       (self.nodes, nodes)):
+            v = ema.value
+            ema.value = x if v is None else v + ema.alpha * (x - v)
+
     def spread(self) -> float:
         """Standard deviation of the accepted tokens (0 before any observation)."""
         if self.accepted.value is None:
@@ -227,6 +247,7 @@ def batch_bucket(batch: int) -> int:
     return 1 << max(batch - 1, 0).bit_length()
 
 
+@functools.lru_cache(maxsize=256)
 def expected_min_shift(n: int) -> float:
     """How many standard deviations the least of `n` like draws falls below their mean
     (Blom's approximation of a normal order statistic; 0 for one draw)."""
@@ -282,6 +303,10 @@ class CostPlanner:
         self._last_tree_probe = 0
         self.history: dict[str, int] = {}  # rung -> request-steps it was chosen for
         self.closed_steps = 0  # steps planned for a closed batch (nothing waiting)
+        # `_known` by (rung, feature), valid until the next `record_request`: a plan at
+        # batch 8 asks it ~85 times for a handful of pairs (bench_proposer_host.py).
+        self._known_memo: dict[tuple[str, int], tuple[float, float] | None] = {}
+        self._options_memo: dict[tuple, list] = {}
 
     # -- observations --------------------------------------------------------------
     def record_step(self, path: str, num_tokens: int, seconds: float,
@@ -325,11 +350,10 @@ class CostPlanner:
         return out
 
     def record_request(self, rung: str, feature: int, num_nodes: int, num_accepted: int) -> None:
-        for est in (self._estimate(rung, feature), self._estimate(rung, POOLED)):
-            est.count += 1
-            est.accepted.add(float(num_accepted))
-            est.accepted_sq.add(float(num_accepted) ** 2)
-            est.nodes.add(float(num_nodes))
+        self._known_memo.clear()
+        accepted, nodes = float(num_accepted), float(num_nodes)
+        self._estimate(rung, feature).add(accepted, nodes)
+        self._estimate(rung, POOLED).add(accepted, nodes)
 
     def last_used(self, rung: str, feature: int) -> None:
         """Mark (rung, feature) as fresh: an outcome arrived without a draft (the
@@ -337,7 +361,12 @@ class CostPlanner:
         self._estimate(rung, feature).last_used = self.step
 
     def _estimate(self, rung: str, feature: int) -> _Estimate:
-        return self.estimates.setdefault((rung, feature), _Estimate())
+        # Not `setdefault(key, _Estimate())`: that builds an estimate on every call, and
+        # this runs ~70 times a step at batch 8 (bench_proposer_host.py).
+        est = self.estimates.get((rung, feature))
+        if est is None:
+            est = self.estimates[(rung, feature)] = _Estimate()
+        return est
 
     # -- decisions -----------------------------------------------------------------
     def plan(self, features: list[int], batch: int | None = None,
@@ -354,6 +383,7 @@ class CostPlanner:
         produce (closed_value "laggards": only those with the most left may draft).
         """
         self.step += 1
+        self._options_memo = {}  # `_dinkelbach`'s rung options, for this call only
         batch = len(features) if batch is None else batch
         if not features:
             return []
@@ -396,11 +426,19 @@ class CostPlanner:
         estimates of good pairs down to the pool cost a closed batch of translation
         requests at batch 8 its drafts (1.04 of plain against 1.16 without the prior,
         benchmarks/results/vllm_cpu_msn_interleaved_b8-prior.json)."""
-        est = self.estimates.get((rung.name, feature))
+        key = (rung.name, feature)
+        memo = self._known_memo
+        if key in memo:
+            return memo[key]
+        memo[key] = known = self._known_now(key)
+        return known
+
+    def _known_now(self, key: tuple[str, int]) -> tuple[float, float] | None:
+        est = self.estimates.get(key)
         if est is None or est.accepted.value is None:
             return None
         accepted, nodes = est.accepted.value, est.nodes.value
-        pool = self.estimates.get((rung.name, POOLED))
+        pool = self.estimates.get((key[0], POOLED))
         if (self.prior_weight and est.count < PRIOR_UNTIL and pool is not None
                 and pool.nodes.value):
             prior = pool.accepted.value / pool.nodes.value * nodes
@@ -427,7 +465,15 @@ class CostPlanner:
         candidates = [self._dinkelbach(features, scales, batch, kernel_rungs, kernel,
                                        force=together)]
         tree = self._coefficients(TREE, batch)
-        if tree is not None:
+        none = [NONE] * len(features)
+        none_rate = self.rate(features, batch, none, scales)
+        if least is None:
+            least = together and self.closed_value == "least"
+        # Only a plan past the margin is returned: tree plans that cannot reach it are
+        # not built (most steps where drafting does not pay; 1/1.0001**2: the ties rule
+        # below cannot make a plan under the bound matter).
+        margin = none_rate * (1.0 + self.min_gain) / 1.0001 ** 2
+        if tree is not None and self._tree_rate_bound(features, batch, scales, least) > margin:
             # A tree step has at least one tree request: fix which (feature, rung) that
             # is (per feature, the request expected to accept most), and optimise the
             # others freely on the tree path's cost line.
@@ -445,11 +491,7 @@ class CostPlanner:
                     others = self._dinkelbach(rest, rest_scales, batch, self.rungs, tree,
                                               fixed=fixed, force=together)
                     candidates.append(others[:i] + [r.name] + others[i:])
-        none = [NONE] * len(features)
-        none_rate = self.rate(features, batch, none, scales)
         best, best_rate = none, none_rate
-        if least is None:
-            least = together and self.closed_value == "least"
         if least or self.size_costs:
             # Dinkelbach maximises the sum; valued by the least request, a plan may be
             # better with every request on the same rung (e.g. all on the whole chain,
@@ -465,6 +507,36 @@ class CostPlanner:
         # Draft only when the best plan clears the margin over not drafting at all.
         return best if best_rate > none_rate * (1.0 + self.min_gain) else none
 
+    def _tree_rate_bound(self, features: list[int], batch: int, scales: list[float],
+                         least: bool) -> float:
+        """An upper bound of `rate` over every plan with a tree rung (0: there is none):
+        each request at its best known rung (or none), on the cheapest a step could cost
+        with the smallest known tree in it."""
+        best, tree_nodes = [], []
+        for f, sc in zip(features, scales):
+            top = 0.0
+            for r in self.rungs:
+                known = self._known(r, f) if _eligible(r, f) else None
+                if known is not None:
+                    top = max(top, known[0] * sc)
+                    if r.path == TREE:
+                        tree_nodes.append(known[1])
+            best.append(top)
+        if not tree_nodes:
+            return 0.0
+        acc = batch * min(best) if least else sum(best)
+        x0 = batch + min(tree_nodes)
+        if self.size_costs:
+            tree = self._line(TREE, batch).min_cost(x0)
+            kernel = self._line(KERNEL, batch).min_cost(x0)
+            if tree is None or kernel is None:
+                return 0.0  # such a plan is not priced (`rate` None)
+            low = max(tree, kernel)
+        else:
+            coef = self._coefficients(TREE, batch)
+            low = max(coef[0] + coef[1] * x0, 1e-12)
+        return (batch + acc) / low
+
     def _dinkelbach(self, features: list[int], scales: list[float], batch: int,
                     allowed: list[Rung], coef: tuple[float, float],
                     fixed: tuple[float, float] = (0.0, 0.0), force: bool = False) -> list[str]:
@@ -475,10 +547,16 @@ class CostPlanner:
         keys = list(zip(features, scales))
         options = {}
         for f, sc in set(keys):
-            known_rungs = [(r.name, known[0] * sc, known[1]) for r in allowed
-                           if _eligible(r, f) and (known := self._known(r, f)) is not None]
-            options[(f, sc)] = known_rungs if force and known_rungs else (
-                [(NONE, 0.0, 0.0)] + known_rungs)
+            # One list per (allowed, request kind) and `plan` call: `_best` runs this
+            # once per tree candidate, on the same requests (memo cleared by `plan`).
+            memo_key = (id(allowed), f, sc, force)
+            opts = self._options_memo.get(memo_key)
+            if opts is None:
+                known_rungs = [(r.name, known[0] * sc, known[1]) for r in allowed
+                               if _eligible(r, f) and (known := self._known(r, f)) is not None]
+                opts = self._options_memo[memo_key] = (
+                    known_rungs if force and known_rungs else [(NONE, 0.0, 0.0)] + known_rungs)
+            options[(f, sc)] = opts
 
         def ratio(acc: float, nodes: float) -> float:
             return (batch + fixed[0] + acc) / max(a + b * (batch + fixed[1] + nodes), 1e-12)
@@ -570,6 +648,8 @@ class CostPlanner:
             self.probe_credit = cap if self._fresh_budget else min(
                 self.probe_credit + self.probe_share * step, cap)
             self._fresh_budget = False
+        if self.step % FAST_PROBE_EVERY and self.step % self.probe_every:
+            return  # no cadence is due (skips the scan for untried pairs below)
         # A tree probe moves the whole batch to the (slower) tree path: even untried
         # tree rungs wait for the slow cadence.
         tree_ok = self.step - self._last_tree_probe >= self.tree_probe_every

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -103,10 +104,14 @@ MAX_SHADOWS = 16
 # lookups, features + judging shadow drafts, the planner, drafting the chosen rungs.
 HOST_PHASES = ("lookup", "shadows", "plan", "draft")
 
+# Planned steps in a row that drafted nothing before quiet steps begin (config
+# `quiet_every`).
+QUIET_AFTER = 8
 
-@dataclass(frozen=True)
-class Shadow:
-    """A retrieval chain a greedy request could have drafted but did not."""
+
+class Shadow(NamedTuple):
+    """A retrieval chain a greedy request could have drafted but did not (a named
+    tuple: one is made per request and step, and a frozen dataclass took 3x as long)."""
 
     start: int  # context length then: the chain would have continued from here
     feature: int
@@ -139,6 +144,7 @@ class RequestState:
     accepted: float = 0.0  # decaying sum of accepted draft tokens
     expected: float = 0.0  # decaying sum of what the shared estimates expected
     shadows: list[Shadow] = field(default_factory=list)
+    planned: bool = False  # the planner has planned a step of it (`_quiet`)
 
     @property
     def skill(self) -> float:
@@ -212,6 +218,9 @@ class TRJacobiProposer:
         # Host seconds of planned `propose` calls by phase (`HOST_PHASES`): what drafting
         # costs a step before any draft is verified (trjacobi_stats "propose_seconds").
         self.host_seconds = dict.fromkeys(HOST_PHASES, 0.0)
+        self.num_quiet_steps = 0  # steps not planned (`_quiet`)
+        self._undrafted_run = 0  # planned steps in a row that drafted nothing
+        self._quiet_run = 0  # steps since quiet began
         trace = os.environ.get(TRACE_ENV)
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115
 
@@ -228,7 +237,13 @@ class TRJacobiProposer:
     def set_target_feedback(self, batch: BatchFeedback) -> None:
         self.batch = batch
         for req_id, topk in batch.topk.items():
-            self.states.setdefault(req_id, RequestState()).feedback = topk
+            self._state(req_id).feedback = topk
+
+    def _state(self, req_id: str) -> RequestState:
+        state = self.states.get(req_id)
+        if state is None:  # (`setdefault` would build a state per call: twice a row a step)
+            state = self.states[req_id] = RequestState()
+        return state
 
     def release(self, req_ids) -> None:
         """Free per-request state (finished or preempted requests)."""
@@ -331,18 +346,28 @@ class TRJacobiProposer:
                   else 1.0 for r in planned]
         remaining = (None if batch.remaining is None
                      else [batch.remaining[r] for r in planned])
-        rungs = dict(zip(planned, self.planner.plan([features[r] for r in planned],
-                                                   batch=len(rows), scales=scales,
-                                                   closed=batch.closed
-                                                   and bool(self.config.closed_batches),
-                                                   remaining=remaining)))
+        if self._quiet(batch, rows):
+            rungs = dict.fromkeys(planned, NONE)
+            self.num_quiet_steps += 1
+            self.planner.history[NONE] = self.planner.history.get(NONE, 0) + len(planned)
+        else:
+            rungs = dict(zip(planned, self.planner.plan(
+                [features[r] for r in planned], batch=len(rows), scales=scales,
+                closed=batch.closed and bool(self.config.closed_batches),
+                remaining=remaining)))
+            for row in planned:
+                self.states[batch.req_ids[row]].planned = True
+            if any(rung != NONE for rung in rungs.values()):
+                self._undrafted_run = self._quiet_run = 0
+            else:
+                self._undrafted_run += 1
         lap("plan")
         if self._trace is not None and planned:
             self._write_trace([features[r] for r in planned], scales,
                               [rungs[r] for r in planned], batch.closed)
         for row in rows:
             req_id, mode = batch.req_ids[row], batch.modes[row]
-            state = self.states.setdefault(req_id, RequestState())
+            state = self._state(req_id)
             found = lookups[row][0] if row in lookups else None
             if mode == "off":
                 plan = None
@@ -370,6 +395,27 @@ class TRJacobiProposer:
             drafts[row] = list(plan.tokens) if plan else []
         lap("draft")
         return drafts
+
+    # Quiet steps (config `quiet_every`): when drafting has not paid for a while (a
+    # batch-8 math batch on 2 cores plans ~1,000 request-steps and drafts 3-17 of them,
+    # benchmarks/results/vllm_cpu_base_step_split_math.json), running the planner every
+    # step costs more host time than its rare drafts gain. A quiet step still looks up,
+    # records and judges shadow drafts (the estimates learn as before), and skips the
+    # planner: no request drafts, no probe is made.
+    def _quiet(self, batch: BatchFeedback, rows: list[int]) -> bool:
+        """Whether this step goes unplanned."""
+        every = self.config.quiet_every
+        if every <= 1 or self._undrafted_run < QUIET_AFTER:
+            return False
+        for row in rows:
+            mode = batch.modes[row]
+            if mode == "off":
+                continue
+            state = self.states.get(batch.req_ids[row])
+            if mode not in PLANNED_MODES or state is None or not state.planned:
+                return False  # a request that always drafts, or a new one: plan now
+        self._quiet_run += 1
+        return self._quiet_run % every != 0
 
     def trace_step(self, path: str, batch: int, tokens: int, prefill: int, seconds: float) -> None:
         """One line per executed step (with the trace on): what the cost lines learn from."""
@@ -435,7 +481,7 @@ class TRJacobiProposer:
         2.2 -> 7.2 on the base model, 3.2 -> 6.9 on the MSN model). Letting any longer
         corpus n-gram win measured slower on the base model's qa at batch 1
         (`vllm_cpu_base_interleaved_b1-corpus.json`)."""
-        state = self.states.setdefault(req_id, RequestState())
+        state = self._state(req_id)
         if state.index is None:
             state.index = NgramIndex(self.config.max_ngram)
             state.output_start = max(len(context) - 1, 0)  # prompt + the first token

@@ -1,0 +1,278 @@
+"""The proposer's host time per step, replayed offline on real greedy answers.
+
+The plugin's `propose` runs on the host between two forward passes, every step, whether
+or not anything drafts: at batch 8 on 2 cores it was 0.41-0.46 ms of a ~50 ms step
+(`bench_step_split.py`, `propose_seconds`), enough to make a batch that never drafts
+~1% slower than plain vLLM. This times it without the model, so a change to the
+proposer's host path is measured to the microsecond rather than read off two noisy
+engine runs.
+
+Replay: the answers plain vLLM gave (greedy, so the plugin's output is the same tokens;
+`--streams`, made once with `--make-streams`) are fed to a `TRJacobiProposer` step by
+step, `--batch` requests per task group (its questions cycled, like `bench_vllm.py`),
+as a closed batch. Each planned draft is judged against the real answer (the tokens a
+tree or chain would have had accepted under greedy verification) and reported to the
+proposer as the runner does (`record_outcome`); each step's cost is reported from a
+cost line (`--step-cost`, seconds = a + b * tokens, the path's fit on this machine), so
+the planner sees what it would in an engine. Jacobi feedback (the target's top-K at
+draft positions) needs the model and is absent: Jacobi chains are never planned here.
+
+Reports per group: host microseconds per step (the whole `propose` call and the
+runner's `record_outcome` calls), by phase (`proposer.HOST_PHASES`), and the
+request-steps that drafted. Writes `<out>.json` and `<out>.png`.
+
+    python -m benchmarks.vllm.bench_proposer_host --make-streams   # once, runs vLLM
+    python -m benchmarks.vllm.bench_proposer_host --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.vllm.bench_vllm import DEV_SET, GROUPS, ROOT, group_questions
+
+RESULTS = ROOT / "benchmarks" / "results"
+STREAMS = RESULTS / "proposer_host_streams.json"
+# Cost lines (intercept s, slope s/token) of a batch-8 decode step on 2 cores, fp32,
+# base model (planner traces of vllm_cpu_base_step_split_math.json's runs).
+STEP_COST = {"kernel": (0.021, 0.0035), "tree": (0.030, 0.0042)}
+
+
+def make_streams(model: str, per_group: int, max_tokens: int, path: Path) -> None:
+    """Plain vLLM greedy answers (prompt and output token ids) for every group."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from msn.models import resolve_model
+
+    name = str(resolve_model(model))
+    tok = AutoTokenizer.from_pretrained(name)
+    llm = LLM(model=name, dtype="float32", enforce_eager=True, seed=0, max_model_len=4096,
+              max_num_seqs=8)
+    questions = group_questions(Path(DEV_SET), per_group)
+    out: dict = {"model": model, "max_tokens": max_tokens, "groups": {}}
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    for group in GROUPS:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                           add_generation_prompt=True)
+                   for q in questions[group]]
+        out["groups"][group] = [
+            {"prompt": list(o.prompt_token_ids), "output": list(o.outputs[0].token_ids)}
+            for o in llm.generate(prompts, params, use_tqdm=False)]
+    path.write_text(json.dumps(out))
+    print(f"wrote {path}")
+
+
+def make_proposer(**overrides):
+    """A TR-Jacobi proposer with the engine's default settings (tree mode)."""
+    from proposers.vllm.config import TRJacobiConfig
+    from proposers.vllm.proposer import TRJacobiProposer
+
+    config = TRJacobiConfig(**overrides)
+    return TRJacobiProposer(types.SimpleNamespace(
+        speculative_config=types.SimpleNamespace(
+            num_speculative_tokens=config.max_draft_tokens()),
+        additional_config={"trjacobi": config.to_dict()}))
+
+
+def accepted_tokens(plan, actual: list[int]) -> int:
+    """Draft tokens greedy verification accepts: the deepest node whose path spells the
+    next tokens of the real answer."""
+    tokens = (-1, *plan.tokens)
+    best = 0
+    for node in range(1, plan.tree.num_nodes + 1):
+        depth = int(plan.tree.depth[node])
+        if depth <= best or depth > len(actual):
+            continue
+        path = plan.tree.path_nodes[node, :depth].tolist()
+        if all(tokens[p] == actual[d] for d, p in enumerate(path)):
+            best = depth
+    return best
+
+
+def replay(proposer, streams: list[dict], batch: int, step_cost: dict) -> dict:
+    """One closed batch of `batch` requests (the streams cycled) to the end."""
+    rows = [streams[i % len(streams)] for i in range(batch)]
+    req_ids = [f"r{i}" for i in range(batch)]
+    pos = [1] * batch  # output tokens known (the prefill step produced the first)
+    alive = [i for i in range(batch) if len(rows[i]["output"]) > 1]
+    width = max(len(r["prompt"]) + len(r["output"]) for r in rows)
+    ids = np.zeros((batch, width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r["prompt"]) + len(r["output"])] = r["prompt"] + r["output"]
+    propose_s = outcome_s = model_s = 0.0
+    steps = drafted = 0
+    path, tokens = "kernel", batch
+    phases0 = dict(proposer.host_seconds)
+    from proposers.vllm.planner import BUCKET_MIN_STEPS
+    from proposers.vllm.proposer import BatchFeedback
+
+    # The tree path's line as an engine's first tree probes would have left it (a few
+    # sizes), so the planner weighs tree plans as it does in an engine.
+    planner = proposer.planner
+    if planner.line("tree", batch) is None or planner.bucket_lines.get(("tree", batch)) is None:
+        a, b = step_cost["tree"]
+        for _ in range(BUCKET_MIN_STEPS):
+            for size in (2 * batch, 4 * batch):
+                planner.record_step("tree", size, a + b * size, batch=batch)
+    while alive:
+        a, b = step_cost[path]
+        proposer.planner.record_step(path, tokens, a + b * tokens, batch=len(alive))
+        model_s += a + b * tokens
+        limit = [len(rows[i]["output"]) for i in alive]
+        proposer.set_target_feedback(BatchFeedback(
+            [req_ids[i] for i in alive], ["tree"] * len(alive), closed=True,
+            remaining=[n - pos[i] for n, i in zip(limit, alive)]))
+        lengths = np.array([len(rows[i]["prompt"]) + pos[i] for i in alive])
+        t0 = time.perf_counter()
+        proposer.propose([[1]] * len(alive), lengths, ids[alive])
+        t1 = time.perf_counter()
+        steps += 1
+        path, tokens, done = "kernel", len(alive), []
+        for i in alive:
+            plan = proposer.plan_for(req_ids[i])
+            actual = rows[i]["output"][pos[i]:]
+            n = 0
+            if plan is not None:
+                drafted += 1
+                tokens += plan.tree.num_nodes
+                path = "tree" if not plan.is_chain else path
+                n = accepted_tokens(plan, actual)
+                proposer.record_outcome(req_ids[i], plan.rung, plan.feature,
+                                        plan.tree.num_nodes, n)
+            pos[i] = min(pos[i] + 1 + n, len(rows[i]["output"]))
+            if pos[i] >= len(rows[i]["output"]):
+                done.append(i)
+        outcome_s += time.perf_counter() - t1
+        propose_s += t1 - t0
+        if done:
+            proposer.finish([req_ids[i] for i in done])
+            alive = [i for i in alive if i not in done]
+    phases = {k: v - phases0[k] for k, v in proposer.host_seconds.items()}
+    a, b = step_cost[path]
+    model_s += a + b * tokens  # the last step
+    return {"steps": steps, "drafted": drafted, "propose_us": 1e6 * propose_s / steps,
+            # The batch's modelled seconds: its steps on the cost lines, plus host time.
+            "model_s": model_s + propose_s + outcome_s,
+            "outcome_us": 1e6 * outcome_s / steps,
+            "phases_us": {k: round(1e6 * v / steps, 2) for k, v in phases.items()}}
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Host microseconds per step by phase, one stacked bar per (group, config)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(g, c) for g, cells in summary.items() for c in cells]
+    phases = list(next(iter(next(iter(summary.values())).values()))["phases_us"])
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(bars)), 4.5))
+    x = np.arange(len(bars))
+    bottom = np.zeros(len(bars))
+    for phase in phases:
+        vals = np.array([summary[g][c]["phases_us"][phase] for g, c in bars])
+        ax.bar(x, vals, bottom=bottom, label=phase)
+        bottom += vals
+    ax.bar(x, [summary[g][c]["outcome_us"] for g, c in bars], bottom=bottom,
+           label="record_outcome")
+    ax.set_xticks(x, [f"{g}\n{c}" for g, c in bars], fontsize=6, rotation=90)
+    ax.set_ylabel("host microseconds per step")
+    ax.set_title("TR-Jacobi proposer host time per step (offline replay, batch "
+                 f"{next(iter(next(iter(summary.values())).values()))['batch']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def config_arg(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({e})") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--make-streams", action="store_true",
+                    help="generate --streams with plain vLLM (greedy) and exit")
+    ap.add_argument("--model", default="base", help="model of --make-streams")
+    ap.add_argument("--per-group", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--streams", type=Path, default=STREAMS)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="replays per group and config (a fresh proposer each; medians)")
+    ap.add_argument("--groups", nargs="+", default=GROUPS, choices=GROUPS)
+    ap.add_argument("--configs", nargs="+", type=config_arg, default=[{}],
+                    help="TRJacobiConfig overrides, one JSON object per config compared "
+                         "(default: the defaults only); ratios are to the first")
+    ap.add_argument("--step-cost", type=json.loads, default=STEP_COST,
+                    help="JSON {path: [intercept_s, slope_s_per_token]}")
+    ap.add_argument("--out", type=Path, default=RESULTS / "vllm_cpu_proposer_host")
+    args = ap.parse_args(argv)
+    if args.batch < 1 or args.repeats < 1:
+        ap.error("--batch and --repeats must be >= 1")
+    if args.make_streams:
+        make_streams(args.model, args.per_group, args.max_tokens, args.streams)
+        return
+    if not args.streams.is_file():
+        ap.error(f"no streams at {args.streams}; make them with --make-streams")
+    for config in args.configs:
+        try:
+            make_proposer(**config)
+        except (TypeError, ValueError) as e:
+            ap.error(f"--configs {json.dumps(config)}: {e}")
+    streams = json.loads(args.streams.read_text())
+    torch.set_num_threads(1)
+    summary: dict = {}
+    for group in args.groups:
+        summary[group] = {}
+        runs: dict[str, list] = {json.dumps(c): [] for c in args.configs}
+        for _ in range(args.repeats):
+            for config in args.configs:  # alternating, so drift falls on all alike
+                proposer = make_proposer(**config)
+                replay(proposer, streams["groups"][group], args.batch, args.step_cost)  # warm
+                proposer.clear_corpus()  # as every timed engine run (bench_vllm.clear_corpus)
+                runs[json.dumps(config)].append(
+                    replay(proposer, streams["groups"][group], args.batch, args.step_cost))
+        first = None
+        for label, cell in runs.items():
+            med = {k: statistics.median(r[k] for r in cell)
+                   for k in ("steps", "drafted", "propose_us", "outcome_us", "model_s")}
+            med["phases_us"] = {k: round(statistics.median(r["phases_us"][k] for r in cell), 2)
+                                for k in cell[0]["phases_us"]}
+            first = first or med
+            med["model_ratio_to_first"] = round(first["model_s"] / med["model_s"], 4)
+            med["batch"] = args.batch
+            med["runs"] = cell
+            summary[group][label] = med
+            print(f"{group:15s} {label:24s} steps {med['steps']:4.0f} drafted {med['drafted']:3.0f} "
+                  f"modelled {med['model_s']:6.3f} s (x{med['model_ratio_to_first']:.3f})  "
+                  f"host {med['propose_us'] + med['outcome_us']:6.1f} us/step: "
+                  + " ".join(f"{k} {v:.0f}" for k, v in med["phases_us"].items())
+                  + f" outcomes {med['outcome_us']:.0f}", flush=True)
+    out = {"command": " ".join(["python -m benchmarks.vllm.bench_proposer_host", *sys.argv[1:]]),
+           "batch": args.batch, "repeats": args.repeats, "step_cost": args.step_cost,
+           "streams": str(args.streams.relative_to(ROOT)) if args.streams.is_relative_to(ROOT)
+           else str(args.streams), "groups": summary}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    plot(summary, args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
