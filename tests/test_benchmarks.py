@@ -296,3 +296,51 @@ def test_proposer_host_replay(tmp_path):
     plan = DraftPlan("chain", compile_tree(chain(3)), (7, 8, 9))
     assert accepted_tokens(plan, [7, 8, 1]) == 2 and accepted_tokens(plan, [1]) == 0
     assert accepted_tokens(plan, [7, 8, 9, 4]) == 3 and accepted_tokens(plan, [7]) == 1
+
+
+def test_planner_shortcuts_change_no_decision():
+    """The planner's host-time shortcuts (memoized estimates and rung options, the
+    bound that skips tree plans which cannot pay) plan exactly what the plain
+    computation does: replayed on real answers, every step's rungs are the same."""
+    import json
+
+    from benchmarks.vllm.bench_proposer_host import STEP_COST, STREAMS, make_proposer, replay
+    from proposers.vllm.planner import CostPlanner
+
+    class NoMemo(dict):
+        def __setitem__(self, key, value):  # stores nothing: every lookup computed afresh
+            pass
+
+    class Plain(CostPlanner):
+        def _dinkelbach(self, *a, **kw):
+            self._options_memo = NoMemo()
+            return super()._dinkelbach(*a, **kw)
+
+        def _tree_rate_bound(self, *a):
+            return float("inf")  # every tree plan built and priced
+
+    streams = json.loads(STREAMS.read_text())["groups"]
+
+    def decisions(shortcuts: bool, group: str, batch: int, cost: dict) -> list:
+        p = make_proposer(quiet_every=1)
+        planner = p.planner
+        if not shortcuts:
+            planner.__class__ = Plain
+            planner._known_memo = NoMemo()
+        seen = []
+        plan = planner.plan
+        planner.plan = lambda *a, **kw: seen.append(plan(*a, **kw)) or seen[-1]
+        replay(p, streams[group], batch, cost)
+        return seen
+
+    # Batch 8 on this machine's cost lines, and batch 2 on a tree path as cheap as the
+    # kernel's (where tree plans win some steps).
+    cheap_trees = {"kernel": STEP_COST["kernel"], "tree": STEP_COST["kernel"]}
+    trees = 0
+    for group, batch, cost in (("rag", 8, STEP_COST), ("math_reasoning", 8, STEP_COST),
+                               ("rag", 2, cheap_trees), ("qa", 2, cheap_trees)):
+        fast, plain = decisions(True, group, batch, cost), decisions(False, group, batch, cost)
+        assert len(fast) > 50 and fast == plain
+        assert any(r != "none" for step in fast for r in step)  # some steps drafted
+        trees += sum(r.startswith(("tree", "paper")) for step in fast for r in step)
+    assert trees  # and some drafted trees (a test of the tree bound)
