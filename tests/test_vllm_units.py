@@ -933,7 +933,7 @@ def test_quiet_steps_skip_the_planner_once_drafting_stopped_paying():
         tokens = np.array([text[:n]] * len(req_ids))
         return p.propose([[1]] * len(req_ids), np.array([n] * len(req_ids)), tokens)
 
-    p, calls = proposer()
+    p, calls = proposer(quiet_every=4)
     n = 10
     for _ in range(QUIET_AFTER):
         assert step(p, n) == [[]]
@@ -953,7 +953,7 @@ def test_quiet_steps_skip_the_planner_once_drafting_stopped_paying():
     drafts = step(p, n + 2, ("a", "b"), ["tree", "chain"])  # "b" asks for chains
     assert len(calls) == QUIET_AFTER + 4 and drafts[1]
 
-    p, calls = proposer(quiet_every=1)  # plan every step
+    p, calls = proposer()  # the default: plan every step
     for i in range(2 * QUIET_AFTER):
         step(p, 10 + i)
     assert len(calls) == 2 * QUIET_AFTER and p.num_quiet_steps == 0

@@ -194,6 +194,57 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def against(rev: str, args) -> dict:
+    """This replay of revision `rev`'s proposer against this tree's, ABAB: each round
+    runs this script in a worktree of `rev` (the script and streams copied in) and here,
+    as subprocesses, on the default config. Per group: both sides' host microseconds
+    per step (`propose` and outcomes), medians over rounds, and new / old."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from benchmarks.vllm.ab_revisions import resolve, worktree
+
+    commit = resolve(rev)
+    tmp = Path(tempfile.mkdtemp(prefix="proposer-host-"))
+    tree = tmp / "tree"
+    worktree(commit, tree)
+    try:
+        shutil.copy(Path(__file__), tree / "benchmarks" / "vllm" / Path(__file__).name)
+        (tree / "benchmarks" / "results").mkdir(exist_ok=True)
+        shutil.copy(args.streams, tree / "benchmarks" / "results" / STREAMS.name)
+        sides: dict[str, list] = {"old": [], "new": []}
+        for i in range(args.rounds):
+            for side, cwd in (("old", tree), ("new", ROOT)):
+                out = tmp / f"{side}{i}"
+                subprocess.run(
+                    [sys.executable, "-m", "benchmarks.vllm.bench_proposer_host",
+                     "--repeats", str(args.repeats), "--batch", str(args.batch),
+                     "--groups", *args.groups, "--step-cost", json.dumps(args.step_cost),
+                     "--out", str(out)], cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+                sides[side].append(json.loads(out.with_suffix(".json").read_text()))
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                       check=False, capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    table = {}
+    for group in args.groups:
+        cell = {}
+        for side, runs in sides.items():
+            host = [next(iter(r["groups"][group].values())) for r in runs]
+            cell[side] = {
+                "host_us": statistics.median(h["propose_us"] + h["outcome_us"] for h in host),
+                "phases_us": {k: statistics.median(h["phases_us"][k] for h in host)
+                              for k in host[0]["phases_us"]},
+                "steps": host[0]["steps"], "drafted": host[0]["drafted"]}
+        cell["new_over_old"] = round(cell["new"]["host_us"] / cell["old"]["host_us"], 3)
+        table[group] = cell
+        print(f"{group:15s} host us/step: {rev} {cell['old']['host_us']:6.1f}  "
+              f"this tree {cell['new']['host_us']:6.1f}  (x{cell['new_over_old']:.3f}; steps "
+              f"{cell['old']['steps']:.0f} / {cell['new']['steps']:.0f})", flush=True)
+    return {"against": rev, "commit": commit, "rounds": args.rounds, "groups": table}
+
+
 def config_arg(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -221,8 +272,14 @@ def main(argv: list[str] | None = None) -> None:
                          "(default: the defaults only); ratios are to the first")
     ap.add_argument("--step-cost", type=json.loads, default=STEP_COST,
                     help="JSON {path: [intercept_s, slope_s_per_token]}")
+    ap.add_argument("--against", metavar="REV",
+                    help="compare the default config's host time with git revision REV's "
+                         "(a worktree), alternating --rounds times; writes <out>.json only")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --against")
     ap.add_argument("--out", type=Path, default=RESULTS / "vllm_cpu_proposer_host")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     if args.batch < 1 or args.repeats < 1:
         ap.error("--batch and --repeats must be >= 1")
     if args.make_streams:
@@ -235,6 +292,15 @@ def main(argv: list[str] | None = None) -> None:
             make_proposer(**config)
         except (TypeError, ValueError) as e:
             ap.error(f"--configs {json.dumps(config)}: {e}")
+    if args.against:
+        out = {"command": " ".join(["python -m benchmarks.vllm.bench_proposer_host",
+                                    *sys.argv[1:]]),
+               "batch": args.batch, "repeats": args.repeats, "step_cost": args.step_cost,
+               **against(args.against, args)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.out.with_suffix('.json')}")
+        return
     streams = json.loads(args.streams.read_text())
     torch.set_num_threads(1)
     summary: dict = {}

@@ -102,12 +102,16 @@ class TRJacobiConfig:
     # and -b8-sized): 1.77x against 1.69x of plain vLLM at batch 1, 1.03x against 1.02x at 8.
     size_costs: bool = True
     # Quiet steps: once a batch's planned requests have drafted nothing for
-    # proposer.QUIET_AFTER planned steps in a row, only every `quiet_every`-th step is
-    # planned; the others skip lookups, shadow drafts and the planner (the host work of a
-    # step that drafts nothing: ~0.4 ms of a ~47 ms batch-8 step on 2 cores,
-    # benchmarks/results/vllm_cpu_proposer_host.json). A new request, or a request that
-    # asked for chains, plans the next step. 1: plan every step.
-    quiet_every: int = 4
+    # proposer.QUIET_AFTER planned steps in a row, only every `quiet_every`-th step runs
+    # the planner; the others draft nothing (no probes either) but still look up and
+    # judge shadow drafts, so the estimates learn as before. A new request, or a request
+    # that asked for chains, is planned at once. 1 (default): plan every step. The
+    # planner is the largest part of a step's host time (~0.1-0.2 ms at batch 8,
+    # benchmarks/results/vllm_cpu_proposer_host.json), which matters where steps are
+    # short; on 2 CPU cores at batch 8, 4 measured no faster than 1 on any task group and
+    # slower where drafting pays (translation 1.68x against 1.73x of plain vLLM, qa
+    # 1.09x against 1.12x: vllm_cpu_base_interleaved_b8-quiet.json), so it is off.
+    quiet_every: int = 1
     max_ngram: int = 3
     # Retrieval across requests (retrieval.CorpusIndex, algorithm.md section 5): the
     # outputs of finished requests, up to this many tokens (oldest dropped first; ~300
