@@ -300,8 +300,8 @@ def test_proposer_host_replay(tmp_path):
 
 def test_planner_shortcuts_change_no_decision():
     """The planner's host-time shortcuts (memoized estimates and rung options, the
-    bound that skips tree plans which cannot pay) plan exactly what the plain
-    computation does: replayed on real answers, every step's rungs are the same."""
+    bounds that skip plans which cannot pay) plan exactly what the plain computation
+    does: replayed on real answers, every step's rungs are the same."""
     import json
 
     from benchmarks.vllm.bench_proposer_host import STEP_COST, STREAMS, make_proposer, replay
@@ -316,8 +316,8 @@ def test_planner_shortcuts_change_no_decision():
             self._options_memo = NoMemo()
             return super()._dinkelbach(*a, **kw)
 
-        def _tree_rate_bound(self, *a):
-            return float("inf")  # every tree plan built and priced
+        def _rate_bounds(self, *a):
+            return float("inf"), float("inf")  # every plan built and priced
 
     streams = json.loads(STREAMS.read_text())["groups"]
 

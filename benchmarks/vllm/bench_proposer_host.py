@@ -73,11 +73,12 @@ def make_streams(model: str, per_group: int, max_tokens: int, path: Path) -> Non
 
 
 def make_proposer(**overrides):
-    """A TR-Jacobi proposer with the engine's default settings (tree mode)."""
+    """A TR-Jacobi proposer with the settings `engine_kwargs` gives `vllm.LLM` (tree
+    mode, closed batches: the benchmarks' offline batches)."""
     from proposers.vllm.config import TRJacobiConfig
     from proposers.vllm.proposer import TRJacobiProposer
 
-    config = TRJacobiConfig(**overrides)
+    config = TRJacobiConfig(**{"closed_batches": True, **overrides})
     return TRJacobiProposer(types.SimpleNamespace(
         speculative_config=types.SimpleNamespace(
             num_speculative_tokens=config.max_draft_tokens()),

@@ -461,19 +461,22 @@ class CostPlanner:
         kernel = self.line(KERNEL, batch)
         if kernel is None:
             return [NONE] * len(features)  # first steps: measure plain decoding first
-        kernel_rungs = [r for r in self.rungs if r.path == KERNEL]
-        candidates = [self._dinkelbach(features, scales, batch, kernel_rungs, kernel,
-                                       force=together)]
-        tree = self._coefficients(TREE, batch)
         none = [NONE] * len(features)
         none_rate = self.rate(features, batch, none, scales)
         if least is None:
             least = together and self.closed_value == "least"
-        # Only a plan past the margin is returned: tree plans that cannot reach it are
-        # not built (most steps where drafting does not pay; 1/1.0001**2: the ties rule
+        # Only a plan past the margin is returned: plans that cannot reach it are not
+        # built (most steps where drafting does not pay; 1/1.0001**2: the ties rule
         # below cannot make a plan under the bound matter).
         margin = none_rate * (1.0 + self.min_gain) / 1.0001 ** 2
-        if tree is not None and self._tree_rate_bound(features, batch, scales, least) > margin:
+        any_bound, tree_bound = self._rate_bounds(features, batch, scales, least, together)
+        if any_bound <= margin:
+            return none
+        kernel_rungs = [r for r in self.rungs if r.path == KERNEL]
+        candidates = [self._dinkelbach(features, scales, batch, kernel_rungs, kernel,
+                                       force=together)]
+        tree = self._coefficients(TREE, batch)
+        if tree is not None and tree_bound > margin:
             # A tree step has at least one tree request: fix which (feature, rung) that
             # is (per feature, the request expected to accept most), and optimise the
             # others freely on the tree path's cost line.
@@ -507,35 +510,39 @@ class CostPlanner:
         # Draft only when the best plan clears the margin over not drafting at all.
         return best if best_rate > none_rate * (1.0 + self.min_gain) else none
 
-    def _tree_rate_bound(self, features: list[int], batch: int, scales: list[float],
-                         least: bool) -> float:
-        """An upper bound of `rate` over every plan with a tree rung (0: there is none):
-        each request at its best known rung (or none), on the cheapest a step could cost
-        with the smallest known tree in it."""
-        best, tree_nodes = [], []
-        for f, sc in zip(features, scales):
-            top = 0.0
-            for r in self.rungs:
-                known = self._known(r, f) if _eligible(r, f) else None
-                if known is not None:
-                    top = max(top, known[0] * sc)
-                    if r.path == TREE:
-                        tree_nodes.append(known[1])
-            best.append(top)
-        if not tree_nodes:
-            return 0.0
+    def _rate_bounds(self, features: list[int], batch: int, scales: list[float],
+                     least: bool, together: bool = False) -> tuple[float, float]:
+        """Upper bounds of `rate` over every drafting plan, and over every plan with a
+        tree rung (0.0: there is none): each request at its best known rung, on the
+        cheapest a step could cost with the fewest draft tokens such a plan has (the
+        smallest known rung, or tree; `together`: every request with a known rung
+        drafts, each at least its smallest)."""
+        per_feature = {}  # feature -> (best accepted, fewest nodes, fewest tree nodes)
+        for f in set(features):
+            known = [(k, r.path) for r in self.rungs
+                     if _eligible(r, f) and (k := self._known(r, f)) is not None]
+            trees = [k[1] for k, path in known if path == TREE]
+            per_feature[f] = (max((k[0] for k, _ in known), default=0.0),
+                              min((k[1] for k, _ in known), default=None),
+                              min(trees) if trees else None)
+        smallest = [n for _, n, _ in per_feature.values() if n is not None]
+        if not smallest:
+            return 0.0, 0.0
+        best = [per_feature[f][0] * sc for f, sc in zip(features, scales)]
         acc = batch * min(best) if least else sum(best)
-        x0 = batch + min(tree_nodes)
-        if self.size_costs:
-            tree = self._line(TREE, batch).min_cost(x0)
-            kernel = self._line(KERNEL, batch).min_cost(x0)
-            if tree is None or kernel is None:
-                return 0.0  # such a plan is not priced (`rate` None)
-            low = max(tree, kernel)
-        else:
-            coef = self._coefficients(TREE, batch)
-            low = max(coef[0] + coef[1] * x0, 1e-12)
-        return (batch + acc) / low
+        together_nodes = sum(per_feature[f][1] or 0.0 for f in features) if together else 0.0
+
+        def bound(nodes: float) -> float:
+            x0 = batch + max(nodes, together_nodes)
+            if self.size_costs:  # a tree step costs at least a kernel step of its size
+                low = self._line(KERNEL, batch).min_cost(x0)
+            else:
+                coef = self._coefficients(KERNEL, batch)
+                low = None if coef is None else max(coef[0] + coef[1] * x0, 1e-12)
+            return 0.0 if low is None else (batch + acc) / low
+
+        trees = [t for _, _, t in per_feature.values() if t is not None]
+        return bound(min(smallest)), bound(min(trees)) if trees else 0.0
 
     def _dinkelbach(self, features: list[int], scales: list[float], batch: int,
                     allowed: list[Rung], coef: tuple[float, float],
