@@ -43,16 +43,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "MSN_API_KEYS=k1,k2); requests then need 'Authorization: Bearer <key>'")
     p.add_argument("--cors-allow-origin", action="append", dest="cors_allow_origins",
                    help="allow this browser origin (repeatable); CORS is off by default")
-    p.add_argument("--speculative-config", type=_json_dict,
+    p.add_argument("--speculative-config", type=json_object_arg,
                    help="vllm engine: JSON speculative_config passed to vLLM")
     p.add_argument("--vllm-speculation", choices=["tr-jacobi", "none"],
                    help="vllm engine: our TR-Jacobi plugin (default) or plain vLLM; an "
                         "explicit --speculative-config wins")
-    p.add_argument("--trjacobi", type=_json_dict,
+    p.add_argument("--trjacobi", type=json_object_arg,
                    help="vllm engine with tr-jacobi: JSON of TR-Jacobi settings over the "
                         "defaults (proposers.vllm.TRJacobiConfig), e.g. '{\"corpus_tokens\": "
                         "0}' turns off drafting from other requests' outputs")
-    p.add_argument("--vllm-engine-args", type=_json_dict,
+    p.add_argument("--vllm-engine-args", type=json_object_arg,
                    help="vllm engine: JSON dict of extra AsyncEngineArgs")
     p.add_argument("--log-prompts", action="store_const", const=True,
                    help="log prompt text (off by default)")
@@ -60,7 +60,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _json_dict(text: str) -> dict:
+def json_object_arg(text: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:

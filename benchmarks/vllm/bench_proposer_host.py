@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.vllm.bench_vllm import DEV_SET, GROUPS, ROOT, group_questions
+from benchmarks.vllm.bench_vllm import DEV_SET, GROUPS, ROOT
+from server.cli import json_object_arg
 
 RESULTS = ROOT / "benchmarks" / "results"
 STREAMS = RESULTS / "proposer_host_streams.json"
@@ -49,26 +50,10 @@ STEP_COST = {"kernel": (0.021, 0.0035), "tree": (0.030, 0.0042)}
 
 def make_streams(model: str, per_group: int, max_tokens: int, path: Path) -> None:
     """Plain vLLM greedy answers (prompt and output token ids) for every group."""
-    from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from benchmarks.vllm.retrieval_sources import generate
 
-    from msn.models import resolve_model
-
-    name = str(resolve_model(model))
-    tok = AutoTokenizer.from_pretrained(name)
-    llm = LLM(model=name, dtype="float32", enforce_eager=True, seed=0, max_model_len=4096,
-              max_num_seqs=8)
-    questions = group_questions(Path(DEV_SET), per_group)
-    out: dict = {"model": model, "max_tokens": max_tokens, "groups": {}}
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    for group in GROUPS:
-        prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                           add_generation_prompt=True)
-                   for q in questions[group]]
-        out["groups"][group] = [
-            {"prompt": list(o.prompt_token_ids), "output": list(o.outputs[0].token_ids)}
-            for o in llm.generate(prompts, params, use_tqdm=False)]
-    path.write_text(json.dumps(out))
+    groups = generate(model, per_group, max_tokens, str(DEV_SET))
+    path.write_text(json.dumps({"model": model, "max_tokens": max_tokens, "groups": groups}))
     print(f"wrote {path}")
 
 
@@ -246,16 +231,6 @@ def against(rev: str, args) -> dict:
     return {"against": rev, "commit": commit, "rounds": args.rounds, "groups": table}
 
 
-def config_arg(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({e})") from e
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--make-streams", action="store_true",
@@ -268,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5,
                     help="replays per group and config (a fresh proposer each; medians)")
     ap.add_argument("--groups", nargs="+", default=GROUPS, choices=GROUPS)
-    ap.add_argument("--configs", nargs="+", type=config_arg, default=[{}],
+    ap.add_argument("--configs", nargs="+", type=json_object_arg, default=[{}],
                     help="TRJacobiConfig overrides, one JSON object per config compared "
                          "(default: the defaults only); ratios are to the first")
     ap.add_argument("--step-cost", type=json.loads, default=STEP_COST,
