@@ -221,6 +221,18 @@ def test_closed_batch_laggards_may_all_take_the_same_rung():
     assert p.plan([3, 2] + [3] * 6, closed=True, remaining=left) == ["chain"] * 2 + [NONE] * 6
 
 
+def test_plan_bounds_count_only_requests_that_must_draft():
+    """The bound that skips plans (`CostPlanner._rate_bounds`) must not price a closed
+    batch's kernel plans with the draft tokens of a request that has no kernel rung
+    known (it goes without there): here request B knows only a 60-node tree, request A
+    a chain that pays, and the plan is A's chain."""
+    p = _trained_planner([("chain", "kernel"), ("big", "tree")],
+                         kernel=[(2, 0.030), (20, 0.066)], closed_value="sum", recorded=True)
+    p.record_request("chain", 3, 10, 9)
+    p.record_request("big", 1, 60, 0)
+    assert p.plan([3, 1], closed=True) == ["chain", NONE]
+
+
 def test_cost_lines_are_kept_per_batch_bucket():
     """A batch-1 step costs about the same for one token or nine (weights read once),
     a batch-8 step pays ~2 ms a draft token; one line for both carried batch 8's slope

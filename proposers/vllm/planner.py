@@ -516,21 +516,25 @@ class CostPlanner:
         tree rung (0.0: there is none): each request at its best known rung, on the
         cheapest a step could cost with the fewest draft tokens such a plan has (the
         smallest known rung, or tree; `together`: every request with a known rung
-        drafts, each at least its smallest)."""
-        per_feature = {}  # feature -> (best accepted, fewest nodes, fewest tree nodes)
+        drafts, each at least its smallest, except that one with no known kernel rung
+        may go without in the kernel plans, so it counts for nothing)."""
+        # feature -> (best accepted, fewest nodes, fewest tree nodes, a kernel rung known)
+        per_feature = {}
         for f in set(features):
             known = [(k, r.path) for r in self.rungs
                      if _eligible(r, f) and (k := self._known(r, f)) is not None]
             trees = [k[1] for k, path in known if path == TREE]
             per_feature[f] = (max((k[0] for k, _ in known), default=0.0),
                               min((k[1] for k, _ in known), default=None),
-                              min(trees) if trees else None)
-        smallest = [n for _, n, _ in per_feature.values() if n is not None]
+                              min(trees) if trees else None,
+                              any(path == KERNEL for _, path in known))
+        smallest = [n for _, n, _, _ in per_feature.values() if n is not None]
         if not smallest:
             return 0.0, 0.0
         best = [per_feature[f][0] * sc for f, sc in zip(features, scales)]
         acc = batch * min(best) if least else sum(best)
-        together_nodes = sum(per_feature[f][1] or 0.0 for f in features) if together else 0.0
+        together_nodes = sum(per_feature[f][1] for f in features
+                             if per_feature[f][3]) if together else 0.0
 
         def bound(nodes: float) -> float:
             x0 = batch + max(nodes, together_nodes)
@@ -541,7 +545,7 @@ class CostPlanner:
                 low = None if coef is None else max(coef[0] + coef[1] * x0, 1e-12)
             return 0.0 if low is None else (batch + acc) / low
 
-        trees = [t for _, _, t in per_feature.values() if t is not None]
+        trees = [t for _, _, t, _ in per_feature.values() if t is not None]
         return bound(min(smallest)), bound(min(trees)) if trees else 0.0
 
     def _dinkelbach(self, features: list[int], scales: list[float], batch: int,
