@@ -81,4 +81,3 @@ def eos_token_ids(*sources) -> set[int]:
         if eos is not None:
             ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
     return ids
-

@@ -186,8 +186,6 @@ class TRJacobiCollector:
             ("probes", "Drafts the planner made to refresh a stale estimate.", s.get("probes")),
             ("shadow_outcomes", "Undrafted retrieval chains judged against the output.",
              s.get("shadow_outcomes")),
-            ("quiet_steps", ("Steps the planner skipped after a run of steps without "
-                             "drafts (config quiet_every)."), s.get("quiet_steps")),
             ("draft_seconds", ("Host seconds spent drafting between steps (vLLM's drafter "
                                "call included)."), s.get("draft_seconds")),
         ]

@@ -274,19 +274,19 @@ def test_proposer_host_replay(tmp_path):
 
     out = tmp_path / "host"
     main(["--repeats", "1", "--batch", "4", "--groups", "rag", "--configs",
-          "{}", '{"quiet_every": 4}', "--out", str(out)])
+          "{}", '{"chain_cuts": [2]}', "--out", str(out)])
     data = json.loads(out.with_suffix(".json").read_text())
     cells = data["groups"]["rag"]
-    assert list(cells) == ["{}", '{"quiet_every": 4}']
+    assert list(cells) == ["{}", '{"chain_cuts": [2]}']
     for cell in cells.values():
         assert cell["steps"] > 0 and cell["propose_us"] > 0
         assert set(cell["phases_us"]) == {"lookup", "shadows", "plan", "draft"}
     assert cells["{}"]["model_ratio_to_first"] == 1.0
     assert out.with_suffix(".png").stat().st_size > 0
     bad = subprocess.run([sys.executable, "-m", "benchmarks.vllm.bench_proposer_host",
-                          "--configs", '{"quiet_every": 0}'], check=False,
+                          "--configs", '{"max_ngram": 9}'], check=False,
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "quiet_every" in bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and "max_ngram" in bad.stderr.strip().splitlines()[-1]
 
     # Acceptance as greedy verification: the deepest node spelling the real text.
     from proposers.templates import chain
@@ -322,7 +322,7 @@ def test_planner_shortcuts_change_no_decision():
     streams = json.loads(STREAMS.read_text())["groups"]
 
     def decisions(shortcuts: bool, group: str, batch: int, cost: dict) -> list:
-        p = make_proposer(quiet_every=1)
+        p = make_proposer()
         planner = p.planner
         if not shortcuts:
             planner.__class__ = Plain

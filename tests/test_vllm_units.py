@@ -916,63 +916,6 @@ def test_shadow_drafts_teach_the_planner_without_drafting():
     assert not p.states["a"].shadows
 
 
-def test_quiet_steps_skip_the_planner_once_drafting_stopped_paying():
-    """Config `quiet_every`: after QUIET_AFTER planned steps without a draft, only every
-    `quiet_every`-th step runs the planner; the others draft nothing but still record and
-    judge shadow drafts. A new request, or one that asked for chains, is planned at once."""
-
-    import numpy as np
-
-    from proposers.vllm.config import TRJacobiConfig
-    from proposers.vllm.proposer import QUIET_AFTER, BatchFeedback
-
-    text = [5, 6, 7, 8, 9] * 8  # every step ends with a 3-gram seen before: a shadow each
-
-    def proposer(**cfg):
-        p = _tree8_proposer(**cfg)
-        for _ in range(5):
-            p.planner.record_step("kernel", 1, 0.030)
-            p.planner.record_step("kernel", 20, 1.0)  # drafting never pays here
-        p.planner.probe_share = 0.0
-        calls = []
-        plan = p.planner.plan
-        p.planner.plan = lambda *a, **kw: calls.append(1) or plan(*a, **kw)
-        return p, calls
-
-    def step(p, n, req_ids=("a",), modes=None):
-        modes = modes or ["tree"] * len(req_ids)
-        p.set_target_feedback(BatchFeedback(list(req_ids), modes))
-        tokens = np.array([text[:n]] * len(req_ids))
-        return p.propose([[1]] * len(req_ids), np.array([n] * len(req_ids)), tokens)
-
-    p, calls = proposer(quiet_every=4)
-    n = 10
-    for _ in range(QUIET_AFTER):
-        assert step(p, n) == [[]]
-        n += 1
-    assert len(calls) == QUIET_AFTER and p.num_quiet_steps == 0
-    shadows_before = p.num_shadow_outcomes
-    for _ in range(8):  # quiet: the planner runs every 4th step
-        assert step(p, n) == [[]]
-        n += 1
-    assert len(calls) == QUIET_AFTER + 2 and p.num_quiet_steps == 6
-    assert p.num_shadow_outcomes > shadows_before  # shadows judged in quiet steps too
-    assert p.planner.history["none"] == QUIET_AFTER + 8  # every request-step counted
-    step(p, n, ("a", "b"))  # a new request: planned now
-    assert len(calls) == QUIET_AFTER + 3
-    step(p, n + 1, ("a", "b"))  # "b" planned once: quiet again
-    assert len(calls) == QUIET_AFTER + 3
-    drafts = step(p, n + 2, ("a", "b"), ["tree", "chain"])  # "b" asks for chains
-    assert len(calls) == QUIET_AFTER + 4 and drafts[1]
-
-    p, calls = proposer()  # the default: plan every step
-    for i in range(2 * QUIET_AFTER):
-        step(p, 10 + i)
-    assert len(calls) == 2 * QUIET_AFTER and p.num_quiet_steps == 0
-    with pytest.raises(ValueError, match="quiet_every"):
-        TRJacobiConfig(quiet_every=0)
-
-
 def test_chain_cuts_draft_a_prefix_and_learn_exactly_from_longer_chains():
     """`chain_cuts`: rungs that draft the chain's first k tokens. A chain's accepted
     tokens are a prefix, so any longer draft of it (or a shadow) tells exactly what a

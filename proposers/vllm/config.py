@@ -101,17 +101,6 @@ class TRJacobiConfig:
     # Measured side by side (MSN model, benchmarks/results/vllm_cpu_msn_interleaved_b1-sized
     # and -b8-sized): 1.77x against 1.69x of plain vLLM at batch 1, 1.03x against 1.02x at 8.
     size_costs: bool = True
-    # Quiet steps: once a batch's planned requests have drafted nothing for
-    # proposer.QUIET_AFTER planned steps in a row, only every `quiet_every`-th step runs
-    # the planner; the others draft nothing (no probes either) but still look up and
-    # judge shadow drafts, so the estimates learn as before. A new request, or a request
-    # that asked for chains, is planned at once. 1 (default): plan every step. The
-    # planner is the largest part of a step's host time (~0.1-0.2 ms at batch 8,
-    # benchmarks/results/vllm_cpu_proposer_host.json), which matters where steps are
-    # short; on 2 CPU cores at batch 8, 4 measured no faster than 1 on any task group and
-    # slower where drafting pays (translation 1.68x against 1.73x of plain vLLM, qa
-    # 1.09x against 1.12x: vllm_cpu_base_interleaved_b8-quiet.json), so it is off.
-    quiet_every: int = 1
     max_ngram: int = 3
     # Retrieval across requests (retrieval.CorpusIndex, algorithm.md section 5): the
     # outputs of finished requests, up to this many tokens (oldest dropped first; ~300
@@ -139,9 +128,6 @@ class TRJacobiConfig:
             raise ValueError(f"trjacobi min_gain must be in [0, 1), got {self.min_gain!r}")
         if not 0.0 <= self.probe_share <= 1.0:
             raise ValueError(f"trjacobi probe_share must be in [0, 1], got {self.probe_share!r}")
-        if not isinstance(self.quiet_every, int) or self.quiet_every < 1:
-            raise ValueError(f"trjacobi quiet_every must be an int >= 1 (1: plan every "
-                             f"step), got {self.quiet_every!r}")
         if not 1 <= self.max_ngram <= MAX_NGRAM:
             raise ValueError(f"trjacobi max_ngram must be in [1, {MAX_NGRAM}] (the planner's "
                              f"feature holds the match length in 2 bits), got {self.max_ngram!r}")

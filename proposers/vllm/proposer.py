@@ -104,9 +104,6 @@ MAX_SHADOWS = 16
 # lookups, features + judging shadow drafts, the planner, drafting the chosen rungs.
 HOST_PHASES = ("lookup", "shadows", "plan", "draft")
 
-# Planned steps in a row that drafted nothing before quiet steps begin (config
-# `quiet_every`).
-QUIET_AFTER = 8
 
 
 class Shadow(NamedTuple):
@@ -144,7 +141,6 @@ class RequestState:
     accepted: float = 0.0  # decaying sum of accepted draft tokens
     expected: float = 0.0  # decaying sum of what the shared estimates expected
     shadows: list[Shadow] = field(default_factory=list)
-    planned: bool = False  # the planner has planned a step of it (`_quiet`)
 
     @property
     def skill(self) -> float:
@@ -218,9 +214,6 @@ class TRJacobiProposer:
         # Host seconds of planned `propose` calls by phase (`HOST_PHASES`): what drafting
         # costs a step before any draft is verified (trjacobi_stats "propose_seconds").
         self.host_seconds = dict.fromkeys(HOST_PHASES, 0.0)
-        self.num_quiet_steps = 0  # steps not planned (`_quiet`)
-        self._undrafted_run = 0  # planned steps in a row that drafted nothing
-        self._quiet_run = 0  # steps since quiet began
         trace = os.environ.get(TRACE_ENV)
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115
 
@@ -346,21 +339,11 @@ class TRJacobiProposer:
                   else 1.0 for r in planned]
         remaining = (None if batch.remaining is None
                      else [batch.remaining[r] for r in planned])
-        if self._quiet(batch, rows):
-            rungs = dict.fromkeys(planned, NONE)
-            self.num_quiet_steps += 1
-            self.planner.history[NONE] = self.planner.history.get(NONE, 0) + len(planned)
-        else:
-            rungs = dict(zip(planned, self.planner.plan(
-                [features[r] for r in planned], batch=len(rows), scales=scales,
-                closed=batch.closed and bool(self.config.closed_batches),
-                remaining=remaining)))
-            for row in planned:
-                self.states[batch.req_ids[row]].planned = True
-            if any(rung != NONE for rung in rungs.values()):
-                self._undrafted_run = self._quiet_run = 0
-            else:
-                self._undrafted_run += 1
+        rungs = dict(zip(planned, self.planner.plan([features[r] for r in planned],
+                                                   batch=len(rows), scales=scales,
+                                                   closed=batch.closed
+                                                   and bool(self.config.closed_batches),
+                                                   remaining=remaining)))
         lap("plan")
         if self._trace is not None and planned:
             self._write_trace([features[r] for r in planned], scales,
@@ -395,27 +378,6 @@ class TRJacobiProposer:
             drafts[row] = list(plan.tokens) if plan else []
         lap("draft")
         return drafts
-
-    # Quiet steps (config `quiet_every`): when drafting has not paid for a while (a
-    # batch-8 math batch on 2 cores plans ~1,000 request-steps and drafts 3-17 of them,
-    # benchmarks/results/vllm_cpu_base_step_split_math.json), running the planner every
-    # step costs more host time than its rare drafts gain. A quiet step still looks up,
-    # records and judges shadow drafts (the estimates learn as before), and skips the
-    # planner: no request drafts, no probe is made.
-    def _quiet(self, batch: BatchFeedback, rows: list[int]) -> bool:
-        """Whether this step goes unplanned."""
-        every = self.config.quiet_every
-        if every <= 1 or self._undrafted_run < QUIET_AFTER:
-            return False
-        for row in rows:
-            mode = batch.modes[row]
-            if mode == "off":
-                continue
-            state = self.states.get(batch.req_ids[row])
-            if mode not in PLANNED_MODES or state is None or not state.planned:
-                return False  # a request that always drafts, or a new one: plan now
-        self._quiet_run += 1
-        return self._quiet_run % every != 0
 
     def trace_step(self, path: str, batch: int, tokens: int, prefill: int, seconds: float) -> None:
         """One line per executed step (with the trace on): what the cost lines learn from."""

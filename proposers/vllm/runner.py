@@ -417,7 +417,6 @@ class TRJacobiRunnerMixin:
             "proposals": self.trj.num_proposals,
             "feedback_proposals": self.trj.num_feedback_proposals,
             "shadow_outcomes": self.trj.num_shadow_outcomes,
-            "quiet_steps": self.trj.num_quiet_steps,  # steps the planner skipped
             # The shared corpus (retrieval.CorpusIndex): what it holds, request-steps
             # whose retrieval chain came from it, and of those the ones that drafted.
             "corpus": {"tokens": len(self.trj.corpus) if self.trj.corpus else 0,
