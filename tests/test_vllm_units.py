@@ -56,6 +56,12 @@ def test_overridden_vllm_internals_unchanged():
     src = inspect.getsource(CPUModelRunner.__mro__[1]._prepare_inputs)
     for attr in ("self.positions", "self.query_start_loc", "compute_slot_mapping"):
         assert attr in src, f"GPUModelRunner._prepare_inputs no longer uses {attr}"
+    # The CPU runner replaces the sampler's greedy kernel (host_ops.fast_greedy_sample):
+    # a static method of the logits alone, called through the instance.
+    from vllm.v1.sample.sampler import Sampler
+
+    assert list(inspect.signature(Sampler.greedy_sample).parameters) == ["logits"]
+    assert "self.greedy_sample(logits)" in inspect.getsource(Sampler.sample)
 
 
 def test_version_guard():
