@@ -15,7 +15,8 @@ numpy's vectorised `argmax` takes 0.04 / 0.1 ms, and a top-K that first ranks bl
   `torch.topk(x, K).indices`, except that indices of values tied with the K-th may be
   different ones: it feeds drafts only (they are verified), never an output token.
 
-Other devices and dtypes (CUDA, bf16) use torch's ops.
+Other devices and dtypes (CUDA, bf16) use torch's ops, and so does the runner with
+`TRJacobiConfig(host_ops=False)` (side-by-side benchmarks).
 """
 
 from __future__ import annotations

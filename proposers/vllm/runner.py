@@ -320,8 +320,11 @@ class TRJacobiRunnerMixin:
                 # On the host (a no-op on CPU): acceptance and feedback run there.
                 # (host_ops: torch's argmax / topk over the vocabulary were ~2 ms each
                 # for a 16-node tree on 2 cores.)
-                plans[row.req_id] = (argmax_rows(block).cpu(),
-                                     topk_rows(block, self.trj.feedback_k).cpu())
+                if self.trj.config.host_ops:
+                    target, topk = argmax_rows(block), topk_rows(block, self.trj.feedback_k)
+                else:
+                    target, topk = block.argmax(-1), block.topk(self.trj.feedback_k, -1).indices
+                plans[row.req_id] = (target.cpu(), topk.cpu())
         output = super()._sample(logits, spec_decode_metadata)
         step = RUNTIME.step
         RUNTIME.step = None
@@ -460,7 +463,8 @@ class TRJacobiRunner(TRJacobiRunnerMixin, CPUModelRunner):
         # vLLM's CPU greedy kernel, replaced by the same argmax in numpy (host_ops: the
         # same token on ties, NaN and -inf rows; ~0.2 -> ~0.04 ms a step at batch 8).
         # The rejection sampler samples its bonus tokens through this same sampler.
-        self.sampler.greedy_sample = fast_greedy_sample
+        if self.trj.config.host_ops:
+            self.sampler.greedy_sample = fast_greedy_sample
 
     def initialize_kv_cache(self, kv_cache_config, is_profiling=False,
                             kv_cache_allocation_context=None) -> None:
