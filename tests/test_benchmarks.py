@@ -344,3 +344,26 @@ def test_planner_shortcuts_change_no_decision():
         assert any(r != "none" for step in fast for r in step)  # some steps drafted
         trees += sum(r.startswith(("tree", "paper")) for step in fast for r in step)
     assert trees  # and some drafted trees (a test of the tree bound)
+
+
+def test_host_ops_benchmark(tmp_path):
+    """The argmax benchmark on tiny shapes: every op timed, numpy's checked against torch;
+    a bad argument is a one-line usage error (exit 2)."""
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks.vllm.bench_host_ops import main
+
+    out = tmp_path / "ops"
+    main(["--rows", "1", "3", "--vocab", "1280", "--k", "3", "--rounds", "1", "--inner", "1",
+          "--threads", "1", "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["rows"] for r in data["rows"]] == [1, 3]
+    for r in data["rows"]:
+        assert {"argmax_torch", "argmax_numpy", "top3_torch"} <= set(r["us"])
+        assert r["argmax_speedup_vs_torch"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.vllm.bench_host_ops", "--k", "0"],
+                         check=False, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--k" in bad.stderr.strip().splitlines()[-1]

@@ -1,10 +1,11 @@
-"""The runner's row reductions over logits on the CPU: torch / vLLM's kernel vs host_ops.
+"""The runner's greedy argmax over logits rows on the CPU: torch / vLLM's kernel vs numpy.
 
 Per row count (1 = a batch-1 decode step; 8 = a batch-8 step; 17 = one request's tree of 16
 nodes; 69 = the 68-node paper tree), the median microseconds of, side by side in one
 process and alternating: the greedy argmax by torch, by vLLM's CPU kernel (if the build
-has one) and by `host_ops.argmax_rows` (numpy); the feedback's top-K by torch and by
-`host_ops.topk_rows`. Each result is checked against torch's first.
+has one) and by `host_ops.argmax_rows` (numpy), checked against torch's first; and torch's
+top-K of the Jacobi feedback, for scale. (`vllm_cpu_host_ops-with-topk.json` is this
+benchmark at e8369ba, with a blockwise top-K since removed: slower than torch's.)
 
     python -m benchmarks.vllm.bench_host_ops --threads 2
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.vllm.bench_vllm import ROOT
-from proposers.vllm.host_ops import argmax_rows, topk_rows
+from proposers.vllm.host_ops import argmax_rows
 
 
 def timed_us(fn, repeats: int, inner: int) -> float:
@@ -59,29 +60,25 @@ def run(args) -> dict:
         x = torch.randn(rows, args.vocab)
         fns = {"argmax_torch": lambda x=x: x.argmax(-1),
                "argmax_numpy": lambda x=x: argmax_rows(x),
-               f"top{k}_torch": lambda x=x, k=k: x.topk(k, -1).indices,
-               f"top{k}_host_ops": lambda x=x, k=k: topk_rows(x, k)}
+               f"top{k}_torch": lambda x=x, k=k: x.topk(k, -1).indices}
         if kernel is not None:
             fns["argmax_vllm_kernel"] = lambda x=x: kernel(x)
         assert torch.equal(argmax_rows(x), x.argmax(-1))
-        assert torch.equal(topk_rows(x, args.k), x.topk(args.k, -1).indices)
         times: dict[str, list[float]] = {name: [] for name in fns}
         for r in range(args.rounds):  # alternating order against drift
             for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
                 times[name].append(timed_us(fns[name], 5, args.inner))
         us = {name: round(statistics.median(t), 1) for name, t in times.items()}
         row = {"rows": rows, "vocab": args.vocab, "us": us,
-               "argmax_speedup_vs_torch": round(us["argmax_torch"] / us["argmax_numpy"], 2),
-               f"top{args.k}_speedup_vs_torch": round(us[f"top{args.k}_torch"]
-                                                      / us[f"top{args.k}_host_ops"], 2)}
+               "argmax_speedup_vs_torch": round(us["argmax_torch"] / us["argmax_numpy"], 2)}
         if kernel is not None:
             row["argmax_speedup_vs_vllm_kernel"] = round(us["argmax_vllm_kernel"]
                                                          / us["argmax_numpy"], 2)
         rows_out.append(row)
         print(f"{rows:3d} rows: " + ", ".join(f"{k} {v:.0f} us" for k, v in us.items())
               + f"; numpy argmax {row['argmax_speedup_vs_torch']}x torch"
-              + (f", {row['argmax_speedup_vs_vllm_kernel']}x vLLM's kernel" if kernel else "")
-              + f"; top-{args.k} {row[f'top{args.k}_speedup_vs_torch']}x torch", flush=True)
+              + (f", {row['argmax_speedup_vs_vllm_kernel']}x vLLM's kernel" if kernel else ""),
+              flush=True)
     return {"meta": {"command": "python -m benchmarks.vllm.bench_host_ops "
                                 + " ".join(map(shlex.quote, sys.argv[1:])),
                      "threads": args.threads, "k": args.k, "torch": torch.__version__,

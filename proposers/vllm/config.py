@@ -101,9 +101,8 @@ class TRJacobiConfig:
     # Measured side by side (MSN model, benchmarks/results/vllm_cpu_msn_interleaved_b1-sized
     # and -b8-sized): 1.77x against 1.69x of plain vLLM at batch 1, 1.03x against 1.02x at 8.
     size_costs: bool = True
-    # On CPU, the greedy argmax (vLLM's sampler and tree acceptance) and the feedback's
-    # top-K over the vocabulary in numpy (host_ops.py; the same tokens); False: torch's and
-    # vLLM's own kernels (for side-by-side benchmarks).
+    # On CPU, the greedy argmax of vLLM's sampler and of tree acceptance in numpy
+    # (host_ops.py; the same tokens); False: vLLM's and torch's own (side-by-side runs).
     host_ops: bool = True
     max_ngram: int = 3
     # Retrieval across requests (retrieval.CorpusIndex, algorithm.md section 5): the
