@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+
 def _numpy_ok(x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and not x.requires_grad and x.dim() == 2)
