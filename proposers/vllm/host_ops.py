@@ -3,9 +3,9 @@
 On vLLM-CPU the runner takes the greedy token of logits rows on the CPU every step: vLLM's
 sampler (one row a request) and our tree acceptance (every drafted node). Over the
 49,152-token vocabulary on 2 idle cores (`benchmarks/vllm/bench_host_ops.py`,
-`benchmarks/results/vllm_cpu_host_ops.json`), torch's `argmax` takes 218 us for 8 rows and
-479 us for 17 (one request's tree of 16 nodes), vLLM's CPU greedy kernel 105 / 238 us, and
-numpy's vectorised `argmax` 40 / 73 us.
+`benchmarks/results/vllm_cpu_host_ops.json`), torch's `argmax` takes 215 us for 8 rows and
+477 us for 17 (one request's tree of 16 nodes), vLLM's CPU greedy kernel 104 / 239 us, and
+numpy's vectorised `argmax` 40 / 74 us.
 
 `argmax_rows` is exactly `torch.argmax(x, -1)`: the first maximal index, NaN counted as
 maximal (numpy's rules too; `tests/test_host_ops.py` checks ties, NaN and -inf rows

@@ -457,7 +457,7 @@ class TRJacobiRunner(TRJacobiRunnerMixin, CPUModelRunner):
     def __init__(self, vllm_config, device):
         super().__init__(vllm_config, device)
         # vLLM's CPU greedy kernel, replaced by the same argmax in numpy (host_ops: the
-        # same token on ties, NaN and -inf rows; ~0.2 -> ~0.04 ms a step at batch 8).
+        # same token on ties, NaN and -inf rows; ~0.10 -> ~0.04 ms a step at batch 8).
         # The rejection sampler samples its bonus tokens through this same sampler.
         if self.trj.config.host_ops:
             self.sampler.greedy_sample = fast_greedy_sample
