@@ -105,7 +105,6 @@ MAX_SHADOWS = 16
 HOST_PHASES = ("lookup", "shadows", "plan", "draft")
 
 
-
 class Shadow(NamedTuple):
     """A retrieval chain a greedy request could have drafted but did not (a named
     tuple: one is made per request and step, and a frozen dataclass took 3x as long)."""
