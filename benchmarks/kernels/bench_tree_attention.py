@@ -62,6 +62,10 @@ SMOKE_MODELS = {"tiny-gqa4": (8, 2, 128), "tiny-gqa3": (6, 2, 64)}
 BLOCK_SIZE = 16
 L2_BYTES = 60 * 2**20
 SMOKE = False  # set by --smoke: CPU, Triton interpreter, wall-clock timing, one input copy
+# Where each sequence's blocks lie in the paged pool (`Case`, --block-order): "random" (the
+# default: every block a random one of the pool, as after churn) or "sequential" (each
+# sequence's blocks one after another, as in a fresh pool and like the peers' contiguous K/V).
+BLOCK_ORDERS = ("random", "sequential")
 
 
 def template_parents(tree_size: int) -> list[int]:
@@ -143,8 +147,11 @@ def num_sms() -> int:
 class Case:
     """Inputs of one case, in ``copies`` independent sets (to defeat the L2)."""
 
-    def __init__(self, model, batch, prefix_len, tree_size, dtype, device):
+    def __init__(self, model, batch, prefix_len, tree_size, dtype, device, block_order="random"):
+        if block_order not in BLOCK_ORDERS:
+            raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {block_order!r}")
         self.model, self.batch, self.prefix_len, self.tree_size = model, batch, prefix_len, tree_size
+        self.block_order = block_order
         self.num_heads, self.num_kv_heads, self.head_dim = {**MODELS, **SMOKE_MODELS}[model]
         self.dtype = dtype
         H, Hkv, D, B, T = self.num_heads, self.num_kv_heads, self.head_dim, batch, tree_size
@@ -158,7 +165,10 @@ class Case:
         num_blocks = self.copies * B * blocks_per_seq
         self.k_pool = torch.randn(num_blocks, BLOCK_SIZE, Hkv, D, dtype=dtype, device=device)
         self.v_pool = torch.randn(num_blocks, BLOCK_SIZE, Hkv, D, dtype=dtype, device=device)
-        perm = torch.randperm(num_blocks, device=device).to(torch.int32)
+        if block_order == "random":
+            perm = torch.randperm(num_blocks, device=device).to(torch.int32)
+        else:
+            perm = torch.arange(num_blocks, device=device, dtype=torch.int32)
         self.tables = perm.view(self.copies, B, blocks_per_seq)
         self.query = torch.randn(B * T, H, D, dtype=dtype, device=device)
         self.cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=device)
@@ -503,12 +513,16 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 9), squeeze=False)
     for col, model in enumerate(models):
         mine = [r for r in rows if r["model"] == model]
+        orders = len({r.get("block_order", "random") for r in mine}) > 1
         ax = axes[0][col]
         for b in sorted({r["batch"] for r in mine}):
             for t in sorted({r["tree_size"] for r in mine}):
-                pts = sorted((r["prefix_len"], r["pct_of_read_ceiling"]) for r in mine
-                             if r["batch"] == b and r["tree_size"] == t)
-                ax.plot(*zip(*pts), marker="o", label=f"batch {b}, tree {t}")
+                for order in sorted({r.get("block_order", "random") for r in mine}):
+                    pts = sorted((r["prefix_len"], r["pct_of_read_ceiling"]) for r in mine
+                                 if r["batch"] == b and r["tree_size"] == t
+                                 and r.get("block_order", "random") == order)
+                    ax.plot(*zip(*pts), marker="o", label=f"batch {b}, tree {t}"
+                            + (f", {order} blocks" if orders else ""))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prefix length")
         ax.set_ylabel("% of read ceiling (fastest K/V read in the run)")
@@ -517,7 +531,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=7)
         ax = axes[1][col]
         labels = [f"B{r['batch']}/P{r['prefix_len'] // 1024 or r['prefix_len']}"
-                  f"{'k' if r['prefix_len'] >= 1024 else ''}/T{r['tree_size']}" for r in mine]
+                  f"{'k' if r['prefix_len'] >= 1024 else ''}/T{r['tree_size']}"
+                  f"{'/' + r['block_order'][:3] if orders else ''}" for r in mine]
         x = range(len(mine))
         for key, off in (("sdpa", -0.2), ("flex", 0.2)):
             ratio = [(r[key] / r["ours"]) if r.get(key) else float("nan") for r in mine]
@@ -563,22 +578,26 @@ def final_cases(args, device, meta: dict, configs: dict) -> list[dict]:
             continue
         best = configs.get(class_key(model, t))
         tile = TileConfig.from_list(best["tile"]) if best else None
-        case = Case(model, b, p, t, torch.bfloat16, device)
-        try:
-            r = run_case(case, args, tile, f"sweep best ({best['name']})" if best else "default")
-        except Exception as exc:  # noqa: BLE001 (our kernel failed: record it, keep the other cases)
-            print(f"{model} B={b} P={p} T={t}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        for order in args.block_order:  # each order right after the other, same case
+            case = Case(model, b, p, t, torch.bfloat16, device, block_order=order)
+            try:
+                r = run_case(case, args, tile, f"sweep best ({best['name']})" if best else "default")
+            except Exception as exc:  # noqa: BLE001 (our kernel failed: record it, keep the other cases)
+                print(f"{model} B={b} P={p} T={t} ({order} blocks): {type(exc).__name__}: "
+                      f"{str(exc)[:300]}", flush=True)
+                del case
+                continue
+            r.update(meta)
+            r["block_order"] = order
+            rows.append(r)
             del case
-            continue
-        r.update(meta)
-        rows.append(r)
-        del case
-        if not SMOKE:
-            torch.cuda.empty_cache()
-        print(f"{model:<13}{b:>3}{p:>7}{t:>4} {_us(r['ours'])}{_us(r['sdpa'])}"
-              f"{_us(r['flex'])}{_ratio(r, 'sdpa')}{_ratio(r, 'flex')}"
-              f"{r['achieved_gbps']:7.0f}{r['pct_of_bound']:7.1f}  {r['config']} x{r['num_splits']}", flush=True)
-        args.out.write_text(json.dumps(rows, indent=1))
+            if not SMOKE:
+                torch.cuda.empty_cache()
+            print(f"{model:<13}{b:>3}{p:>7}{t:>4} {_us(r['ours'])}{_us(r['sdpa'])}"
+                  f"{_us(r['flex'])}{_ratio(r, 'sdpa')}{_ratio(r, 'flex')}"
+                  f"{r['achieved_gbps']:7.0f}{r['pct_of_bound']:7.1f}  {r['config']} x{r['num_splits']}"
+                  f"{'' if len(args.block_order) == 1 else '  ' + order + ' blocks'}", flush=True)
+            args.out.write_text(json.dumps(rows, indent=1))
     return rows
 
 
@@ -713,6 +732,10 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=None)
     ap.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--block-order", nargs="+", choices=BLOCK_ORDERS, default=["random"],
+                    help="where each sequence's blocks lie in the paged pool: random (default, as "
+                         "after churn) and/or sequential (as in a fresh pool); with both, every "
+                         "case runs under each, back to back (--phase final)")
     ap.add_argument("--phase", choices=["all", "sweep", "final", "splits", "tiles"], default="all",
                     help="all: (optional --sweep) then the cases; sweep: only the class sweep "
                          "(--sweep PATH); final: only the cases (with --configs); splits: every "
@@ -809,11 +832,13 @@ def finish(rows: list[dict], out: Path) -> None:
     add_read_ceiling(rows)
     out.write_text(json.dumps(rows, indent=1))
     print(f"read ceiling (fastest K/V read of any method) {rows[0]['read_ceiling_gbps']:.0f} GB/s")
+    orders = len({r.get("block_order", "random") for r in rows}) > 1
     for r in rows:
         print(f"{r['model']:<13}{r['batch']:>3}{r['prefix_len']:>7}{r['tree_size']:>4} "
               f"{r['achieved_gbps']:7.0f} GB/s {r['pct_of_bound']:6.1f}% of copy bound "
               f"{r['pct_of_read_ceiling']:6.1f}% of read ceiling "
-              f"{r['pct_of_read_roofline']:6.1f}% of read/compute roofline", flush=True)
+              f"{r['pct_of_read_roofline']:6.1f}% of read/compute roofline"
+              f"{'  ' + r['block_order'] + ' blocks' if orders else ''}", flush=True)
     try:
         plot(rows, out.with_suffix(".png"))
     except ImportError as exc:  # the GPU machine may lack matplotlib: plot later with --recompute
