@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from benchmarks.vllm.ab_revisions import summarise
-from benchmarks.vllm.bench_interleaved import plugin_variant
+from benchmarks.vllm.bench_interleaved import plugin_variant, spec_variant
 
 
 def test_plugin_variant_parses_name_and_settings():
@@ -27,6 +27,25 @@ def test_plugin_variant_parses_name_and_settings():
 def test_plugin_variant_rejects_bad_input(text, why):
     with pytest.raises(argparse.ArgumentTypeError, match=why):
         plugin_variant(text)
+
+
+def test_spec_variant_parses_a_vllm_speculative_config():
+    name, config = spec_variant('ngram64={"method": "ngram", "num_speculative_tokens": 4, '
+                                '"prompt_lookup_min": 64, "prompt_lookup_max": 64}')
+    assert name == "ngram64"
+    assert config["method"] == "ngram" and config["prompt_lookup_min"] == 64
+
+
+@pytest.mark.parametrize("text,why", [
+    ("noequals", "NAME=JSON"),
+    ('ngram={"method": "ngram"}', "new engine name"),  # the --ngram engine's name
+    ("x={bad json", "x:"),
+    ('x=[1, 2]', "method"),
+    ('x={"num_speculative_tokens": 4}', "method"),
+])
+def test_spec_variant_rejects_bad_input(text, why):
+    with pytest.raises(argparse.ArgumentTypeError, match=why):
+        spec_variant(text)
 
 
 def test_ab_summary_is_the_geometric_mean_ratio_per_cell():

