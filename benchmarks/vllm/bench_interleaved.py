@@ -362,32 +362,33 @@ def run(args) -> dict:
             "plugin_mat": round(1 + accepted / drafts, 3) if drafts else 1.0}
 
 
-def plugin_variant(text: str) -> tuple[str, dict]:
-    """`NAME=JSON` of --plugin-variant: an engine name and TRJacobiConfig overrides."""
-    from proposers.vllm.config import TRJacobiConfig
-
+def _named_json(text: str) -> tuple[str, object]:
+    """`NAME=JSON` of the variant options: a new engine name and the parsed JSON."""
     name, sep, raw = text.partition("=")
     if not sep or not name or name in ("plain", "plugin", OFF, TWIN, NGRAM_NAME):
         raise argparse.ArgumentTypeError(
             f"expected NAME=JSON with a new engine name, got {text!r}")
     try:
-        overrides = json.loads(raw)
+        return name, json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{name}: {exc}") from None
+
+
+def plugin_variant(text: str) -> tuple[str, dict]:
+    """`NAME=JSON` of --plugin-variant: an engine name and TRJacobiConfig overrides."""
+    from proposers.vllm.config import TRJacobiConfig
+
+    name, overrides = _named_json(text)
+    try:
         TRJacobiConfig(**overrides)  # unknown keys and bad values fail here, not later
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:
         raise argparse.ArgumentTypeError(f"{name}: {exc}") from None
     return name, overrides
 
 
 def spec_variant(text: str) -> tuple[str, dict]:
     """`NAME=JSON` of --spec-variant: an engine name and a vLLM `speculative_config`."""
-    name, sep, raw = text.partition("=")
-    if not sep or not name or name in ("plain", "plugin", OFF, TWIN, NGRAM_NAME):
-        raise argparse.ArgumentTypeError(
-            f"expected NAME=JSON with a new engine name, got {text!r}")
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"{name}: {exc}") from None
+    name, config = _named_json(text)
     if not isinstance(config, dict) or "method" not in config:
         raise argparse.ArgumentTypeError(
             f"{name}: expected a JSON object with a \"method\" (vLLM's speculative_config)")
