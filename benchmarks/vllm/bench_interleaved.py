@@ -21,7 +21,7 @@ issue's whole table (plain, n-gram, chain, tree) can come from one interleaved r
 `--plugin-variant NAME=JSON` adds a plugin engine with other TR-Jacobi settings (e.g. a
 different ladder), to compare settings on the same minutes of the machine;
 `--spec-variant NAME=JSON` an engine with one of vLLM's own speculative configs (e.g. an
-n-gram lookup too long to ever match: what vLLM's spec-decode path costs with no drafts).
+n-gram lookup too long to match: what that engine pays per step without drafting).
 Every speculating engine runs with vLLM's per-request speculative-decoding metrics, so
 each reports its MAT (1 + accepted draft tokens per drafted request-step, vLLM's mean
 acceptance length) from its own outputs.
