@@ -310,6 +310,11 @@ def test_tree_attention_bench_block_orders(tmp_path):
     assert [r["block_order"] for r in rows] == ["random", "sequential"]
     assert all(r["ours"] > 0 and r["sdpa"] > 0 for r in rows)
     assert out.with_suffix(".png").stat().st_size > 0
+    # The other phases lay out random blocks only: asking otherwise is a usage error.
+    bad = subprocess.run([sys.executable, "benchmarks/kernels/bench_tree_attention.py",
+                          "--phase", "splits", "--block-order", "sequential"],
+                         check=False, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--block-order applies to --phase final" in bad.stderr
 
 
 def test_proposer_host_replay(tmp_path):

@@ -761,6 +761,9 @@ def main() -> None:
                     help="only recompute derived fields and the plot of an existing result JSON")
     args = ap.parse_args()
     SMOKE = args.smoke
+    if args.block_order != ["random"] and args.phase not in ("all", "final"):
+        ap.error(f"--block-order applies to --phase final (and all); --phase {args.phase} "
+                 "always uses random blocks")
     args.models = args.models or (list(SMOKE_MODELS) if SMOKE else list(MODELS))
     args.prefix_lens = args.prefix_lens or ([40, 9] if SMOKE else [512, 4096, 32768])
     args.batches = args.batches or ([2] if SMOKE else [1, 8, 64])
