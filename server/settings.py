@@ -19,12 +19,15 @@ EngineName = Literal["reference", "vllm"]
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MSN_", extra="ignore")
 
-    engine: EngineName = "reference"
+    # vLLM with the TR-Jacobi plugin (batched, cost-aware speculation) unless asked for the
+    # reference runner (batch 1, the paper's algorithm on a transformers model).
+    engine: EngineName = "vllm"
     model: str | None = Field(
         None, description="`base`, `msn`, or a local Hugging Face checkpoint; default: `msn` once "
         "its artifact is committed under models/, else `base`")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    # Reference engine only (default cpu); vLLM takes its platform from its build.
+    device: str | None = None
     served_model_name: str | None = Field(
         None, description="the `model` id clients send; defaults to the checkpoint folder name"
     )

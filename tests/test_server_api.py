@@ -555,7 +555,24 @@ def test_serve_cli_rejects_bad_input():
         r.stderr.strip().splitlines()) == 1
 
 
+def test_serve_defaults_to_vllm_with_the_plugin():
+    """`msn serve` with no flags serves vLLM with the TR-Jacobi plugin (the product);
+    the reference runner is one flag away, on cpu unless told."""
+    from msn.cli import build_parser
+    from server.cli import settings_from_args
+
+    settings = settings_from_args(build_parser().parse_args(["serve"]))
+    assert settings.engine == "vllm" and settings.vllm_speculation == "tr-jacobi"
+    assert settings.speculative_config is None and settings.device is None
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda"], r"--device cuda applies to --engine reference"),
+    (["--engine", "vllm", "--device", "cpu"], r"--device cpu applies to --engine reference"),
+    (["--engine", "reference", "--default-method", "beam"],
+     r"--default-method beam is not available on the reference engine; choose one of ar, "),
+    (["--default-method", "ar"],
+     r"--default-method ar is not available on the vllm engine; choose one of tr-jacobi$"),
     (["--engine", "reference", "--trjacobi", '{"corpus_tokens": 0}'], "needs --engine vllm"),
     (["--engine", "vllm", "--vllm-speculation", "none", "--trjacobi", '{"corpus_tokens": 0}'],
      "needs --engine vllm, --vllm-speculation tr-jacobi"),
@@ -563,15 +580,17 @@ def test_serve_cli_rejects_bad_input():
     (["--engine", "vllm", "--trjacobi", '{"no_such_setting": 1}'],
      r"unknown setting\(s\) no_such_setting \(known: .*corpus_tokens"),
 ])
-def test_serve_cli_checks_trjacobi_settings(argv, message):
-    """`--trjacobi` (TR-Jacobi settings over the defaults) applies to the vllm engine's
-    plugin only, and bad settings are one line, exit code 2, before anything starts."""
+def test_serve_cli_checks_engine_settings(argv, message):
+    """Settings for the other engine (`--device` is the reference runner's, `--trjacobi`
+    the vllm plugin's), a default method the engine lacks and bad TR-Jacobi settings are
+    one line, exit code 2, before anything starts."""
     from msn.cli import build_parser
     from msn.errors import UsageError
     from server.cli import build_engine, settings_from_args
 
     settings = settings_from_args(build_parser().parse_args(["serve", *argv]))
-    if "needs --engine vllm" not in message:
+    if "needs --engine vllm" not in message and "applies to" not in message and (
+            "reference engine" not in message):
         pytest.importorskip("vllm")
     with pytest.raises(UsageError, match=message):
         build_engine(settings)
