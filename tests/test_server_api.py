@@ -571,8 +571,11 @@ def test_serve_defaults_to_vllm_with_the_plugin():
     (["--engine", "vllm", "--device", "cpu"], r"--device cpu applies to --engine reference"),
     (["--engine", "reference", "--default-method", "beam"],
      r"--default-method beam is not available on the reference engine; choose one of ar, "),
-    (["--default-method", "ar"],
-     r"--default-method ar is not available on the vllm engine; choose one of tr-jacobi$"),
+    (["--default-method", "jacobi"],
+     (r"--default-method jacobi is not available on the vllm engine; choose one of "
+      r"tr-jacobi, pld, ar$")),
+    (["--vllm-speculation", "none", "--default-method", "tr-jacobi"],
+     r"--default-method tr-jacobi is not available on the vllm engine; choose one of ar$"),
     (["--engine", "reference", "--trjacobi", '{"corpus_tokens": 0}'], "needs --engine vllm"),
     (["--engine", "vllm", "--vllm-speculation", "none", "--trjacobi", '{"corpus_tokens": 0}'],
      "needs --engine vllm, --vllm-speculation tr-jacobi"),

@@ -101,10 +101,31 @@ def test_chat_greedy_matches_the_reference_runner(client, server, reference_text
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
-def test_method_is_fixed_per_vllm_engine(server):
+def test_plugin_methods_per_request(client, server):
+    """The plugin takes a mode per request: `ar` drafts nothing, `pld` prompt lookup only,
+    `tr-jacobi` (the default) everything; on a prompt that repeats itself (drafts worth
+    verifying) the greedy text is the same under all three."""
+    items = ", ".join(["red apple", "green pear", "blue plum", "black fig"] * 3)
+    prompt = f"List: {items}. Again: {items}. Again: red apple,"
+    texts, drafts = {}, {}
+    for method in ("ar", "pld", "tr-jacobi"):
+        before = _spec_counters(server.url, "tr-jacobi").get("msn_spec_decode_num_drafts_total", 0)
+        r = client.completions.create(model=server.engine.model_name, max_tokens=48,
+                                      temperature=0, prompt=prompt, extra_body={"method": method})
+        assert r.model_extra["decoding"]["method"] == method
+        texts[method] = r.choices[0].text
+        time.sleep(1.5)  # the stat logger runs after each engine iteration
+        drafts[method] = _spec_counters(server.url, "tr-jacobi").get(
+            "msn_spec_decode_num_drafts_total", 0) - before
+    assert texts["ar"] == texts["pld"] == texts["tr-jacobi"]
+    assert drafts["ar"] == 0 and drafts["pld"] > 0, drafts
+
+
+def test_methods_outside_the_plugin_are_rejected(server):
     r = httpx.post(server.url + "/v1/completions", json={
-        "model": server.engine.model_name, "prompt": "x", "method": "ar"})
+        "model": server.engine.model_name, "prompt": "x", "method": "jacobi"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "method"
+    assert "choose one of tr-jacobi, pld, ar" in r.json()["error"]["message"]
 
 
 def test_parallel_streams_batch_and_overflow_gets_429(server, client):

@@ -4,8 +4,10 @@ vLLM batches concurrent requests itself, so the admission width defaults to 8. D
 plain unless `speculative_config` is given: that dict goes to vLLM unchanged, which is
 where the TR-Jacobi plugin (issue 6) plugs in, e.g.
 `{"method": "custom_class", "model": "proposers.vllm.TRJacobiProposer",
-"num_speculative_tokens": N}`. vLLM chooses the method for the whole engine, so a request
-may name only that one method.
+"num_speculative_tokens": N}`. vLLM chooses the speculative method for the whole engine, so
+a request may name only that one method, except with the plugin, which takes a mode per
+request (`PLUGIN_METHODS`): `tr-jacobi` (its default), `pld` (prompt lookup only) or `ar`
+(no drafts).
 
 Speculative metrics come from vLLM's own per-iteration counters (a stat logger feeding our
 Prometheus registry), not from the output deltas: vLLM may merge several steps into one
@@ -54,6 +56,11 @@ def set_cpu_env_defaults() -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
 
 
+# Request methods of the TR-Jacobi plugin's engine -> the plugin's per-request mode
+# (`SamplingParams.extra_args["trjacobi"]`; None: the engine's configuration).
+PLUGIN_METHODS: dict[str, str | None] = {"tr-jacobi": None, "pld": "retrieval", "ar": "off"}
+
+
 class VLLMEngine(Engine):
     name = "vllm"
     reports_step_metrics = False
@@ -71,6 +78,8 @@ class VLLMEngine(Engine):
         # The label requests use in `method`; "ar" is plain decoding.
         method = method_name or ("ar" if speculative_config is None else "tr-jacobi")
         self.methods = (method,)
+        if method_name is None and self.runs_trjacobi:
+            self.methods = tuple(PLUGIN_METHODS)
         self.default_method = method
         self.default_max_running = max_running
         self.metrics = metrics
@@ -117,6 +126,15 @@ class VLLMEngine(Engine):
         spec = self.speculative_config or {}
         return str(spec.get("model", "")).startswith("proposers.vllm")
 
+    def request_extra_args(self, method: str) -> dict[str, str] | None:
+        """vLLM `extra_args` for a request of `method`: the plugin's mode for it, if any."""
+        mode = PLUGIN_METHODS.get(method) if self.runs_trjacobi else None
+        if mode is None:
+            return None
+        from proposers.vllm.runner import EXTRA_ARGS_KEY
+
+        return {EXTRA_ARGS_KEY: mode}
+
     async def refresh_metrics(self) -> None:
         """Copy the TR-Jacobi worker's counters (`trjacobi_stats`) into the app's
         registry. Bounded by STATS_TIMEOUT_S: a busy engine answers between two steps;
@@ -162,6 +180,7 @@ class VLLMEngine(Engine):
             max_tokens=sampling.max_tokens, temperature=sampling.temperature,
             top_p=sampling.top_p, seed=sampling.seed, stop=list(sampling.stop) or None,
             output_kind=RequestOutputKind.DELTA,
+            extra_args=self.request_extra_args(sampling.method),
         )
         finished = False
         try:
