@@ -422,3 +422,62 @@ def test_host_ops_benchmark(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "benchmarks.vllm.bench_host_ops", "--k", "0"],
                          check=False, capture_output=True, text=True)
     assert bad.returncode == 2 and "--k" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_load_level_records_each_prompts_text_for_the_comparison():
+    """`run_level` keeps which prompt each request sent and its streamed text, which the
+    plugin-vs-plain HTTP comparison (`benchmarks/load/compare.py`) matches across servers."""
+    import asyncio
+
+    from benchmarks.load.client import run_level
+    from benchmarks.load.compare import mismatches
+    from server.app import create_app
+    from server.settings import ServerSettings
+    from tests.server_support import FAKE_MODEL, FakeEngine, ServerThread
+
+    with ServerThread(create_app(ServerSettings(), FakeEngine())) as srv:
+        result, records = asyncio.run(run_level(srv.url, FAKE_MODEL, ["ab", "cde", "f"], 2, 5,
+                                                60, 6))
+    assert result.completed == 5
+    assert sorted(r.prompt_index for r in records) == [0, 0, 1, 1, 2]
+    texts = {r.prompt_index: r.text for r in records}
+    assert all(len(t) > 0 for t in texts.values())
+    assert mismatches(texts, dict(texts)) == []
+    assert mismatches(texts, {**texts, 1: texts[1] + "x", 7: "only here"}) == [1]
+
+
+def _load_cell(rnd: int, c: int, plain: float, plugin: float, bad: list[int]) -> dict:
+    def result(tok_s):
+        lat = {"p50": 0.5, "p90": 1.0, "p99": 1.0, "mean": 0.6}
+        return {"output_tokens_per_s": tok_s, "ttft_s": lat, "itl_s": lat, "e2e_s": lat,
+                "completed": 4, "sent": 4, "mean_mat": 2.0 if tok_s == plugin else None}
+    return {"round": rnd, "concurrency": c, "order": ["plain", "plugin"],
+            "results": {"plain": result(plain), "plugin": result(plugin)}, "mismatches": bad}
+
+
+def test_load_compare_summary_table_and_plot(tmp_path):
+    from benchmarks.load.compare import markdown, plot, summarize
+
+    cells = [_load_cell(0, 1, 20.0, 30.0, []), _load_cell(1, 1, 20.0, 26.0, []),
+             _load_cell(0, 8, 100.0, 95.0, [3]), _load_cell(1, 8, 100.0, 105.0, [])]
+    summary = summarize(cells)
+    assert [row["concurrency"] for row in summary] == [1, 8]
+    assert summary[0]["throughput_ratio"] == {"median": 1.4, "per_round": [1.5, 1.3]}
+    assert summary[0]["plugin"]["output_tokens_per_s"] == 28.0
+    assert summary[0]["plugin"]["completed"] == 8 and summary[0]["mismatches"] == 0
+    assert summary[1]["throughput_ratio"]["median"] == 1.0 and summary[1]["mismatches"] == 1
+    table = markdown(summary)
+    assert "| 1 | 20.0 | 28.0 | 1.4x (1.5, 1.3) |" in table
+    plot(summary, tmp_path / "load.png", "test")
+    assert (tmp_path / "load.png").stat().st_size > 0
+
+
+def test_load_compare_rejects_bad_arguments():
+    import subprocess
+    import sys
+
+    for argv, why in ((["--concurrency", "1,x"], "--concurrency"),
+                      (["--rounds", "0"], ">= 1")):
+        bad = subprocess.run([sys.executable, "-m", "benchmarks.load.compare", *argv, "--out",
+                              "/tmp/never"], check=False, capture_output=True, text=True)
+        assert bad.returncode == 2 and why in bad.stderr.strip().splitlines()[-1]

@@ -36,6 +36,8 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
     mat: float | None = None
+    prompt_index: int = -1  # which of the level's prompts (run_level)
+    text: str = ""  # the streamed completion
 
 
 @dataclass(slots=True)
@@ -90,6 +92,7 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str
                     continue
                 now = time.perf_counter()
                 if event.get("choices") and event["choices"][0]["delta"].get("content"):
+                    record.text += event["choices"][0]["delta"]["content"]
                     if last is None:
                         record.ttft_s = now - start
                     else:
@@ -117,10 +120,11 @@ async def run_level(url: str, model: str, prompts: list[str], concurrency: int,
     async def worker(http: httpx.AsyncClient) -> None:
         nonlocal next_index
         while next_index < max_requests and time.perf_counter() < deadline:
-            prompt = prompts[next_index % len(prompts)]
+            index = next_index % len(prompts)
             next_index += 1
-            record, retry_after = await one_request(http, url, model, prompt, max_tokens,
-                                                    extra)
+            record, retry_after = await one_request(http, url, model, prompts[index],
+                                                    max_tokens, extra)
+            record.prompt_index = index
             records.append(record)
             if retry_after:
                 await asyncio.sleep(min(retry_after, max(deadline - time.perf_counter(), 0)))

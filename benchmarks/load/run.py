@@ -78,18 +78,16 @@ class InProcessServer:
         self.thread.join(timeout=120)
 
 
-def build_engine(kind: str, model: str, dtype: str, max_running: int | None):
-    from msn.models import resolve_model
+def build_engine(kind: str, model: str, dtype: str, max_running: int | None,
+                 vllm_speculation: str = "tr-jacobi"):
+    """The engine `msn serve --engine KIND` builds (vllm: with the TR-Jacobi plugin unless
+    `vllm_speculation` is "none")."""
+    from server.cli import build_engine as serve_engine
+    from server.settings import ServerSettings
 
-    path = resolve_model(model, dtype=dtype)
-    if kind == "vllm":
-        from server.engines.vllm import VLLMEngine, set_cpu_env_defaults
-
-        set_cpu_env_defaults()
-        return VLLMEngine(path, dtype=dtype, max_running=max_running or 8)
-    from server.engines.reference import ReferenceEngine
-
-    return ReferenceEngine(path, dtype=dtype, default_method="ar")
+    return serve_engine(ServerSettings(engine=kind, model=model, dtype=dtype,
+                                       max_running=max_running,
+                                       vllm_speculation=vllm_speculation))
 
 
 async def _engine_one_token(engine, prompt: str, method: str) -> float:
