@@ -7,7 +7,10 @@ Both servers run in this process, built as `msn serve` builds them (`--engine vl
 the same with `--vllm-speculation none`), each idle while the other runs. For every round
 and concurrency level both get the same closed-loop load (`client.run_level`: greedy
 streaming chat completions of the first `--per-group` dev questions of each task group),
-who goes first alternating, each after an untimed warm-up request and a pause. Reported
+who goes first alternating, each after an untimed warm-up request and a pause. The
+plugin's shared corpus of earlier outputs is cleared before each timed level (the same
+prompts come back at every level and round; `--keep-corpus` keeps it: the repeated-request
+case, where the corpus holds every answer). Reported
 per level: each server's output tokens/s and TTFT / inter-token / end-to-end p50, the
 plugin's throughput ratio to plain vLLM per round, and whether every completed request's
 text equals plain vLLM's for the same prompt (greedy: it must). Writes OUT.json and OUT.png.
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-group", type=int, default=2, help="prompts per Spec-Bench group")
     p.add_argument("--rounds", type=int, default=2, help="sweeps of every level")
     p.add_argument("--max-running", type=int, help="admission width (default: 8)")
+    p.add_argument("--keep-corpus", action="store_true",
+                   help="do not clear the plugin's corpus of earlier outputs before a level")
     p.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.png")
     args = p.parse_args(argv)
     try:
@@ -167,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model,
             "dtype": args.dtype, "max_tokens": args.max_tokens, "requests": args.requests,
             "num_prompts": len(prompts), "rounds": args.rounds, "greedy": True,
+            "corpus_cleared_per_level": not args.keep_corpus,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "loadavg_start": list(os.getloadavg())}}
     cells: list[dict] = []
@@ -185,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name in order:
                     srv = servers[name]
                     warm_up(srv.url, model)
+                    if not args.keep_corpus:
+                        srv.run(srv.engine.clear_corpus())
                     result, records = asyncio.run(run_level(
                         srv.url, model, prompts, c, args.requests, args.max_seconds,
                         args.max_tokens))

@@ -135,6 +135,12 @@ class VLLMEngine(Engine):
 
         return {EXTRA_ARGS_KEY: mode}
 
+    async def clear_corpus(self) -> None:
+        """Forget earlier requests' outputs (the plugin's shared corpus): benchmarks that
+        send the same prompts again call this so no run finds its answers there."""
+        if self.runs_trjacobi and self.ready:
+            await self._llm.collective_rpc("trjacobi_clear_corpus")
+
     async def refresh_metrics(self) -> None:
         """Copy the TR-Jacobi worker's counters (`trjacobi_stats`) into the app's
         registry. Bounded by STATS_TIMEOUT_S: a busy engine answers between two steps;
