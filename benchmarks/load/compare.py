@@ -208,19 +208,20 @@ def main(argv: list[str] | None = None) -> int:
                       f"({b['output_tokens_per_s'] / max(a['output_tokens_per_s'], 1e-9):.3f}x), "
                       f"completed {a['completed']}/{a['sent']} and {b['completed']}/{b['sent']}, "
                       f"mismatches {cell['mismatches']}", file=sys.stderr, flush=True)
-    finally:
         meta["machine"]["loadavg_end"] = list(os.getloadavg())
+        summary = summarize(cells)
+        report = {"meta": meta, "summary": summary, "cells": cells}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        out_json = args.out.with_suffix(".json")
+        out_json.write_text(json.dumps(report, indent=2) + "\n")
+        plot(summary, args.out.with_suffix(".png"), f"msn-serve over HTTP, vLLM-CPU, model "
+             f"{args.model}, {args.max_tokens} tokens, greedy")
+        print(markdown(summary))
+        print(f"wrote {out_json} and {args.out.with_suffix('.png')}", file=sys.stderr,
+              flush=True)
+    finally:
         for srv in servers.values():
             srv.stop()
-    summary = summarize(cells)
-    report = {"meta": meta, "summary": summary, "cells": cells}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    out_json = args.out.with_suffix(".json")
-    out_json.write_text(json.dumps(report, indent=2) + "\n")
-    plot(summary, args.out.with_suffix(".png"),
-         f"msn-serve over HTTP, vLLM-CPU, model {args.model}, {args.max_tokens} tokens, greedy")
-    print(markdown(summary))
-    print(f"wrote {out_json} and {args.out.with_suffix('.png')}", file=sys.stderr)
     return 1 if any(row["mismatches"] for row in summary) else 0
 
 

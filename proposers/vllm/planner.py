@@ -48,10 +48,10 @@ accepted, but mostly by requests ahead of the back, so the batch took as many st
 without drafts (benchmarks/results/vllm_cpu_step_split.json). Two later runs of the
 default (`-final.json`, `-final2.json`) measured qa 0.97 and 0.95, math 0.99 and 0.97 of
 plain, with the drafting-off control at 0.97 on both in the second: not yet "never
-slower" there (README). "least" (everyone drafts together, valued by the least of all)
-was no better than "sum" (`-shadow-least.json`). A rule of
+slower" there (benchmarks/results/vllm-cpu-log.md). "least" (everyone drafts together,
+valued by the least of all) was no better than "sum" (`-shadow-least.json`). A rule of
 2026-11-28 that let the back draft without valuing it by its least member measured worse
-on translation, but on a benchmark whose engine order was biased (`-tail.json`, README).
+on translation, but on a benchmark whose engine order was biased (`-tail.json`, the log).
 
 (rung, feature) pairs never tried, or not tried for a while, are probed on one request
 now and then (tree rungs more rarely, since a tree step moves the whole batch to the
