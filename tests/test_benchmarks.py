@@ -481,3 +481,21 @@ def test_load_compare_rejects_bad_arguments():
         bad = subprocess.run([sys.executable, "-m", "benchmarks.load.compare", *argv, "--out",
                               "/tmp/never"], check=False, capture_output=True, text=True)
         assert bad.returncode == 2 and why in bad.stderr.strip().splitlines()[-1]
+
+
+def test_env_variants_parse_and_apply_only_while_building():
+    import os
+
+    from benchmarks.vllm.bench_interleaved import built_under, engine_env, env_variant
+
+    assert env_variant('spin={"GOMP_SPINCOUNT": 10000}') == ("spin", {"GOMP_SPINCOUNT": "10000"})
+    assert engine_env('{"A_B": "x"}') == {"A_B": "x"}
+    for bad in ('spin=["x"]', 'spin={"A": true}', 'plain={"A": "1"}', "spin"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            env_variant(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="--engine-env"):
+        engine_env("{nope")
+    key = "MSN_TEST_BUILT_UNDER"
+    os.environ.pop(key, None)
+    assert built_under({key: "7"}, lambda: os.environ[key]) == "7"
+    assert key not in os.environ  # restored after the build

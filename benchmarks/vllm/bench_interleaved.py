@@ -21,7 +21,10 @@ issue's whole table (plain, n-gram, chain, tree) can come from one interleaved r
 `--plugin-variant NAME=JSON` adds a plugin engine with other TR-Jacobi settings (e.g. a
 different ladder), to compare settings on the same minutes of the machine;
 `--spec-variant NAME=JSON` an engine with one of vLLM's own speculative configs (e.g. an
-n-gram lookup too long to match: what that engine pays per step without drafting).
+n-gram lookup too long to match: what that engine pays per step without drafting);
+`--env-variant NAME=JSON` a plain vLLM engine whose processes start with other
+environment variables (e.g. OpenMP's spin count), and `--engine-env JSON` sets
+environment variables for every engine of the run.
 Every speculating engine runs with vLLM's per-request speculative-decoding metrics, so
 each reports its MAT (1 + accepted draft tokens per drafted request-step, vLLM's mean
 acceptance length) from its own outputs.
@@ -260,6 +263,8 @@ def run(args) -> dict:
         builders[NGRAM_NAME] = lambda: LLM(**spec, speculative_config=dict(NGRAM))
     for name, config in args.spec_variant:
         builders[name] = lambda c=config: LLM(**spec, speculative_config=dict(c))
+    for name, env in args.env_variant:
+        builders[name] = lambda e=env: built_under(e, lambda: LLM(**common))
     if args.plain_twin:
         builders[TWIN] = builders["plain"]
     names = list(builders)
@@ -395,6 +400,45 @@ def spec_variant(text: str) -> tuple[str, dict]:
     return name, config
 
 
+def _env(config: object, what: str) -> dict[str, str]:
+    """Environment variables from a JSON object of names to strings (or numbers)."""
+    if not isinstance(config, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, (str, int, float)) and not isinstance(
+                v, bool) for k, v in config.items()):
+        raise argparse.ArgumentTypeError(
+            f"{what}: expected a JSON object of environment variable names to values")
+    return {k: str(v) for k, v in config.items()}
+
+
+def env_variant(text: str) -> tuple[str, dict[str, str]]:
+    """`NAME=JSON` of --env-variant: an engine name and environment variables."""
+    name, config = _named_json(text)
+    return name, _env(config, name)
+
+
+def engine_env(text: str) -> dict[str, str]:
+    """JSON of --engine-env: environment variables for every engine of the run."""
+    try:
+        return _env(json.loads(text), "--engine-env")
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--engine-env: {exc}") from None
+
+
+def built_under(env: dict[str, str], build):
+    """`build()` with `env` set in this process's environment meanwhile: vLLM's engine-core
+    and worker processes, started during the build, inherit it."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return build()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     workload_args(ap, [8])
@@ -414,6 +458,14 @@ def main() -> None:
                     help="also run an engine named NAME with this vLLM speculative_config, "
                          "e.g. 'ngram64={\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
                          "\"prompt_lookup_min\": 64, \"prompt_lookup_max\": 64}'")
+    ap.add_argument("--env-variant", action="append", default=[], type=env_variant,
+                    metavar="NAME=JSON",
+                    help="also run a plain vLLM engine named NAME whose processes start with "
+                         "these environment variables, e.g. "
+                         "'spin10k={\"GOMP_SPINCOUNT\": \"10000\"}'")
+    ap.add_argument("--engine-env", type=engine_env, default={}, metavar="JSON",
+                    help="environment variables for every engine of the run (set before any "
+                         "is built), e.g. '{\"GOMP_SPINCOUNT\": \"10000\"}'")
     ap.add_argument("--ngram", action="store_true",
                     help="also run vLLM's built-in n-gram speculation (K=4), the issue's peer")
     ap.add_argument("--plain-last", action="store_true",
@@ -438,11 +490,13 @@ def main() -> None:
         return
     if min(args.repeats, args.per_group, args.rounds, *args.batch_sizes) < 1:
         ap.error("--repeats, --per-group, --rounds and --batch-sizes must be positive")
-    variants = [name for name, _ in args.plugin_variant + args.spec_variant]
+    variants = [name for name, _ in args.plugin_variant + args.spec_variant
+                + args.env_variant]
     if len(set(variants)) < len(variants):
         ap.error(f"engine names must differ: {variants}")
     for k, v in ENGINE_ENV.items():
         os.environ.setdefault(k, v)
+    os.environ.update(args.engine_env)
     result = run(args)
     summary = paired_summary(result["rows"], result["engines"])
     out = Path(args.out)
@@ -452,7 +506,8 @@ def main() -> None:
             "max_tokens": args.max_tokens, "per_group": args.per_group, "rounds": args.rounds,
             "repeats": args.repeats, "engines": result["engines"],
             "plain_built": "last" if args.plain_last else "first", "device": "cpu", "dtype": "float32", "greedy": True,
-            "engine_env": {k: os.environ[k] for k in ENGINE_ENV},
+            "engine_env": {k: os.environ[k] for k in [*ENGINE_ENV, *args.engine_env]},
+            "env_variants": dict(args.env_variant),
             "plugin_mat": result["plugin_mat"], "rungs": result["rungs"],
             "batches_with_different_outputs": result["mismatches"]}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary,
