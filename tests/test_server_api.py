@@ -730,3 +730,20 @@ def test_eos_token_ids_from_generation_config_and_tokenizer(tmp_path):
     assert model_eos_ids(tmp_path, tokenizer) == {5}  # no generation_config.json
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     assert model_eos_ids(tmp_path, tokenizer) == {2, 5, 7}
+
+
+def test_vllm_cpu_env_defaults_leave_explicit_settings(monkeypatch):
+    """`msn serve --engine vllm` sets vLLM-CPU's measured defaults (all cores bound, a
+    short OpenMP spin) only where the environment says nothing."""
+    from server.engines.vllm import GOMP_SPINCOUNT, set_cpu_env_defaults
+
+    for key in ("GOMP_SPINCOUNT", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_KVCACHE_SPACE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "5")
+    set_cpu_env_defaults()
+    assert os.environ["GOMP_SPINCOUNT"] == GOMP_SPINCOUNT
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "5"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
+    set_cpu_env_defaults()
+    assert os.environ["GOMP_SPINCOUNT"] == "300000"
