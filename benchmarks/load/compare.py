@@ -183,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             srv.start(timeout=1200)
             print(f"{name}: engine ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        # What `msn serve` set for vLLM-CPU (set_cpu_env_defaults), the same for both.
+        meta["engine_env"] = {k: os.environ[k] for k in sorted(os.environ)
+                              if k.startswith("VLLM_CPU_") or k in ("GOMP_SPINCOUNT",
+                                                                     "OMP_WAIT_POLICY")}
         model = servers[PLAIN].engine.model_name
         for rnd in range(args.rounds):
             for li, c in enumerate(levels):
