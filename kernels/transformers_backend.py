@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.kv_compact import kv_compact, kv_compact_reference
+from kernels.kv_compact import compaction_slots, kv_compact, kv_compact_reference
 from kernels.kv_write import kv_write, kv_write_reference
 from kernels.paged_cache import PagedKVCache
 from kernels.prefill import prefill_attention
@@ -102,6 +102,9 @@ class PagedTreeCache:
 
     # --- what transformers calls ------------------------------------------------
 
+    # Python state and Triton launches: a compiled model (the runner's `compile_steps`)
+    # calls this and the attention function eagerly, between its compiled pieces.
+    @torch.compiler.disable
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         assert key.shape[0] == 1, "PagedTreeCache holds one sequence"
         if layer_idx == 0:
@@ -133,6 +136,14 @@ class PagedTreeCache:
         dst_slots = self.physical_slots(dst).view(1, -1).contiguous()
         move = kv_compact if self.use_triton else kv_compact_reference
         move(self.paged.key_cache, self.paged.value_cache, src_slots, dst_slots)
+
+    def compact_path(self, prefix: torch.Tensor, nodes: torch.Tensor) -> None:
+        """``compact`` for one step's accepted nodes (``-1`` pads) after the one-element
+        ``prefix``, without host syncs on the Triton path (captured in the next step's graph)."""
+        src, dst = compaction_slots(self.block_table, prefix.view(1), nodes.view(1, -1),
+                                    self.block_size, validate=False)
+        move = kv_compact if self.use_triton else kv_compact_reference
+        move(self.paged.key_cache, self.paged.value_cache, src, dst)
 
     # --- what the attention function calls -----------------------------------------
 
@@ -168,6 +179,7 @@ class PagedTreeCache:
         return _StepMeta(cu, seq_lens, tree_mask, q, max_seq_len, prefill)
 
 
+@torch.compiler.disable
 def paged_tree_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -31,9 +31,13 @@ class TextStream:
 
     def push(self, token_ids: Sequence[int]) -> Pushed:
         """Add tokens one at a time so a stop string ends generation at the same token
-        that plain decoding would stop at."""
+        that plain decoding would stop at (without stop strings: one decode per push)."""
         start = len(self.ids)
-        for i, tok in enumerate(token_ids):
+        if not self.stop:
+            self.ids.extend(token_ids)
+            if token_ids:
+                self.text = self._decode()
+        for i, tok in enumerate(token_ids if self.stop else ()):
             self.ids.append(tok)
             text = self._decode()
             hit = self._find_stop(text)

@@ -12,24 +12,14 @@ import torch
 
 from kernels.transformers_backend import PagedTreeCache
 from proposers.reference.runner import ReferenceRunner
+from tests.conftest import tiny_llama
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(scope="module")
 def tiny_model_and_tokenizer(base_model_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(base_model_path)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float32).to(DEVICE).eval()
-    model.set_attn_implementation("sdpa")
-    return model, tok
+    return tiny_llama(base_model_path, DEVICE)
 
 
 @pytest.mark.parametrize("backend", ["paged-triton", "paged-torch"])

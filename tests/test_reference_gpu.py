@@ -45,3 +45,15 @@ def test_paged_kernel_graphs_across_prefix_buckets_are_exact(base_model_path):
                                                  ignore_eos=True))
     assert tr.token_ids == ar.token_ids
     assert {bound for _, bound in paged._graphs} >= {512, 1024}
+
+
+def test_compiled_graph_steps_on_our_kernels_are_exact_in_float32(base_model_path):
+    """torch.compile'd steps over the paged kernels, captured with the staged inputs and
+    in-graph compaction: every method gives plain greedy's tokens."""
+    runner = ReferenceRunner.load(base_model_path, device="cuda", dtype="float32",
+                                  attn_backend="paged-triton", compile_steps=True)
+    prompt = runner.encode_chat(dev_questions(1)[0]["turns"][0])
+    ref = runner.generate(prompt, GenerationConfig(method="ar", max_new_tokens=48))
+    for method in ("jacobi", "tr-jacobi", "pld"):
+        out = runner.generate(prompt, GenerationConfig(method=method, max_new_tokens=48))
+        assert out.token_ids == ref.token_ids, method

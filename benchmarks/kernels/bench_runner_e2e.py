@@ -11,6 +11,12 @@ graphs); ours reads only each step's real prefix through the block table.
 whole cache capacity (one graph per step size, as before prefix buckets): the A/B of
 the per-prefix-bucket graphs in the same run.
 
+``--compile`` adds, beside each runner, the same runner with ``compile_steps`` (its
+decode steps go through ``torch.compile`` before capture): fewer, fused kernels per
+step. Every runner also reports the GPU time of one replay of its one-token graph and of
+its largest tree graph (CUDA events over 200 replays), so the host's share of a step is
+the step's wall time minus that.
+
 ``--random-weights`` builds the model from the folder's config (a checkpoint too
 large to carry to the GPU machine): the shapes, hence the cost of a step, are the
 real model's; acceptance (MAT) is not, and in bf16 near-uniform logits make ties
@@ -51,6 +57,10 @@ def main() -> None:
     ap.add_argument("--capacity-launch", action="store_true",
                     help="also run our kernels with one graph per step size launched for the "
                          "whole cache (no prefix buckets)")
+    ap.add_argument("--backends", default="sdpa,paged-triton",
+                    help="attention paths to run, comma-separated (the first is the baseline)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run each backend with compile_steps (torch.compile'd steps)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/runner-e2e-h200.json"))
     args = ap.parse_args()
 
@@ -68,16 +78,21 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype,
                                                      attn_implementation="sdpa")
     model = model.to(device).eval()
-    runners = {
-        "sdpa": ReferenceRunner(model, tok, device),
-        "paged-triton": ReferenceRunner(copy.deepcopy(model), tok, device,
-                                        attn_backend="paged-triton"),
-    }
+    backends = args.backends.split(",")
+    if args.capacity_launch and "paged-triton" not in backends:
+        ap.error("--capacity-launch needs paged-triton in --backends")
+    runners: dict[str, ReferenceRunner] = {}
+    for backend in backends:
+        for compiled in (False, True) if args.compile else (False,):
+            name = backend + ("+compile" if compiled else "")
+            runners[name] = ReferenceRunner(copy.deepcopy(model), tok, device, attn_backend=backend,
+                                            compile_steps=compiled)
     if args.capacity_launch:
         whole = ReferenceRunner(copy.deepcopy(model), tok, device, attn_backend="paged-triton")
         whole.MIN_KEY_BOUND = 1 << 30  # every bucket is the whole cache
         runners["paged-triton-capacity"] = whole
-    prompts = [runners["sdpa"].encode_chat(p) for p in PROMPTS]
+    baseline = next(iter(runners))
+    prompts = [runners[baseline].encode_chat(p) for p in PROMPTS]
     results = []
     outputs: dict[tuple[str, str], list[list[int]]] = {}
     for method in args.methods.split(","):
@@ -95,12 +110,17 @@ def main() -> None:
             outputs[(method, name)] = [o.token_ids for o in outs]
             row = {"method": method, "attention": name, "tokens": tokens, "steps": steps,
                        "mat": tokens / steps, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed}
+            if device.type == "cuda" and runner.use_cuda_graphs:
+                row["replay_us"] = replay_times(runner)
+                row["wall_us_per_step"] = elapsed / steps * 1e6
             results.append(row)
+            write(args, device, results)  # so far: a run cut short keeps its rows
             print(f"{method:<10}{name:<22}{row['tokens_per_s']:9.1f} tok/s  MAT {row['mat']:.2f}  "
-                  f"{steps} steps", flush=True)
+                  f"{steps} steps  {row.get('wall_us_per_step', 0):.0f} us/step  "
+                  f"replay {row.get('replay_us', {})}", flush=True)
     for method in args.methods.split(","):
-        a = outputs[(method, "sdpa")]
-        sdpa_row = next(r for r in results if r["method"] == method and r["attention"] == "sdpa")
+        a = outputs[(method, baseline)]
+        sdpa_row = next(r for r in results if r["method"] == method and r["attention"] == baseline)
         for name in list(runners)[1:]:
             b = outputs[(method, name)]
             same = sum(x == y for x, y in zip(a, b))
@@ -108,16 +128,44 @@ def main() -> None:
                       for x, y in zip(a, b)]
             ours_row = next(r for r in results if r["method"] == method and r["attention"] == name)
             ours_row["speedup_vs_sdpa"] = ours_row["tokens_per_s"] / sdpa_row["tokens_per_s"]
+            ours_row["baseline"] = baseline
             ours_row["identical_outputs"] = f"{same}/{len(a)}"
             ours_row["first_divergence"] = common
-            print(f"{method}: {name} / sdpa = {ours_row['speedup_vs_sdpa']:.2f}x; "
+            print(f"{method}: {name} / {baseline} = {ours_row['speedup_vs_sdpa']:.2f}x; "
                   f"identical outputs {same}/{len(a)}; first divergence at {common}", flush=True)
+    write(args, device, results)
+
+
+def write(args, device, results: list[dict]) -> None:
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     meta = {"command": " ".join(["python"] + sys.argv), "device": device_name,
-                "torch": torch.__version__, "dtype": args.dtype, "random_weights": args.random_weights,
-                "max_new_tokens": args.max_new_tokens, "prompts": PROMPTS}
+            "torch": torch.__version__, "dtype": args.dtype, "random_weights": args.random_weights,
+            "max_new_tokens": args.max_new_tokens, "prompts": PROMPTS}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+def replay_times(runner: ReferenceRunner, replays: int = 200) -> dict[str, float]:
+    """GPU microseconds per replay of the runner's one-token graph and of its largest
+    graph (by step size), each for its largest prefix bucket; the cache is scratch here
+    (every request starts over)."""
+    by_size: dict[int, tuple[int, object]] = {}
+    for (q, bound), graph in runner._graphs.items():
+        if q not in by_size or bound > by_size[q][0]:
+            by_size[q] = (bound, graph)
+    picks = {q for q in (1, max(by_size)) if q in by_size}
+    out = {}
+    for q in sorted(picks):
+        graph = by_size[q][1].graph
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        out[f"q{q}"] = round(start.elapsed_time(end) * 1e3 / replays, 1)
+    return out
 
 
 if __name__ == "__main__":

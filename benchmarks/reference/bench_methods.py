@@ -41,6 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--template", action="append", default=[],
                    help="METHOD=TEMPLATE override, e.g. tr-jacobi=tree-32 (repeatable)")
+    p.add_argument("--attn-backend", default="sdpa", choices=("sdpa", "paged-triton", "paged-torch"),
+                   help="attention path of the runner (default: %(default)s)")
+    p.add_argument("--warmup", choices=("short", "full"), default="short",
+                   help="short: one short prompt per method before timing; full: also each "
+                        "prompt once per method, untimed, right before its timed run (steady "
+                        "state: every CUDA-graph capture and compile happens untimed)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode steps through torch.compile (ReferenceRunner compile_steps)")
     p.add_argument("--name", default=None, help="result file stem (default: methods-<device>-<dtype>)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--no-plot", action="store_true")
@@ -56,7 +64,8 @@ def run(args: argparse.Namespace) -> dict:
         sys.exit(f"--methods must include ar and only {METHODS}; got {methods}")
     templates = dict(t.split("=", 1) for t in args.template)
     path = resolve_model(args.model)  # float32 checkpoint; the runner casts to --dtype
-    runner = ReferenceRunner.load(path, device=args.device, dtype=args.dtype)
+    runner = ReferenceRunner.load(path, device=args.device, dtype=args.dtype,
+                                  attn_backend=args.attn_backend, compile_steps=args.compile)
     questions = load_questions(args.per_group)
     cfgs = {m: GenerationConfig(method=m, max_new_tokens=args.max_new_tokens,
                                 template=templates.get(m)) for m in methods}
@@ -69,6 +78,9 @@ def run(args: argparse.Namespace) -> dict:
     records = []
     for q in tqdm(questions, desc="prompts", file=sys.stderr):
         ids = runner.encode_chat(q["turns"][0])
+        if args.warmup == "full":
+            for cfg in cfgs.values():
+                runner.generate(ids, cfg)
         outs = {m: runner.generate(ids, cfg) for m, cfg in cfgs.items()}
         for m, out in outs.items():
             div = explain(runner, ids, outs["ar"].token_ids, out.token_ids) if m != "ar" else None
@@ -116,6 +128,8 @@ def summarize(records: list[dict], methods: list[str], args, runner) -> dict:
         "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
         "dtype": args.dtype, "model": args.model, "max_new_tokens": args.max_new_tokens,
         "per_group": args.per_group, "cuda_graphs": runner.use_cuda_graphs,
+        "attn_backend": runner.attn_backend, "compile_steps": runner.compile_steps,
+        "warmup": args.warmup,
         "templates": {m: runner.tree_for(GenerationConfig(method=m, template=dict(
             t.split("=", 1) for t in args.template).get(m))).template.name for m in methods},
         "table": table, "unexplained_divergences": len(unexplained), "records": records,

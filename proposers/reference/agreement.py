@@ -46,8 +46,7 @@ def explain(runner, prompt_ids: Sequence[int], ar_ids: Sequence[int],
     pos = first_difference(ar_ids, other_ids)
     if pos is None:
         return None
-    ids = torch.tensor([list(prompt_ids) + list(ar_ids[:pos])], device=runner.device)
-    logits = runner.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
+    logits = runner.next_token_logits(list(prompt_ids) + list(ar_ids[:pos])).float()
     top2 = torch.topk(logits, 2).values
     margin = float(top2[0] - top2[1])
     tol = NEAR_TIE[runner.dtype] if tolerance is None else tolerance

@@ -52,3 +52,15 @@ class StaticKVCache:
         if src.numel():
             self.keys[:, :, :, dst] = self.keys[:, :, :, src]
             self.values[:, :, :, dst] = self.values[:, :, :, src]
+
+    def compact_path(self, prefix: torch.Tensor, nodes: torch.Tensor) -> None:
+        """`compact` for one step's accepted nodes, as tensor ops without host syncs (it
+        runs inside the CUDA graph of the next step): row `prefix + nodes[i]` moves to
+        `prefix + 1 + i`; `-1` pads. `prefix` is a one-element tensor."""
+        valid = nodes >= 0
+        depth = torch.arange(1, nodes.numel() + 1, device=nodes.device)
+        # Pads copy the root's row onto itself (no valid move writes or reads it).
+        src = torch.where(valid, prefix + nodes, prefix)
+        dst = torch.where(valid, prefix + depth, prefix)
+        self.keys[:, :, :, dst] = self.keys[:, :, :, src]
+        self.values[:, :, :, dst] = self.values[:, :, :, src]

@@ -9,6 +9,10 @@ template, `pld` a retrieval chain without noise, `tr-jacobi` the full tree.
 
 On CUDA the draft steps run as captured CUDA graphs over a static cache (the host is too
 slow to launch an eager step of a small model; architecture.md), one graph per step size.
+With `compile_steps` the decode steps (not the prompt's prefill) run the model through
+`torch.compile` first: Inductor fuses the norms, rotary embedding, activations and
+residual adds, so a captured step replays far fewer kernels (a small model's step on a
+GPU is bound by its kernel count, not by its FLOPs or bytes).
 """
 
 from __future__ import annotations
@@ -93,11 +97,17 @@ class GenerationResult:
 
 class ReferenceRunner:
     def __init__(self, model, tokenizer, device: torch.device, *, use_cuda_graphs: bool | None = None,
-                 graph_capacity: int = 4096, attn_backend: str = "sdpa"):
+                 graph_capacity: int = 4096, attn_backend: str = "sdpa",
+                 compile_steps: bool = False):
         """`attn_backend`: "sdpa" (transformers' SDPA over our static cache) or
         "paged-triton" / "paged-torch" (our paged cache and tree-attention kernels, or
-        their PyTorch references; this switches `model`'s attention implementation)."""
+        their PyTorch references; this switches `model`'s attention implementation).
+        `compile_steps`: run decode steps through `torch.compile(model, dynamic=True)`
+        (compiled once for one-token steps and once for any larger step; the first steps
+        of each kind pay the compile)."""
         self.attn_backend = attn_backend
+        self.compile_steps = compile_steps
+        self._compiled_model = None
         if attn_backend == "sdpa":
             self._make_cache = StaticKVCache.for_model
         else:
@@ -168,6 +178,9 @@ class ReferenceRunner:
                 # The graph keeps a fixed top-K; wider columns would silently become noise.
                 raise ValueError(f"template {template.name!r} has top_k {template.top_k}; "
                                  f"CUDA-graph steps support up to {_GraphStep.TOPK}")
+            if self.use_cuda_graphs and template.max_depth > _GraphStep.MAX_DEPTH:
+                raise ValueError(f"template {template.name!r} is {template.max_depth} deep; "
+                                 f"CUDA-graph steps support up to {_GraphStep.MAX_DEPTH}")
             self._trees[key] = compile_tree(template)
         return self._trees[key]
 
@@ -222,12 +235,19 @@ class ReferenceRunner:
         root = int(context[-1])
         table.set_retrieval(context)
         emitted = 0
+        graphs = self._graph_steps(cfg)
+        # Graph steps compact the last step's accepted rows at the start of the next
+        # replay (no launches from here); eager steps compact right away.
+        pending: tuple[int, list[int]] | None = None
         while True:
             node_tokens, keep = table.node_tokens(root, context)
             step_tree = tree.subtree(keep)
-            target, topk = self._step(cache, step_tree, node_tokens, prefix, cfg, gen)
+            target, topk = self._step(cache, step_tree, node_tokens, prefix, cfg, gen, pending)
             acc = accept(step_tree, node_tokens, target)
-            if acc.num_accepted:
+            pending = None
+            if acc.num_accepted and graphs:
+                pending = (prefix, acc.path)
+            elif acc.num_accepted:
                 path = torch.tensor(acc.path, device=self.device)
                 cache.compact(prefix + path, prefix + 1 + torch.arange(acc.num_accepted, device=self.device))
             chain_nodes = step_tree.feedback_chain(acc.node)
@@ -276,41 +296,75 @@ class ReferenceRunner:
             return self._graph_cache
         return self._make_cache(self.config, capacity, self.dtype, self.device)
 
+    def step_model(self):
+        """The module decode steps call: the model, or its compiled wrapper (same weights)."""
+        if not self.compile_steps:
+            return self.model
+        if self._compiled_model is None:
+            if self.attn_backend != "sdpa":
+                # The paged cache and attention run eagerly (graph breaks), so each layer's
+                # pieces compile per layer (their layer index is a constant): let all compile.
+                import torch._dynamo.config as dynamo_config
+
+                pieces = 8 * self.config.num_hidden_layers
+                dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, pieces)
+                dynamo_config.accumulated_recompile_limit = max(
+                    dynamo_config.accumulated_recompile_limit, 4 * pieces)
+            self._compiled_model = torch.compile(self.model, dynamic=True)
+        return self._compiled_model
+
     def _forward(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
-                 mask: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
-        out = self.model(
+                 mask: torch.Tensor, logits_to_keep: int = 0, *, step: bool = False) -> torch.Tensor:
+        model = self.step_model() if step else self.model
+        out = model(
             input_ids=ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
             attention_mask=mask[None, None], past_key_values=cache, use_cache=True,
             logits_to_keep=logits_to_keep,
         )
         return out.logits[0]
 
-    def _prefill(self, cache: StaticKVCache, ids: torch.Tensor) -> None:
+    def _prefill(self, cache: StaticKVCache, ids: torch.Tensor) -> torch.Tensor:
+        """Causal forward of `ids` into an empty cache; the logits after the last token."""
         n = ids.numel()
         dev = self.device
         cache.slots = torch.arange(n, device=dev)
         cache.kv_len = n
         mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
         # Only the KV rows matter: skip the LM head over the prompt (prompt x vocab logits).
-        self._forward(cache, ids.to(dev), cache.slots, mask, logits_to_keep=1)
+        return self._forward(cache, ids.to(dev), cache.slots, mask, logits_to_keep=1)[-1]
+
+    @torch.inference_mode()
+    def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """The model's logits after `ids`, from one eager forward over a fresh cache of the
+        runner's kind (so it holds on every attention backend)."""
+        cache = self._make_cache(self.config, len(ids), self.dtype, self.device)
+        return self._prefill(cache, torch.tensor(list(ids), dtype=torch.long))
+
+    def _graph_steps(self, cfg: GenerationConfig) -> bool:
+        return self.use_cuda_graphs and cfg.temperature == 0
 
     def _step(self, cache: StaticKVCache, tree: TreeSpec, node_tokens: torch.Tensor,
-              prefix: int, cfg: GenerationConfig, gen: torch.Generator):
-        """One verification forward. Returns per-node targets and top-K ids (on CPU)."""
+              prefix: int, cfg: GenerationConfig, gen: torch.Generator,
+              pending: tuple[int, list[int]] | None = None):
+        """One verification forward. Returns per-node targets and top-K ids (on CPU).
+        `pending` (graph steps only): the previous step's prefix and accepted nodes,
+        compacted first."""
         k = tree.template.top_k
-        if self.use_cuda_graphs and cfg.temperature == 0:
+        if self._graph_steps(cfg):
             key = (node_tokens.numel(), self._key_bound(prefix + node_tokens.numel(), cache))
             graph = self._graphs.get(key)
             if graph is None:
-                graph = self._graphs[key] = _GraphStep(self, cache, *key)
-            return graph.run(tree, node_tokens, prefix, k)
+                graph = self._graphs[key] = _GraphStep(self, cache, *key, tree=tree)
+            return graph.run(tree, node_tokens, prefix, k, pending)
+        assert pending is None, "eager steps compact right after acceptance"
         dev = self.device
         q = node_tokens.numel()
         cache.slots = prefix + torch.arange(q, device=dev)
         cache.kv_len = prefix + q
         mask = torch.ones(q, prefix + q, dtype=torch.bool, device=dev)
         mask[:, prefix:] = tree.ancestors.to(dev)
-        logits = self._forward(cache, node_tokens.to(dev), tree.positions(prefix).to(dev), mask)
+        logits = self._forward(cache, node_tokens.to(dev), tree.positions(prefix).to(dev), mask,
+                               step=True)
         topk = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).indices.cpu()
         target = sample_targets(logits.cpu() if cfg.temperature > 0 else logits,
                                 cfg.temperature, cfg.top_p, gen)
@@ -336,35 +390,78 @@ class ReferenceRunner:
 class _GraphStep:
     """A CUDA graph of one greedy step of fixed size over the full static cache.
 
-    Inputs (tokens, positions, write slots, mask) live in static buffers refreshed before
-    each replay; argmax and top-K run inside the graph so one small copy leaves the GPU.
+    Everything a step needs from the host is one small copy into a static buffer: node
+    tokens, prefix length, and the previous step's prefix and accepted nodes. Inside the
+    graph the step first compacts those accepted rows (`compact_path`), then derives
+    write slots, RoPE positions and the mask from the prefix and the tree's depth and
+    ancestor buffers (copied only when the tree changes), runs the model, and packs
+    argmax and top-K into one output, the one copy back. On CPU (tests) the same body
+    runs eagerly instead of being captured.
     """
 
     TOPK = 16
+    MAX_DEPTH = 16  # accepted nodes a replay can compact (the deepest bundled template: 10)
 
-    def __init__(self, runner: ReferenceRunner, cache: StaticKVCache, q: int, key_bound: int = 0):
+    def __init__(self, runner: ReferenceRunner, cache: StaticKVCache, q: int, key_bound: int = 0,
+                 *, tree: TreeSpec):
         dev = runner.device
         self.runner, self.cache, self.q, self.key_bound = runner, cache, q, key_bound
-        self.ids = torch.zeros(q, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(q, dtype=torch.long, device=dev)
         if q > runner.graph_scratch:
             raise ValueError(f"step of {q} tokens exceeds the graph scratch of {runner.graph_scratch}")
-        # Dry runs write to the scratch slots at the top of the cache (see graph_scratch).
-        self.slots = torch.arange(cache.capacity - q, cache.capacity, device=dev)
+        self.captured = dev.type == "cuda"
+        n = q + 2 + self.MAX_DEPTH
+        self.host = torch.zeros(n, dtype=torch.long, pin_memory=self.captured)
+        self.host_np = self.host.numpy()
+        self.inp = torch.zeros(n, dtype=torch.long, device=dev)
+        self.ids, self.prefix = self.inp[:q], self.inp[q : q + 1]
+        self.prev_prefix, self.prev_path = self.inp[q + 1 : q + 2], self.inp[q + 2 :]
+        self.depth = torch.zeros(q, dtype=torch.long, device=dev)
+        self.anc = torch.zeros(q, q, dtype=torch.bool, device=dev)
+        self.tree: TreeSpec | None = None
+        self.slots = torch.zeros(q, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(q, dtype=torch.long, device=dev)
         self.mask = torch.zeros(q, cache.capacity, dtype=torch.bool, device=dev)
+        self.rows = torch.arange(q, device=dev)
         self.col = torch.arange(cache.capacity, device=dev)
+        self._set_tree(tree)
+        if not self.captured:
+            return
+        # Dry runs (warm-up, capture) write only the scratch slots at the top of the
+        # cache and compact nothing: a graph may be captured in the middle of a request.
+        self._stage(torch.zeros(q, dtype=torch.long), cache.capacity - q, None)
+        self.inp.copy_(self.host)
         self._bind()
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside capture (allocator, lazy init)
+            for _ in range(2):  # warm-up outside capture (allocator, lazy init, compile)
                 self._body()
         torch.cuda.current_stream(dev).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         if runner._graph_pool is None:  # one memory pool: the graphs replay one at a time
             runner._graph_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(self.graph, pool=runner._graph_pool):
-            self.target, self.topk = self._body()
+            self.out = self._body()
+
+    def _set_tree(self, tree: TreeSpec) -> None:
+        self.depth.copy_(tree.depth)
+        self.anc.copy_(tree.ancestors)
+        self.tree = tree
+
+    def _stage(self, node_tokens: torch.Tensor, prefix: int,
+               pending: tuple[int, list[int]] | None) -> None:
+        q, h = self.q, self.host_np
+        h[:q] = node_tokens.numpy()
+        h[q] = prefix
+        h[q + 2 :] = -1
+        h[q + 1] = 0
+        if pending is not None:
+            prev, path = pending
+            if len(path) > self.MAX_DEPTH:
+                raise ValueError(f"accepted {len(path)} nodes; graph steps compact up to "
+                                 f"{self.MAX_DEPTH}")
+            h[q + 1] = prev
+            h[q + 2 : q + 2 + len(path)] = path
 
     def _bind(self) -> None:
         self.cache.kv_len = None
@@ -372,21 +469,29 @@ class _GraphStep:
         if self.key_bound:
             self.cache.key_bound = self.key_bound
 
-    def _body(self):
-        logits = self.runner._forward(self.cache, self.ids, self.pos, self.mask)
+    def _body(self) -> torch.Tensor:
+        self.cache.compact_path(self.prev_prefix, self.prev_path)
+        prefix = self.prefix
+        self.slots.copy_(prefix + self.rows)
+        self.pos.copy_(prefix + self.depth)
+        rel = (self.col - prefix).clamp(0, self.q - 1)
+        tree_cols = (self.col >= prefix) & (self.col < prefix + self.q)
+        self.mask.copy_((self.col < prefix) | (self.anc[:, rel] & tree_cols))
+        logits = self.runner._forward(self.cache, self.ids, self.pos, self.mask, step=True)
         k = min(self.TOPK, logits.shape[-1])
-        return logits.argmax(-1), torch.topk(logits, k, dim=-1).indices
+        return torch.cat([logits.argmax(-1, keepdim=True), torch.topk(logits, k, dim=-1).indices],
+                         dim=-1)
 
-    def run(self, tree: TreeSpec, node_tokens: torch.Tensor, prefix: int, k: int):
-        dev = self.runner.device
-        q = self.q
-        self.ids.copy_(node_tokens, non_blocking=True)
-        self.pos.copy_(tree.positions(prefix), non_blocking=True)
-        self.slots.copy_(torch.arange(prefix, prefix + q), non_blocking=True)
-        rel = (self.col - prefix).clamp(0, q - 1)
-        anc = tree.ancestors.to(dev, non_blocking=True)
-        self.mask.copy_((self.col < prefix) | (anc[:, rel] & (self.col >= prefix) & (self.col < prefix + q)))
+    def run(self, tree: TreeSpec, node_tokens: torch.Tensor, prefix: int, k: int,
+            pending: tuple[int, list[int]] | None = None):
+        self._stage(node_tokens, prefix, pending)
+        self.inp.copy_(self.host, non_blocking=True)
+        if tree is not self.tree:
+            self._set_tree(tree)
         self._bind()
-        self.graph.replay()
-        both = torch.cat([self.target.unsqueeze(-1), self.topk[:, :k]], dim=-1).cpu()
-        return both[:, 0], both[:, 1:]
+        if self.captured:
+            self.graph.replay()
+            out = self.out.cpu()
+        else:
+            out = self._body().cpu()
+        return out[:, 0], out[:, 1 : k + 1]

@@ -1,0 +1,105 @@
+"""The reference runner's graph-step body, compiled steps and divergence check, on CPU.
+
+On CUDA every greedy step replays a captured graph whose only host inputs are one small
+staged buffer (tokens, prefix, the previous step's accepted nodes, compacted inside the
+graph). On CPU the runner can run the very same body eagerly (`use_cuda_graphs=True`),
+so these tests cover it without a GPU; a tiny random Llama keeps them fast.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from kernels.transformers_backend import PagedTreeCache
+from proposers.reference.agreement import explain
+from proposers.reference.cache import StaticKVCache
+from proposers.reference.runner import GenerationConfig, ReferenceRunner
+from tests.conftest import tiny_llama
+
+CPU = torch.device("cpu")
+TEXT = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_tokenizer(base_model_path):
+    return tiny_llama(base_model_path, CPU)
+
+
+def _cfg(method, template=None, n=20):
+    return GenerationConfig(method=method, template=template, max_new_tokens=n, ignore_eos=True)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "paged-torch"])
+def test_staged_graph_steps_equal_eager_greedy(tiny_model_and_tokenizer, backend):
+    model, tok = tiny_model_and_tokenizer
+    eager = ReferenceRunner(copy.deepcopy(model), tok, CPU, use_cuda_graphs=False,
+                            attn_backend=backend)
+    staged = ReferenceRunner(copy.deepcopy(model), tok, CPU, use_cuda_graphs=True,
+                             attn_backend=backend)
+    prompt = eager.encode(TEXT)
+    ar = eager.generate(prompt, _cfg("ar"))
+    for method, template in (("ar", None), ("tr-jacobi", "tree-16"), ("pld", None), ("jacobi", None)):
+        out = staged.generate(prompt, _cfg(method, template))
+        assert out.token_ids == ar.token_ids, f"{backend} {method}"
+        if method in ("tr-jacobi", "pld"):
+            # Drafts were accepted, so rows were compacted inside the next step's body.
+            assert out.num_steps < len(out.token_ids), method
+    # One graph step per (step size, key bucket); pld's pruned trees share them by size.
+    assert all(q <= 17 for q, _ in staged._graphs)
+    # A second request on the same graph cache starts clean (no compaction left over).
+    again = staged.generate(prompt, _cfg("pld"))
+    assert again.token_ids == ar.token_ids
+
+
+def test_compiled_steps_equal_eager_greedy(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    eager = ReferenceRunner(copy.deepcopy(model), tok, CPU, use_cuda_graphs=False)
+    compiled = ReferenceRunner(copy.deepcopy(model), tok, CPU, use_cuda_graphs=True,
+                               compile_steps=True)
+    prompt = eager.encode(TEXT)
+    ar = eager.generate(prompt, _cfg("ar", n=12))
+    for method, template in (("ar", None), ("tr-jacobi", "tree-16")):
+        assert compiled.generate(prompt, _cfg(method, template, n=12)).token_ids == ar.token_ids
+    assert compiled.step_model() is not compiled.model
+
+
+@pytest.mark.parametrize("kind", ["static", "paged"])
+def test_compact_path_moves_the_accepted_rows(kind):
+    torch.manual_seed(0)
+    if kind == "static":
+        a = StaticKVCache(2, 2, 8, capacity=40, dtype=torch.float32, device=CPU)
+        a.keys.normal_(), a.values.normal_()
+    else:
+        a = PagedTreeCache(2, 2, 8, capacity=40, dtype=torch.float32, device=CPU,
+                           use_triton=False, block_size=4)
+        a.paged.key_cache.normal_(), a.paged.value_cache.normal_()
+    b = copy.deepcopy(a)
+    prefix, path = 9, [2, 3, 7]  # overlapping moves: row 2 -> 1, 3 -> 2, 7 -> 3
+    a.compact(prefix + torch.tensor(path), prefix + 1 + torch.arange(len(path)))
+    nodes = torch.full((16,), -1)
+    nodes[: len(path)] = torch.tensor(path)
+    b.compact_path(torch.tensor([prefix]), nodes)
+    state = (lambda c: (c.keys, c.values)) if kind == "static" else (
+        lambda c: (c.paged.key_cache, c.paged.value_cache))
+    for x, y in zip(state(a), state(b)):
+        assert torch.equal(x, y)
+    # All pads: nothing moves.
+    before = [t.clone() for t in state(b)]
+    b.compact_path(torch.tensor([prefix]), torch.full((16,), -1))
+    assert all(torch.equal(x, y) for x, y in zip(before, state(b)))
+
+
+def test_divergence_check_runs_on_the_paged_backend(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    sdpa = ReferenceRunner(copy.deepcopy(model), tok, CPU, use_cuda_graphs=False)
+    paged = ReferenceRunner(copy.deepcopy(model), tok, CPU, use_cuda_graphs=False,
+                            attn_backend="paged-torch")
+    prompt = sdpa.encode(TEXT)
+    assert torch.allclose(sdpa.next_token_logits(prompt), paged.next_token_logits(prompt),
+                          atol=1e-4)
+    ar = paged.generate(prompt, _cfg("ar", n=6)).token_ids
+    other = ar[:3] + [(ar[3] + 1) % len(tok)] + ar[4:]
+    div = explain(paged, prompt, ar, other)
+    assert div.position == 3 and div.ar_token == ar[3] and div.ar_margin >= 0
+    assert explain(paged, prompt, ar, list(ar)) is None
