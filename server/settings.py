@@ -28,6 +28,10 @@ class ServerSettings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Reference engine only (default cpu); vLLM takes its platform from its build.
     device: str | None = None
+    # Reference engine only: its attention path (transformers' SDPA, or our paged cache
+    # and Triton tree-attention kernels, cuda only) and torch.compile'd decode steps.
+    reference_attention: Literal["sdpa", "paged-triton", "paged-torch"] | None = None
+    reference_compile: bool | None = None
     served_model_name: str | None = Field(
         None, description="the `model` id clients send; defaults to the checkpoint folder name"
     )

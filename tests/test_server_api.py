@@ -577,6 +577,9 @@ def test_serve_defaults_to_vllm_with_the_plugin():
     (["--vllm-speculation", "none", "--default-method", "tr-jacobi"],
      r"--default-method tr-jacobi is not available on the vllm engine; choose one of ar$"),
     (["--engine", "reference", "--trjacobi", '{"corpus_tokens": 0}'], "needs --engine vllm"),
+    (["--reference-compile"], "apply to --engine reference"),
+    (["--engine", "vllm", "--reference-attention", "sdpa"], "apply to --engine reference"),
+    (["--engine", "reference", "--reference-attention", "paged-triton"], "needs --device cuda"),
     (["--engine", "vllm", "--vllm-speculation", "none", "--trjacobi", '{"corpus_tokens": 0}'],
      "needs --engine vllm, --vllm-speculation tr-jacobi"),
     (["--engine", "vllm", "--trjacobi", '{"corpus_tokens": -1}'], "corpus_tokens"),
@@ -597,6 +600,18 @@ def test_serve_cli_checks_engine_settings(argv, message):
         pytest.importorskip("vllm")
     with pytest.raises(UsageError, match=message):
         build_engine(settings)
+
+
+def test_reference_engine_settings_reach_the_engine(base_model_path):
+    from msn.cli import build_parser
+    from server.cli import build_engine, settings_from_args
+
+    argv = ["serve", "--engine", "reference", "--model", str(base_model_path),
+            "--reference-attention", "paged-torch", "--reference-compile"]
+    engine = build_engine(settings_from_args(build_parser().parse_args(argv)))
+    assert engine.attention == "paged-torch" and engine.compile_steps
+    plain = build_engine(settings_from_args(build_parser().parse_args(argv[:5])))
+    assert plain.attention == "sdpa" and not plain.compile_steps
 
 
 # ----- graceful shutdown -----

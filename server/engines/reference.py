@@ -38,8 +38,11 @@ class ReferenceEngine(Engine):
 
     def __init__(self, model_path: str | Path, *, device: str = "cpu",
                  dtype: str = "float32", default_method: str = "tr-jacobi",
-                 template: str | None = None):
+                 template: str | None = None, attention: str = "sdpa",
+                 compile_steps: bool = False):
         self.model_path = Path(model_path)
+        self.attention = attention
+        self.compile_steps = compile_steps
         self.model_name = self.model_path.name
         self.device = device
         self.dtype = dtype
@@ -64,9 +67,15 @@ class ReferenceEngine(Engine):
         from proposers.reference.runner import ReferenceRunner
 
         loop = asyncio.get_running_loop()
-        runner = await loop.run_in_executor(
-            self._executor,
-            lambda: ReferenceRunner.load(self.model_path, device=self.device, dtype=self.dtype))
+        def load():
+            runner = ReferenceRunner.load(self.model_path, device=self.device, dtype=self.dtype,
+                                          attn_backend=self.attention,
+                                          compile_steps=self.compile_steps)
+            if self.compile_steps:  # compile before /ready, not on the first requests
+                runner.warm_up()
+            return runner
+
+        runner = await loop.run_in_executor(self._executor, load)
         self.max_context = int(runner.max_context)
         self._runner = runner
 
