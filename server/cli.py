@@ -162,6 +162,13 @@ def build_engine(settings):
     # requests can still ask for any method through the `method` field.
     device = settings.device or "cpu"
     default = settings.default_method or ("ar" if device == "cpu" else "tr-jacobi")
+    if settings.reference_attention == "paged-triton" and settings.dtype == "float32":
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "paged-triton in float32 runs exact IEEE dots: its tree steps measured ~10x a "
+            "one-token step on an H200 (benchmarks/results/methods-cuda-float32-msn-compiled-"
+            "prestaging.json); --dtype bfloat16 is the fast path")
     return _checked_default_method(settings, ReferenceEngine(
         model_path, device=device, dtype=settings.dtype, default_method=default,
         attention=settings.reference_attention or "sdpa",

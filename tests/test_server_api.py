@@ -602,7 +602,7 @@ def test_serve_cli_checks_engine_settings(argv, message):
         build_engine(settings)
 
 
-def test_reference_engine_settings_reach_the_engine(base_model_path):
+def test_reference_engine_settings_reach_the_engine(base_model_path, caplog):
     from msn.cli import build_parser
     from server.cli import build_engine, settings_from_args
 
@@ -612,6 +612,11 @@ def test_reference_engine_settings_reach_the_engine(base_model_path):
     assert engine.attention == "paged-torch" and engine.compile_steps
     plain = build_engine(settings_from_args(build_parser().parse_args(argv[:5])))
     assert plain.attention == "sdpa" and not plain.compile_steps
+    assert "float32" not in caplog.text
+    # Our kernels in float32 are exact but slow: built (not started), with a warning.
+    gpu = argv[:5] + ["--device", "cuda", "--reference-attention", "paged-triton"]
+    engine = build_engine(settings_from_args(build_parser().parse_args(gpu)))
+    assert engine.attention == "paged-triton" and "--dtype bfloat16" in caplog.text
 
 
 # ----- graceful shutdown -----
