@@ -31,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="reference engine: attention path (default: sdpa); paged-triton (our "
                         "paged cache and tree-attention kernels) needs --device cuda")
     p.add_argument("--reference-compile", action="store_const", const=True,
-                   help="reference engine: torch.compile its decode steps, compiled and "
+                   help="reference engine: torch.compile its decode steps and prefill, compiled and "
                         "warmed up before /ready (about a minute on a GPU, several on CPU; "
                         "on an H200 1.2-1.7x the tokens/s)")
     p.add_argument("--served-model-name", help="model id clients send (default: the "

@@ -63,7 +63,12 @@ def test_compiled_steps_equal_eager_greedy(tiny_model_and_tokenizer):
     ar = eager.generate(prompt, _cfg("ar", n=12))
     for method, template in (("ar", None), ("tr-jacobi", "tree-16")):
         assert compiled.generate(prompt, _cfg(method, template, n=12)).token_ids == ar.token_ids
-    assert compiled.step_model() is not compiled.model
+    # Prefill and steps both go through the compiled wrapper.
+    real, calls = compiled.compiled_model(), []
+    assert real is not compiled.model
+    compiled._compiled_model = lambda **kw: calls.append(kw["input_ids"].shape[1]) or real(**kw)
+    compiled.generate(prompt, _cfg("ar", n=3))
+    assert calls == [len(prompt) - 1, 1, 1, 1]
 
 
 @pytest.mark.parametrize("kind", ["static", "paged"])

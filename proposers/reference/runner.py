@@ -9,10 +9,11 @@ template, `pld` a retrieval chain without noise, `tr-jacobi` the full tree.
 
 On CUDA the draft steps run as captured CUDA graphs over a static cache (the host is too
 slow to launch an eager step of a small model; architecture.md), one graph per step size.
-With `compile_steps` the decode steps (not the prompt's prefill) run the model through
+With `compile_steps` the decode steps and the prompt's prefill run the model through
 `torch.compile` first: Inductor fuses the norms, rotary embedding, activations and
 residual adds, so a captured step replays far fewer kernels (a small model's step on a
-GPU is bound by its kernel count, not by its FLOPs or bytes).
+GPU is bound by its kernel count, not by its FLOPs or bytes), and the prefill, which runs
+uncaptured, launches far fewer from the host.
 """
 
 from __future__ import annotations
@@ -102,9 +103,9 @@ class ReferenceRunner:
         """`attn_backend`: "sdpa" (transformers' SDPA over our static cache) or
         "paged-triton" / "paged-torch" (our paged cache and tree-attention kernels, or
         their PyTorch references; this switches `model`'s attention implementation).
-        `compile_steps`: run decode steps through `torch.compile(model, dynamic=True)`
-        (compiled once for one-token steps and once for any larger step; the first steps
-        of each kind pay the compile)."""
+        `compile_steps`: run decode steps and prefills through `torch.compile(model,
+        dynamic=True)` (compiled once each for one-token steps, larger steps and prefills;
+        the first of each kind pays the compile; `warm_up` does that up front)."""
         self.attn_backend = attn_backend
         self.compile_steps = compile_steps
         self._compiled_model = None
@@ -304,8 +305,9 @@ class ReferenceRunner:
             return self._graph_cache
         return self._make_cache(self.config, capacity, self.dtype, self.device)
 
-    def step_model(self):
-        """The module decode steps call: the model, or its compiled wrapper (same weights)."""
+    def compiled_model(self):
+        """The module decode steps and prefills call: the model, or with `compile_steps`
+        its compiled wrapper (same weights)."""
         if not self.compile_steps:
             return self.model
         if self._compiled_model is None:
@@ -322,8 +324,8 @@ class ReferenceRunner:
         return self._compiled_model
 
     def _forward(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
-                 mask: torch.Tensor, logits_to_keep: int = 0, *, step: bool = False) -> torch.Tensor:
-        model = self.step_model() if step else self.model
+                 mask: torch.Tensor, logits_to_keep: int = 0, *, eager: bool = False) -> torch.Tensor:
+        model = self.model if eager else self.compiled_model()
         out = model(
             input_ids=ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
             attention_mask=mask[None, None], past_key_values=cache, use_cache=True,
@@ -331,7 +333,7 @@ class ReferenceRunner:
         )
         return out.logits[0]
 
-    def _prefill(self, cache: StaticKVCache, ids: torch.Tensor) -> torch.Tensor:
+    def _prefill(self, cache: StaticKVCache, ids: torch.Tensor, *, eager: bool = False) -> torch.Tensor:
         """Causal forward of `ids` into an empty cache; the logits after the last token."""
         n = ids.numel()
         dev = self.device
@@ -339,14 +341,15 @@ class ReferenceRunner:
         cache.kv_len = n
         mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
         # Only the KV rows matter: skip the LM head over the prompt (prompt x vocab logits).
-        return self._forward(cache, ids.to(dev), cache.slots, mask, logits_to_keep=1)[-1]
+        return self._forward(cache, ids.to(dev), cache.slots, mask, logits_to_keep=1,
+                             eager=eager)[-1]
 
     @torch.inference_mode()
     def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
         """The model's logits after `ids`, from one eager forward over a fresh cache of the
         runner's kind (so it holds on every attention backend)."""
         cache = self._make_cache(self.config, len(ids), self.dtype, self.device)
-        return self._prefill(cache, torch.tensor(list(ids), dtype=torch.long))
+        return self._prefill(cache, torch.tensor(list(ids), dtype=torch.long), eager=True)
 
     def _graph_steps(self, cfg: GenerationConfig) -> bool:
         return self.use_cuda_graphs and cfg.temperature == 0
@@ -372,7 +375,7 @@ class ReferenceRunner:
         mask = torch.ones(q, prefix + q, dtype=torch.bool, device=dev)
         mask[:, prefix:] = tree.ancestors.to(dev)
         logits = self._forward(cache, node_tokens.to(dev), tree.positions(prefix).to(dev), mask,
-                               step=True)
+                               )
         topk = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).indices.cpu()
         target = sample_targets(logits.cpu() if cfg.temperature > 0 else logits,
                                 cfg.temperature, cfg.top_p, gen)
@@ -485,7 +488,7 @@ class _GraphStep:
         rel = (self.col - prefix).clamp(0, self.q - 1)
         tree_cols = (self.col >= prefix) & (self.col < prefix + self.q)
         self.mask.copy_((self.col < prefix) | (self.anc[:, rel] & tree_cols))
-        logits = self.runner._forward(self.cache, self.ids, self.pos, self.mask, step=True)
+        logits = self.runner._forward(self.cache, self.ids, self.pos, self.mask)
         k = min(self.TOPK, logits.shape[-1])
         return torch.cat([logits.argmax(-1, keepdim=True), torch.topk(logits, k, dim=-1).indices],
                          dim=-1)
