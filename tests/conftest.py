@@ -33,7 +33,7 @@ def runner(base_model_path):
     return ReferenceRunner.load(base_model_path, device="cpu", dtype="float32")
 
 
-def tiny_llama(tokenizer_path, device):
+def tiny_llama(tokenizer_path, device, max_positions: int = 512):
     """A tiny random Llama (2 layers, GQA 3, float32) with the real tokenizer: fast
     enough for the Triton interpreter and torch.compile on CPU; random models repeat
     themselves quickly, so retrieval drafts get accepted and compaction runs."""
@@ -43,7 +43,7 @@ def tiny_llama(tokenizer_path, device):
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=32, max_position_embeddings=max_positions,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(0)

@@ -499,3 +499,64 @@ def test_env_variants_parse_and_apply_only_while_building():
     os.environ.pop(key, None)
     assert built_under({key: "7"}, lambda: os.environ[key]) == "7"
     assert key not in os.environ  # restored after the build
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, base_model_path):
+    """A saved tiny random Llama with the real tokenizer: the reference benchmarks load it
+    like any checkpoint, fast on CPU."""
+    from tests.conftest import tiny_llama
+
+    model, tok = tiny_llama(base_model_path, "cpu", max_positions=2048)  # dev prompts: ~800
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_bench_methods_smoke_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
+    """Every method side by side on the paged-torch path with the full warm-up: JSON with
+    the run's settings, a plot, exit 0 (float32: every output identical to `ar`)."""
+    import json
+
+    from benchmarks.reference import bench_methods
+
+    argv = ["--model", str(tiny_checkpoint), "--per-group", "1", "--max-new-tokens", "6",
+            "--attn-backend", "paged-torch", "--warmup", "full", "--out-dir", str(tmp_path),
+            "--name", "m"]
+    assert bench_methods.main(argv) == 0
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert (tmp_path / "m.png").exists()
+    assert result["attn_backend"] == "paged-torch" and result["warmup"] == "full"
+    assert result["compile_steps"] is False and result["unexplained_divergences"] == 0
+    assert set(result["table"]["overall"]) == {"ar", "jacobi", "tr-jacobi", "pld"}
+    assert all(r["agrees"] for r in result["records"])
+
+
+def test_runner_e2e_smoke_writes_a_row_per_runner(tmp_path, tiny_checkpoint, monkeypatch):
+    import json
+    import sys
+
+    from benchmarks.kernels import bench_runner_e2e
+
+    out = tmp_path / "e2e.json"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_runner_e2e.py", "--model", str(tiny_checkpoint), "--random-weights", "--device",
+        "cpu", "--dtype", "float32", "--backends", "sdpa,paged-torch", "--max-new-tokens", "4",
+        "--out", str(out)])
+    bench_runner_e2e.main()
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["attention"]) for r in rows] == [
+        ("ar", "sdpa"), ("ar", "paged-torch"), ("tr-jacobi", "sdpa"), ("tr-jacobi", "paged-torch")]
+    assert all(r["baseline"] == "sdpa" and r["identical_outputs"] == "4/4"
+               for r in rows if r["attention"] != "sdpa")
+
+
+def test_host_profile_smoke(tiny_checkpoint, capsys):
+    from benchmarks.reference import host_profile
+
+    host_profile.main(["--model", str(tiny_checkpoint), "--device", "cpu", "--dtype", "float32",
+                       "--attn-backend", "sdpa", "--max-new-tokens", "4", "--top", "3"])
+    out = capsys.readouterr().out
+    assert "tr-jacobi sdpa: 12 tokens" in out and "us a step under the profiler" in out
+    assert "Ordered by: internal time" in out and "Ordered by: cumulative time" in out
