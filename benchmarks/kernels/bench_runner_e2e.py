@@ -12,8 +12,8 @@ whole cache capacity (one graph per step size, as before prefix buckets): the A/
 the per-prefix-bucket graphs in the same run.
 
 ``--compile`` adds, beside each runner, the same runner with ``compile_steps`` (its
-decode steps go through ``torch.compile`` before capture): fewer, fused kernels per
-step. Every runner also reports the GPU time of one replay of its one-token graph and of
+decode steps go through ``torch.compile`` before capture, its prefill too): fewer, fused
+kernels per step. Every runner also reports the GPU time of one replay of its one-token graph and of
 its largest tree graph (CUDA events over 200 replays), so the host's share of a step is
 the step's wall time minus that.
 
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--backends", default="sdpa,paged-triton",
                     help="attention paths to run, comma-separated (the first is the baseline)")
     ap.add_argument("--compile", action="store_true",
-                    help="also run each backend with compile_steps (torch.compile'd steps)")
+                    help="also run each backend with compile_steps (torch.compile'd steps and prefill)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/runner-e2e-h200.json"))
     args = ap.parse_args()
 

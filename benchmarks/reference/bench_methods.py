@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "prompt once per method, untimed, right before its timed run (steady "
                         "state: every CUDA-graph capture and compile happens untimed)")
     p.add_argument("--compile", action="store_true",
-                   help="decode steps through torch.compile (ReferenceRunner compile_steps)")
+                   help="decode steps and prefill through torch.compile (ReferenceRunner compile_steps)")
     p.add_argument("--name", default=None, help="result file stem (default: methods-<device>-<dtype>)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--no-plot", action="store_true")
