@@ -188,8 +188,9 @@ class ReferenceRunner:
     # ---- decoding --------------------------------------------------------------------
 
     def warm_up(self, methods: Sequence[str] = ("ar", "tr-jacobi"), max_new_tokens: int = 8) -> None:
-        """A short generation per method: compiles the steps (`compile_steps`: one-token
-        and larger steps compile apart) and captures their first graphs."""
+        """A short generation per method: compiles the prefill and the steps
+        (`compile_steps`: one-token and larger steps compile apart) and captures their
+        first graphs."""
         prompt = self.encode_chat("Say hello.")
         for method in methods:
             self.generate(prompt, GenerationConfig(method=method, max_new_tokens=max_new_tokens,
