@@ -110,3 +110,23 @@ def test_divergence_check_runs_on_the_paged_backend(tiny_model_and_tokenizer):
     div = explain(paged, prompt, ar, other)
     assert div.position == 3 and div.ar_token == ar[3] and div.ar_margin >= 0
     assert explain(paged, prompt, ar, list(ar)) is None
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "paged-torch"])
+def test_compiled_prefill_and_steps_do_not_recompile_per_prompt_length(
+        tiny_model_and_tokenizer, backend):
+    """What a server with `--reference-compile` relies on: after the first prompts, new
+    prompt lengths and prefixes reuse the compiled code (no compile per request)."""
+    from torch._dynamo.utils import counters
+
+    model, tok = tiny_model_and_tokenizer
+    runner = ReferenceRunner(copy.deepcopy(model), tok, CPU, use_cuda_graphs=True,
+                             attn_backend=backend, compile_steps=True)
+    texts = ["The quick brown fox jumps over the lazy dog.", TEXT, "one two three " * 9,
+             "a b c d e f g h i j k l m n o p", "x " * 30]
+    graphs = []
+    for text in texts:
+        for method, template in (("ar", None), ("tr-jacobi", "tree-16")):
+            runner.generate(runner.encode(text), _cfg(method, template, n=4))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[-1], graphs  # the first two compiled all
