@@ -117,8 +117,10 @@ def test_compiled_prefill_and_steps_do_not_recompile_per_prompt_length(
         tiny_model_and_tokenizer, backend):
     """What a server with `--reference-compile` relies on: after the first prompts, new
     prompt lengths and prefixes reuse the compiled code (no compile per request)."""
+    import torch._dynamo
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # compile from scratch here, not reuse another test's code
     model, tok = tiny_model_and_tokenizer
     runner = ReferenceRunner(copy.deepcopy(model), tok, CPU, use_cuda_graphs=True,
                              attn_backend=backend, compile_steps=True)
