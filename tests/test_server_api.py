@@ -757,7 +757,8 @@ def test_vllm_cpu_env_defaults_leave_explicit_settings(monkeypatch):
     short OpenMP spin) only where the environment says nothing."""
     from server.engines.vllm import GOMP_SPINCOUNT, set_cpu_env_defaults
 
-    for key in ("GOMP_SPINCOUNT", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_KVCACHE_SPACE"):
+    for key in ("GOMP_SPINCOUNT", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_KVCACHE_SPACE",
+                "VLLM_CPU_OMP_THREADS_BIND"):  # all it sets, so the test leaves none behind
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "5")
     set_cpu_env_defaults()

@@ -34,6 +34,7 @@ import httpx
 from benchmarks.load.client import run_level
 from benchmarks.load.run import InProcessServer, build_engine
 from benchmarks.specbench import load_questions
+from benchmarks.vllm.bench_interleaved import OMP_ENV
 from msn.models import default_model_name
 
 PLUGIN, PLAIN = "plugin", "plain"
@@ -185,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: engine ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         # What `msn serve` set for vLLM-CPU (set_cpu_env_defaults), the same for both.
         meta["engine_env"] = {k: os.environ[k] for k in sorted(os.environ)
-                              if k.startswith("VLLM_CPU_") or k in ("GOMP_SPINCOUNT",
-                                                                     "OMP_WAIT_POLICY")}
+                              if k.startswith("VLLM_CPU_") or k in OMP_ENV}
         model = servers[PLAIN].engine.model_name
         for rnd in range(args.rounds):
             for li, c in enumerate(levels):
