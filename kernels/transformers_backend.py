@@ -86,11 +86,17 @@ class PagedTreeCache:
         self.paged.reserve(0, capacity)
         self.block_table = self.paged.block_tables([0])  # [1, num_blocks] int32
         self.block_size = block_size
+        # Logical position -> flat pool slot, for the whole reservation (the table never
+        # changes): one gather per forward instead of the block arithmetic per layer.
+        positions = torch.arange(num_blocks * block_size, device=self.block_table.device)
+        table = self.block_table[0].long()
+        self._slot_of = table[positions // block_size] * block_size + positions % block_size
         self.device = torch.device(device)
         self.slots = torch.zeros(0, dtype=torch.long, device=self.device)
         self.kv_len: int | None = None
         self.key_bound: int | None = None
         self._meta: _StepMeta | None = None
+        self._write_slots: torch.Tensor | None = None  # physical slots of this forward's rows
         self._fresh: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
@@ -107,14 +113,17 @@ class PagedTreeCache:
     @torch.compiler.disable
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         assert key.shape[0] == 1, "PagedTreeCache holds one sequence"
-        if layer_idx == 0:
-            self._meta = None  # a new forward begins
+        if layer_idx == 0 or self._write_slots is None:
+            # A new forward begins: what every layer shares is derived once (a small
+            # model's captured step is bound by its kernel count).
+            self._meta = None
+            self._write_slots = self.physical_slots(self.slots)
         _active_cache.set(self)
         k = key[0].transpose(0, 1)  # [q, num_kv_heads, head_dim], head_dim contiguous
         v = value[0].transpose(0, 1)
         write = kv_write if self.use_triton else kv_write_reference
         write(k, v, self.paged.key_cache[layer_idx], self.paged.value_cache[layer_idx],
-              self.physical_slots(self.slots))
+              self._write_slots)
         self._fresh = (key, value)
         return key, value
 
@@ -124,9 +133,7 @@ class PagedTreeCache:
     # --- what the runner calls ----------------------------------------------------
 
     def physical_slots(self, positions: torch.Tensor) -> torch.Tensor:
-        table = self.block_table[0].long()
-        positions = positions.to(self.device).long()
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+        return self._slot_of[positions.to(self.device).long()]
 
     def compact(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Move accepted rows from positions ``src`` to ``dst`` (increasing, BFS order), all layers."""
@@ -205,8 +212,11 @@ def paged_tree_attention_forward(
     args = (q, cache.paged.key_cache[layer], cache.paged.value_cache[layer], cache.block_table,
             meta.cu_seqlens_q, meta.seq_lens, meta.tree_mask)
     if cache.use_triton:
+        # Written contiguous [q, heads, dim]: transformers then flattens the heads as a
+        # view (an output shaped like the transposed query would cost a copy per layer).
         out = tree_attention(*args, max_query_len=meta.max_query_len,
-                             max_seq_len=meta.max_seq_len, scale=scaling)
+                             max_seq_len=meta.max_seq_len, scale=scaling,
+                             out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
     else:
         out = tree_attention_reference(*args, scale=scaling)
     return out.unsqueeze(0), None

@@ -27,6 +27,8 @@ class CandidateTable:
         self.fill_noise = fill_noise
         self.generator = generator
         self.table = torch.full((self.depth, self.top_k + 1), EMPTY, dtype=torch.long)
+        self._slot = None  # node -> flat table slot (numpy), built on first use
+        self._all: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.table.fill_(EMPTY)
@@ -46,31 +48,39 @@ class CandidateTable:
         """The retrieval column: the chain `found` when the caller looked it up (the vLLM
         proposer's per-request index, or a shared corpus: retrieval.CorpusIndex), else
         the prompt-lookup continuation of `context`."""
-        self.table[:, self.top_k] = EMPTY
+        column = self.table.numpy()[:, self.top_k]  # a view: numpy, not torch, per step
+        column[:] = EMPTY
         if self.tree.template.uses_retrieval:
-            found = (ngram_lookup(context, self.depth, self.max_ngram) if found is None
-                     else torch.as_tensor(list(found)[: self.depth], dtype=torch.long))
-            self.table[: found.numel(), self.top_k] = found
+            if found is None:
+                found = ngram_lookup(context, self.depth, self.max_ngram).numpy()
+            found = found[: self.depth]
+            column[: len(found)] = found
 
     def node_tokens(self, root_token: int, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens of root + nodes, and the node indices kept (all, unless pruning).
 
         Noise comes from the context (prompt + output), the distribution MSN trained on.
+        Runs every step of every request, so it works on numpy views (a few small torch
+        ops cost more than the whole lookup).
         """
-        depth, column = self.tree.depth[1:], self.tree.column[1:]
-        tokens = self.table[depth - 1, column]
-        empty = tokens == EMPTY
-        keep = torch.arange(self.tree.num_nodes + 1)
+        tree = self.tree
+        if self._slot is None:
+            # Flat (depth - 1, column) slot of every node; the root's entry is unused.
+            self._slot = ((tree.depth - 1) * (self.top_k + 1) + tree.column).numpy()
+            self._slot[0] = 0
+            self._all = torch.arange(tree.num_nodes + 1)
+        tokens = self.table.numpy().ravel()[self._slot]  # a copy: fancy indexing
+        tokens[0] = root_token
+        empty = tokens[1:] == EMPTY
+        keep = self._all
         if empty.any():
             if self.fill_noise:
-                pick = torch.randint(
-                    context.numel(), (int(empty.sum()),), generator=self.generator
-                )
-                tokens[empty] = context[pick]
+                pick = torch.randint(context.numel(), (int(empty.sum()),), generator=self.generator)
+                tokens[1:][empty] = context[pick].numpy()
             else:
-                keep = prune_empty(self.tree, empty)
-        tokens = torch.cat([torch.tensor([root_token]), tokens])
-        return tokens[keep], keep
+                keep = prune_empty(tree, torch.from_numpy(empty))
+                return torch.from_numpy(tokens)[keep], keep
+        return torch.from_numpy(tokens), keep
 
 
 def prune_empty(tree: TreeSpec, empty: torch.Tensor) -> torch.Tensor:

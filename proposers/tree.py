@@ -27,6 +27,7 @@ class TreeSpec:
     path_nodes: torch.Tensor  # [N+1, D] long: nodes of depth 1..depth(i) on i's path, -1 pad
     first_child: torch.Tensor  # [N+1] long, lowest-index child or -1
     _subtrees: dict = field(default_factory=dict, repr=False)
+    _chains: dict = field(default_factory=dict, repr=False)  # feedback_chain memo
 
     @property
     def num_nodes(self) -> int:
@@ -36,6 +37,14 @@ class TreeSpec:
     @property
     def max_depth(self) -> int:
         return self.path_nodes.shape[1]
+
+    @property
+    def max_node_depth(self) -> int:
+        """Depth of the deepest node present (0 for a root-only tree); `max_depth` is
+        the template's."""
+        if "max" not in self._chains:
+            self._chains["max"] = int(self.depth.max())
+        return self._chains["max"]
 
     @property
     def retrieval_column(self) -> int:
@@ -75,14 +84,17 @@ class TreeSpec:
 
         After accepting up to `node`, its children hold wrong guesses for the bonus
         token's slot; their outputs still predict the tokens after it (Jacobi
-        feedback). We follow lowest-index children, i.e. the top-1 branch.
+        feedback). We follow lowest-index children, i.e. the top-1 branch. (Memoized:
+        the runners ask every step.)
         """
-        chain = []
-        child = int(self.first_child[node])
-        while child >= 0:
-            chain.append(child)
-            child = int(self.first_child[child])
-        return chain
+        if node not in self._chains:
+            chain = []
+            child = int(self.first_child[node])
+            while child >= 0:
+                chain.append(child)
+                child = int(self.first_child[child])
+            self._chains[node] = chain
+        return list(self._chains[node])
 
 
 def compile_tree(template: TreeTemplate) -> TreeSpec:

@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 
 from proposers.templates import TreeTemplate
 from proposers.tree import compile_tree
-from proposers.verify import accept, accepted_mask, sample_targets
+from proposers.verify import _accept_torch, accept, accepted_mask, sample_targets
 
 TEMPLATE = TreeTemplate("hand", top_k=2, max_depth=3,
                         paths=((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)))
@@ -98,6 +98,9 @@ def test_acceptance_matches_brute_force(case):
     assert acc.tokens == [int(target[n]) for n in [0, *acc.path]]
     ok = accepted_mask(tree, tokens, target)
     assert all(bool(ok[tree.parent[i]]) for i in range(1, tree.num_nodes + 1) if ok[i])
+    # The host (numpy) path `accept` takes for CPU tensors and the torch path it takes
+    # for device tensors pick the same node, ties included.
+    assert _accept_torch(tree, tokens, target) == acc
 
 
 def test_batched_mask_equals_per_row():

@@ -28,6 +28,7 @@ import torch
 from proposers.candidates import CandidateTable
 from proposers.detok import TextStream, eos_token_ids
 from proposers.reference.cache import StaticKVCache
+from proposers.retrieval import NgramIndex
 from proposers.templates import TreeTemplate, load_template
 from proposers.tree import TreeSpec, compile_tree
 from proposers.verify import accept, sample_targets
@@ -238,18 +239,27 @@ class ReferenceRunner:
         cache = self._cache_for(capacity)
         texts = TextStream(self.tokenizer, cfg.stop)
 
-        context = torch.tensor(list(prompt_ids), dtype=torch.long)
-        prefix = len(prompt_ids) - 1  # tokens in the cache; the last prompt token is the root
+        # The context (prompt + output) grows in place in one buffer; the retrieval
+        # branch looks its suffix up in an index updated by each step's new tokens (a
+        # scan of the whole context every step grows with the text).
+        buffer = torch.empty(need + tree.max_depth + 1, dtype=torch.long)
+        length = len(prompt_ids)
+        buffer[:length] = torch.tensor(list(prompt_ids), dtype=torch.long)
+        context = buffer[:length]
+        index = NgramIndex(cfg.max_ngram) if tree.template.uses_retrieval else None
+        prefix = length - 1  # tokens in the cache; the last prompt token is the root
         if prefix:
             self._prefill(cache, context[:-1])
         root = int(context[-1])
-        table.set_retrieval(context)
         emitted = 0
         graphs = self._graph_steps(cfg)
         # Graph steps compact the last step's accepted rows at the start of the next
         # replay (no launches from here); eager steps compact right away.
         pending: tuple[int, list[int]] | None = None
         while True:
+            if index is not None:
+                index.sync(context.numpy())
+                table.set_retrieval(context, index.match(tree.max_depth)[0])
             node_tokens, keep = table.node_tokens(root, context)
             step_tree = tree.subtree(keep)
             target, topk = self._step(cache, step_tree, node_tokens, prefix, cfg, gen, pending)
@@ -271,15 +281,15 @@ class ReferenceRunner:
                 new, finish = new[: pushed.num_tokens], "stop"
             emitted += len(new)
             text = pushed.text + (texts.flush() if finish else "")
-            draft_depth = int(step_tree.depth.max())
-            yield StepOutput(new, text, step_tree.num_nodes, acc.num_accepted, draft_depth, finish,
-                             eos and not pushed.stopped)
+            yield StepOutput(new, text, step_tree.num_nodes, acc.num_accepted,
+                             step_tree.max_node_depth, finish, eos and not pushed.stopped)
             if finish:
                 return
             prefix += acc.num_accepted + 1
             root = acc.tokens[-1]
-            context = torch.cat([context, torch.tensor(acc.tokens)])
-            table.set_retrieval(context)
+            buffer[length : length + len(acc.tokens)] = torch.tensor(acc.tokens)
+            length += len(acc.tokens)
+            context = buffer[:length]
 
     def _trim(self, tokens: list[int], emitted: int, cfg: GenerationConfig):
         if not cfg.ignore_eos:
