@@ -550,6 +550,8 @@ def test_runner_e2e_smoke_writes_a_row_per_runner(tmp_path, tiny_checkpoint, mon
         ("ar", "sdpa"), ("ar", "paged-torch"), ("tr-jacobi", "sdpa"), ("tr-jacobi", "paged-torch")]
     assert all(r["baseline"] == "sdpa" and r["identical_outputs"] == "4/4"
                for r in rows if r["attention"] != "sdpa")
+    assert all(r["prefill_ms"] > 0 and 0 < r["decode_us_per_step"] < r["elapsed_s"] / r["steps"] * 1e6
+               for r in rows)
 
 
 def test_host_profile_smoke(tiny_checkpoint, capsys):

@@ -13,9 +13,10 @@ the per-prefix-bucket graphs in the same run.
 
 ``--compile`` adds, beside each runner, the same runner with ``compile_steps`` (its
 decode steps go through ``torch.compile`` before capture, its prefill too): fewer, fused
-kernels per step. Every runner also reports the GPU time of one replay of its one-token graph and of
-its largest tree graph (CUDA events over 200 replays), so the host's share of a step is
-the step's wall time minus that.
+kernels per step. Every runner also reports the mean time of one prompt's prefill
+(``prefill_ms``), the decode time per step without it (``decode_us_per_step``) and the
+GPU time of one replay of its one-token graph and of its largest tree graph (CUDA events
+over 200 replays), so the host's share of a step is the decode time minus that.
 
 ``--random-weights`` builds the model from the folder's config (a checkpoint too
 large to carry to the GPU machine): the shapes, hence the cost of a step, are the
@@ -110,6 +111,8 @@ def main() -> None:
             outputs[(method, name)] = [o.token_ids for o in outs]
             row = {"method": method, "attention": name, "tokens": tokens, "steps": steps,
                        "mat": tokens / steps, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed}
+            row["prefill_ms"] = prefill_ms(runner, prompts, sync)
+            row["decode_us_per_step"] = (elapsed - row["prefill_ms"] * len(prompts) / 1e3) / steps * 1e6
             if device.type == "cuda" and runner.use_cuda_graphs:
                 row["replay_us"] = replay_times(runner)
                 row["wall_us_per_step"] = elapsed / steps * 1e6
@@ -117,6 +120,7 @@ def main() -> None:
             write(args, device, results)  # so far: a run cut short keeps its rows
             print(f"{method:<10}{name:<22}{row['tokens_per_s']:9.1f} tok/s  MAT {row['mat']:.2f}  "
                   f"{steps} steps  {row.get('wall_us_per_step', 0):.0f} us/step  "
+                  f"prefill {row['prefill_ms']:.1f} ms  "
                   f"replay {row.get('replay_us', {})}", flush=True)
     for method in args.methods.split(","):
         a = outputs[(method, baseline)]
@@ -143,6 +147,24 @@ def write(args, device, results: list[dict]) -> None:
             "max_new_tokens": args.max_new_tokens, "prompts": PROMPTS}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+def prefill_ms(runner: ReferenceRunner, prompts: list[list[int]], sync, repeats: int = 3) -> float:
+    """Mean milliseconds of one prompt's prefill (the prompt minus its last token, as
+    `stream` runs it), after the generations above warmed it up: the part of each
+    generation's time that is not decode steps."""
+    times = []
+    for ids in prompts:
+        cache = runner._cache_for(len(ids) + 1)
+        context = torch.tensor(ids[:-1], dtype=torch.long)
+        with torch.inference_mode():
+            for _ in range(repeats):
+                sync()
+                t0 = time.perf_counter()
+                runner._prefill(cache, context)
+                sync()
+                times.append(time.perf_counter() - t0)
+    return sum(times) / len(times) * 1e3
 
 
 def replay_times(runner: ReferenceRunner, replays: int = 200) -> dict[str, float]:
