@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.kv_compact import compaction_slots, kv_compact, kv_compact_reference
+from kernels.kv_compact import kv_compact, kv_compact_reference
 from kernels.kv_write import kv_write, kv_write_reference
 from kernels.paged_cache import PagedKVCache
 from kernels.prefill import prefill_attention
@@ -147,8 +147,14 @@ class PagedTreeCache:
     def compact_path(self, prefix: torch.Tensor, nodes: torch.Tensor) -> None:
         """``compact`` for one step's accepted nodes (``-1`` pads) after the one-element
         ``prefix``, without host syncs on the Triton path (captured in the next step's graph)."""
-        src, dst = compaction_slots(self.block_table, prefix.view(1), nodes.view(1, -1),
-                                    self.block_size, validate=False)
+        # `compaction_slots` for this one sequence, through the position->slot map
+        # (fewer kernels in every captured step).
+        nodes = nodes.view(-1).long()
+        valid = nodes >= 0
+        depth = torch.arange(1, nodes.numel() + 1, device=nodes.device)
+        src = torch.where(valid, self._slot_of[torch.where(valid, prefix + nodes, 0)], -1)
+        dst = torch.where(valid, self._slot_of[torch.where(valid, prefix + depth, 0)], -1)
+        src, dst = src.view(1, -1), dst.view(1, -1)
         move = kv_compact if self.use_triton else kv_compact_reference
         move(self.paged.key_cache, self.paged.value_cache, src, dst)
 

@@ -41,6 +41,41 @@ def test_tr_jacobi_on_paged_kernels_equals_sdpa_greedy(tiny_model_and_tokenizer,
         assert ours.num_steps < len(ours.token_ids), "no draft was ever accepted: compaction untested"
 
 
+@pytest.mark.parametrize("graph_steps", [False, True])
+def test_paged_runner_is_exact_on_a_shuffled_block_table(tiny_model_and_tokenizer, monkeypatch,
+                                                          graph_steps):
+    """The cache maps positions to pool slots once (`_slot_of`) for KV writes and for
+    both compactions; a fresh pool hands blocks out in order, which would hide a mapping
+    that ignores the table. Here the sequence owns the same blocks in shuffled order:
+    still plain greedy, eager steps and the staged graph-step body (run uncaptured on
+    CPU) alike."""
+    from kernels.paged_cache import PagedKVCache
+    from proposers.reference.runner import GenerationConfig
+
+    real = PagedKVCache.block_tables
+
+    def shuffled(self, seq_ids):
+        table = real(self, seq_ids)
+        order = torch.randperm(table.shape[1], generator=torch.Generator().manual_seed(0))
+        return table[:, order.to(table.device)].contiguous()
+
+    model, tok = tiny_model_and_tokenizer
+    plain = ReferenceRunner(model, tok, DEVICE, use_cuda_graphs=False)
+    monkeypatch.setattr(PagedKVCache, "block_tables", shuffled)
+    paged = ReferenceRunner(copy.deepcopy(model), tok, DEVICE, attn_backend="paged-torch",
+                            use_cuda_graphs=graph_steps and DEVICE.type == "cpu")
+    prompt = plain.encode("The quick brown fox jumps over the lazy dog. The quick brown")
+    ar = plain.generate(prompt, GenerationConfig(method="ar", max_new_tokens=16, ignore_eos=True))
+    cfg = GenerationConfig(method="tr-jacobi", template="tree-16", max_new_tokens=16,
+                           ignore_eos=True)
+    ours = paged.generate(prompt, cfg)
+    cache = paged._graph_cache if paged.use_cuda_graphs else None
+    if cache is not None:
+        assert not torch.equal(cache.block_table[0].sort().values, cache.block_table[0])
+    assert ours.token_ids == ar.token_ids
+    assert ours.num_steps < len(ours.token_ids), "no draft was ever accepted: compaction untested"
+
+
 def test_cache_packs_the_runner_mask_into_the_tree_bitmask():
     cache = PagedTreeCache(1, 1, 16, capacity=40, dtype=torch.float32, device=DEVICE,
                            use_triton=False, block_size=4)
