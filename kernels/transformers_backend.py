@@ -95,6 +95,10 @@ class PagedTreeCache:
         self.slots = torch.zeros(0, dtype=torch.long, device=self.device)
         self.kv_len: int | None = None
         self.key_bound: int | None = None
+        # The kernel's tree bitmask for the forwards to come, when the caller packed it
+        # already (the runner's graph steps: per tree, on the host); else it is packed
+        # from the attention mask every forward.
+        self.tree_bits: torch.Tensor | None = None
         self._meta: _StepMeta | None = None
         self._write_slots: torch.Tensor | None = None  # physical slots of this forward's rows
         self._fresh: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -175,6 +179,8 @@ class PagedTreeCache:
             max_seq_len = self.kv_len
         else:
             max_seq_len = min(self.key_bound or self.capacity, self.capacity)
+        if self.tree_bits is not None:
+            return _StepMeta(cu, seq_lens, self.tree_bits, q, max_seq_len, prefill=False)
         if attention_mask is None:
             return _StepMeta(cu, seq_lens, None, q, max_seq_len, prefill=False)
         mask = attention_mask.reshape(attention_mask.shape[-2:])

@@ -50,6 +50,13 @@ def test_staged_graph_steps_equal_eager_greedy(tiny_model_and_tokenizer, backend
     # A second request on the same graph cache starts clean (no compaction left over).
     again = staged.generate(prompt, _cfg("pld"))
     assert again.token_ids == ar.token_ids
+    # A sampled request runs eager steps on the same graph cache: what the graph steps
+    # left there (on our paged cache, the packed tree) must not leak into them.
+    sampled = GenerationConfig(method="tr-jacobi", template="tree-16", max_new_tokens=20,
+                               temperature=0.8, seed=3, ignore_eos=True)
+    fresh = ReferenceRunner(copy.deepcopy(model), tok, CPU, use_cuda_graphs=True,
+                            attn_backend=backend)
+    assert staged.generate(prompt, sampled).token_ids == fresh.generate(prompt, sampled).token_ids
 
 
 def test_compiled_steps_equal_eager_greedy(tiny_model_and_tokenizer):

@@ -350,6 +350,7 @@ class ReferenceRunner:
         dev = self.device
         cache.slots = torch.arange(n, device=dev)
         cache.kv_len = n
+        _mask_from_forward(cache)
         mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
         # Only the KV rows matter: skip the LM head over the prompt (prompt x vocab logits).
         return self._forward(cache, ids.to(dev), cache.slots, mask, logits_to_keep=1,
@@ -379,6 +380,7 @@ class ReferenceRunner:
                 graph = self._graphs[key] = _GraphStep(self, cache, *key, tree=tree)
             return graph.run(tree, node_tokens, prefix, k, pending)
         assert pending is None, "eager steps compact right after acceptance"
+        _mask_from_forward(cache)
         dev = self.device
         q = node_tokens.numel()
         cache.slots = prefix + torch.arange(q, device=dev)
@@ -407,6 +409,13 @@ class ReferenceRunner:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _mask_from_forward(cache) -> None:
+    """An eager forward passes its own mask: drop the tree bitmask graph steps left on
+    our paged cache (the graph cache serves eager prefills and sampled steps too)."""
+    if getattr(cache, "tree_bits", None) is not None:
+        cache.tree_bits = None
 
 
 class _GraphStep:
@@ -445,6 +454,10 @@ class _GraphStep:
         self.mask = torch.zeros(q, cache.capacity, dtype=torch.bool, device=dev)
         self.rows = torch.arange(q, device=dev)
         self.col = torch.arange(cache.capacity, device=dev)
+        # Our paged cache takes the tree as the kernel's bitmask, packed on the host when
+        # the tree changes: no mask is built in the graph (SDPA needs the dense one).
+        self.bits = (torch.zeros(q, -(-q // 32), dtype=torch.int32, device=dev)
+                     if hasattr(cache, "tree_bits") else None)
         self._set_tree(tree)
         if not self.captured:
             return
@@ -468,6 +481,12 @@ class _GraphStep:
     def _set_tree(self, tree: TreeSpec) -> None:
         self.depth.copy_(tree.depth)
         self.anc.copy_(tree.ancestors)
+        if self.bits is not None:
+            from kernels.tree_attention import pack_visibility
+
+            visible = torch.zeros(self.q, self.bits.shape[1] * 32, dtype=torch.bool)
+            visible[:, : self.q] = tree.ancestors
+            self.bits.copy_(pack_visibility(visible))
         self.tree = tree
 
     def _stage(self, node_tokens: torch.Tensor, prefix: int,
@@ -488,6 +507,8 @@ class _GraphStep:
     def _bind(self) -> None:
         self.cache.kv_len = None
         self.cache.slots = self.slots
+        if self.bits is not None:
+            self.cache.tree_bits = self.bits
         if self.key_bound:
             self.cache.key_bound = self.key_bound
 
@@ -496,9 +517,10 @@ class _GraphStep:
         prefix = self.prefix
         self.slots.copy_(prefix + self.rows)
         self.pos.copy_(prefix + self.depth)
-        rel = (self.col - prefix).clamp(0, self.q - 1)
-        tree_cols = (self.col >= prefix) & (self.col < prefix + self.q)
-        self.mask.copy_((self.col < prefix) | (self.anc[:, rel] & tree_cols))
+        if self.bits is None:
+            rel = (self.col - prefix).clamp(0, self.q - 1)
+            tree_cols = (self.col >= prefix) & (self.col < prefix + self.q)
+            self.mask.copy_((self.col < prefix) | (self.anc[:, rel] & tree_cols))
         logits = self.runner._forward(self.cache, self.ids, self.pos, self.mask)
         k = min(self.TOPK, logits.shape[-1])
         return torch.cat([logits.argmax(-1, keepdim=True), torch.topk(logits, k, dim=-1).indices],
