@@ -139,6 +139,16 @@ class PagedTreeCache:
     def physical_slots(self, positions: torch.Tensor) -> torch.Tensor:
         return self._slot_of[positions.to(self.device).long()]
 
+    def write_prompt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store a prompt's K/V, ``[num_layers, 1, num_kv_heads, n, head_dim]`` (a
+        ``StaticKVCache``'s tensors), at positions ``0..n-1`` of every layer: one copy
+        each for K and V."""
+        n = keys.shape[3]
+        slots = self._slot_of[:n]
+        for pool, new in ((self.paged.key_cache, keys), (self.paged.value_cache, values)):
+            flat = pool.view(pool.shape[0], -1, *pool.shape[-2:])  # [layers, slots, heads, dim]
+            flat[:, slots] = new[:, 0].transpose(1, 2).to(pool.dtype)
+
     def compact(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Move accepted rows from positions ``src`` to ``dst`` (increasing, BFS order), all layers."""
         if not src.numel():

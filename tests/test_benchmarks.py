@@ -562,3 +562,4 @@ def test_host_profile_smoke(tiny_checkpoint, capsys):
     out = capsys.readouterr().out
     assert "tr-jacobi sdpa: 12 tokens" in out and "us a step under the profiler" in out
     assert "Ordered by: internal time" in out and "Ordered by: cumulative time" in out
+    assert "split (no profiler): prefill" in out

@@ -62,6 +62,8 @@ def main() -> None:
                     help="attention paths to run, comma-separated (the first is the baseline)")
     ap.add_argument("--compile", action="store_true",
                     help="also run each backend with compile_steps (torch.compile'd steps and prefill)")
+    ap.add_argument("--compiled-only", action="store_true",
+                    help="with --compile: only the compiled runners")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/runner-e2e-h200.json"))
     args = ap.parse_args()
 
@@ -84,7 +86,7 @@ def main() -> None:
         ap.error("--capacity-launch needs paged-triton in --backends")
     runners: dict[str, ReferenceRunner] = {}
     for backend in backends:
-        for compiled in (False, True) if args.compile else (False,):
+        for compiled in ((True,) if args.compiled_only else (False, True)) if args.compile else (False,):
             name = backend + ("+compile" if compiled else "")
             runners[name] = ReferenceRunner(copy.deepcopy(model), tok, device, attn_backend=backend,
                                             compile_steps=compiled)

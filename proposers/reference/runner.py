@@ -18,6 +18,7 @@ uncaptured, launches far fewer from the host.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -109,12 +110,22 @@ class ReferenceRunner:
         the first of each kind pays the compile; `warm_up` does that up front)."""
         self.attn_backend = attn_backend
         self.compile_steps = compile_steps
-        self._compiled_model = None
+        self._compiled_model = self._compiled_twin = None
+        self._prefill_twin = None
         if attn_backend == "sdpa":
             self._make_cache = StaticKVCache.for_model
         else:
             from kernels.transformers_backend import use_paged_attention
 
+            # Prompts prefill through a twin of the model on transformers' SDPA (the same
+            # parameter tensors, its own config) into a static cache, then move into the
+            # pool in one copy per K/V: a prefill is causal and compute-bound, where SDPA
+            # is the right kernel (kernels/prefill.py), and with no cache of ours inside,
+            # the compiled prefill is one graph instead of pieces between our per-layer
+            # cache calls (which cost more than the eager prefill on an H200).
+            shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+            self._prefill_twin = copy.deepcopy(model, shared).eval()
+            self._prefill_twin.set_attn_implementation("sdpa")
             self._make_cache = use_paged_attention(model, attn_backend)
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -137,6 +148,9 @@ class ReferenceRunner:
         # may be captured in the middle of a request, and its dry runs must not overwrite
         # that request's KV rows.
         self.graph_scratch = 256
+        # Diagnostics (benchmarks/reference/host_profile.py): a list makes every graph
+        # step append (step size, staging s, replay launch s, wait for the result s).
+        self.step_timer: list[tuple[int, float, float, float]] | None = None
 
     @classmethod
     def load(cls, model_path: str | Path, device: str = "cpu", dtype: str = "float32",
@@ -334,9 +348,18 @@ class ReferenceRunner:
             self._compiled_model = torch.compile(self.model, dynamic=True)
         return self._compiled_model
 
+    def _compiled_prefill_twin(self):
+        if self._compiled_twin is None:
+            self._compiled_twin = torch.compile(self._prefill_twin, dynamic=True)
+        return self._compiled_twin
+
     def _forward(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
-                 mask: torch.Tensor, logits_to_keep: int = 0, *, eager: bool = False) -> torch.Tensor:
-        model = self.model if eager else self.compiled_model()
+                 mask: torch.Tensor, logits_to_keep: int = 0, *, eager: bool = False,
+                 twin: bool = False) -> torch.Tensor:
+        if twin:
+            model = self._prefill_twin if eager or not self.compile_steps else self._compiled_prefill_twin()
+        else:
+            model = self.model if eager else self.compiled_model()
         out = model(
             input_ids=ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
             attention_mask=mask[None, None], past_key_values=cache, use_cache=True,
@@ -348,13 +371,19 @@ class ReferenceRunner:
         """Causal forward of `ids` into an empty cache; the logits after the last token."""
         n = ids.numel()
         dev = self.device
+        target = cache
+        if self._prefill_twin is not None:  # our paged cache: SDPA twin, then one copy
+            cache = StaticKVCache.for_model(self.config, n, self.dtype, dev)
         cache.slots = torch.arange(n, device=dev)
         cache.kv_len = n
-        _mask_from_forward(cache)
+        _mask_from_forward(target)
         mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
         # Only the KV rows matter: skip the LM head over the prompt (prompt x vocab logits).
-        return self._forward(cache, ids.to(dev), cache.slots, mask, logits_to_keep=1,
-                             eager=eager)[-1]
+        logits = self._forward(cache, ids.to(dev), cache.slots, mask, logits_to_keep=1,
+                               eager=eager, twin=target is not cache)[-1]
+        if target is not cache:
+            target.write_prompt(cache.keys, cache.values)
+        return logits
 
     @torch.inference_mode()
     def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
@@ -528,14 +557,21 @@ class _GraphStep:
 
     def run(self, tree: TreeSpec, node_tokens: torch.Tensor, prefix: int, k: int,
             pending: tuple[int, list[int]] | None = None):
+        timer = self.runner.step_timer
+        t0 = time.perf_counter() if timer is not None else 0.0
         self._stage(node_tokens, prefix, pending)
         self.inp.copy_(self.host, non_blocking=True)
         if tree is not self.tree:
             self._set_tree(tree)
         self._bind()
+        t1 = time.perf_counter() if timer is not None else 0.0
         if self.captured:
             self.graph.replay()
+            t2 = time.perf_counter() if timer is not None else 0.0
             out = self.out.cpu()
         else:
+            t2 = t1
             out = self._body().cpu()
+        if timer is not None:
+            timer.append((self.q, t1 - t0, t2 - t1, time.perf_counter() - t2))
         return out[:, 0], out[:, 1 : k + 1]
