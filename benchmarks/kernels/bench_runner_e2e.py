@@ -66,6 +66,8 @@ def main() -> None:
                     help="with --compile: only the compiled runners")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/runner-e2e-h200.json"))
     args = ap.parse_args()
+    if args.compiled_only and not args.compile:
+        ap.error("--compiled-only needs --compile")
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
