@@ -21,7 +21,10 @@ The runner keeps passing its explicit boolean mask; the tree part of it (the
 query rows' own columns, which are the write slots) is packed once per forward
 into the kernel's ancestor bitmask, on the device, so it is also valid inside a
 captured CUDA graph. A prompt prefill (empty prefix, causal mask, eager) runs
-SDPA on the fresh K/V instead (see ``kernels/prefill.py``).
+SDPA on the fresh K/V instead (see ``kernels/prefill.py``). The reference runner
+prefills without this cache (an SDPA twin of the model into a static cache, then
+``write_prompt``), so its compiled prefill is one graph; graph steps hand the cache
+the tree's bitmask ready-packed (``tree_bits``).
 
 One sequence at a time (the reference runner decodes batch 1); the kernels
 underneath are batched.

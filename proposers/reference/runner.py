@@ -107,7 +107,8 @@ class ReferenceRunner:
         their PyTorch references; this switches `model`'s attention implementation).
         `compile_steps`: run decode steps and prefills through `torch.compile(model,
         dynamic=True)` (compiled once each for one-token steps, larger steps and prefills;
-        the first of each kind pays the compile; `warm_up` does that up front)."""
+        on our paged backends the prefill runs an SDPA twin of the model, compiled on its
+        own; the first of each kind pays the compile; `warm_up` does that up front)."""
         self.attn_backend = attn_backend
         self.compile_steps = compile_steps
         self._compiled_model = self._compiled_twin = None
