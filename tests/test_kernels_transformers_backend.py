@@ -169,3 +169,44 @@ def test_paged_attention_step_replays_in_a_cuda_graph():
         graph.replay()
         replayed = out.clone()
         torch.testing.assert_close(replayed, step(), atol=0, rtol=0)
+
+
+def test_twin_prefill_stores_what_a_prefill_through_the_paged_cache_stores(tiny_model_and_tokenizer):
+    """The paged runner prefills through an SDPA twin into a static cache and copies the
+    K/V into the pool (`write_prompt`); a prefill through the paged cache itself (the
+    backend's own causal path) must leave the same rows in the same pool slots, on a
+    shuffled block table, and give the same next-token logits. The twin shares the
+    model's parameter tensors."""
+    model, tok = tiny_model_and_tokenizer
+    runner = ReferenceRunner(copy.deepcopy(model), tok, DEVICE, attn_backend="paged-torch",
+                             use_cuda_graphs=False)
+    twin = runner._prefill_twin
+    assert all(a is b for a, b in zip(twin.parameters(), runner.model.parameters()))
+    assert twin.config._attn_implementation == "sdpa"
+    assert runner.model.config._attn_implementation != "sdpa"
+    ids = torch.tensor(runner.encode("The quick brown fox jumps over the lazy dog."))
+    n = ids.numel()
+    caches, logits = [], []
+    for twin_prefill in (True, False):
+        cache = runner._make_cache(runner.config, n + 8, runner.dtype, DEVICE)
+        order = torch.randperm(cache.block_table.shape[1], generator=torch.Generator().manual_seed(1))
+        cache.block_table = cache.block_table[:, order.to(cache.block_table.device)].contiguous()
+        positions = torch.arange(cache._slot_of.numel(), device=cache._slot_of.device)
+        cache._slot_of = (cache.block_table[0].long()[positions // cache.block_size] * cache.block_size
+                          + positions % cache.block_size)
+        if twin_prefill:
+            logits.append(runner._prefill(cache, ids))
+        else:
+            cache.slots = torch.arange(n, device=DEVICE)
+            cache.kv_len = n
+            mask = torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril()
+            with torch.inference_mode():
+                logits.append(runner._forward(cache, ids.to(DEVICE), cache.slots, mask,
+                                              logits_to_keep=1, eager=True)[-1])
+        caches.append(cache)
+    slots = caches[0]._slot_of[:n]
+    for pool in ("key_cache", "value_cache"):
+        a, b = (getattr(c.paged, pool) for c in caches)
+        flat = [t.view(t.shape[0], -1, *t.shape[-2:])[:, slots] for t in (a, b)]
+        torch.testing.assert_close(flat[0], flat[1])
+    torch.testing.assert_close(logits[0], logits[1])
