@@ -10,6 +10,7 @@ source (node index >= node depth).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -38,13 +39,11 @@ class TreeSpec:
     def max_depth(self) -> int:
         return self.path_nodes.shape[1]
 
-    @property
+    @functools.cached_property
     def max_node_depth(self) -> int:
         """Depth of the deepest node present (0 for a root-only tree); `max_depth` is
         the template's."""
-        if "max" not in self._chains:
-            self._chains["max"] = int(self.depth.max())
-        return self._chains["max"]
+        return int(self.depth.max())
 
     @property
     def retrieval_column(self) -> int:

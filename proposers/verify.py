@@ -30,41 +30,22 @@ class Acceptance:
     tokens: list[int]  # emitted tokens: accepted drafts + bonus (num_accepted + 1)
 
 
-def accepted_mask(tree: TreeSpec, node_tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[..., N+1] bool: node and all its ancestors match. Batched over leading dims."""
-    parent = tree.parent.clamp(min=0)
-    match = node_tokens == target[..., parent]
-    match[..., 0] = True  # the root is given
+def accepted_mask(tree: TreeSpec, node_tokens: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """[N+1] bool: node and all its ancestors match (host arrays: this runs every step
+    of every request, where a few small torch ops cost more than the whole test)."""
+    match = node_tokens == target[tree.parent.numpy().clip(min=0)]
+    match[0] = True  # the root is given
     # A node is accepted iff no ancestor-or-self fails to match.
-    fails = tree.ancestors & ~match.unsqueeze(-2)
-    return ~fails.any(dim=-1)
+    return ~(tree.ancestors.numpy() & ~match).any(axis=1)
 
 
 def accept(tree: TreeSpec, node_tokens: torch.Tensor, target: torch.Tensor) -> Acceptance:
     """Greedy/sampled acceptance of one request's tree (1-D tensors of length N+1)."""
-    if node_tokens.device.type == "cpu" and target.device.type == "cpu" and tree.depth.device.type == "cpu":
-        return _accept_host(tree, node_tokens.numpy(), target.numpy())
-    return _accept_torch(tree, node_tokens, target)
-
-
-def _accept_torch(tree: TreeSpec, node_tokens: torch.Tensor, target: torch.Tensor) -> Acceptance:
-    ok = accepted_mask(tree, node_tokens, target)
-    score = torch.where(ok, tree.depth, torch.full_like(tree.depth, -1))
-    # argmax returns the first maximum: ties go to the lowest-index (top-1 first) node.
-    node = int(torch.argmax(score))
-    n_acc = int(tree.depth[node])
-    path = tree.path_nodes[node, :n_acc].tolist()
-    tokens = target[[0, *path]].tolist()
-    return Acceptance(node, n_acc, path, tokens)
-
-
-def _accept_host(tree: TreeSpec, node_tokens: np.ndarray, target: np.ndarray) -> Acceptance:
-    """`accept` on host arrays (every step of every request: numpy, not torch ops)."""
+    target = target.cpu().numpy()
+    ok = accepted_mask(tree, node_tokens.cpu().numpy(), target)
     depth = tree.depth.numpy()
-    match = node_tokens == target[tree.parent.numpy().clip(min=0)]
-    match[0] = True
-    ok = ~(tree.ancestors.numpy() & ~match).any(axis=1)
-    node = int(np.argmax(np.where(ok, depth, -1)))  # first maximum: lowest index wins ties
+    # argmax returns the first maximum: ties go to the lowest-index (top-1 first) node.
+    node = int(np.argmax(np.where(ok, depth, -1)))
     n_acc = int(depth[node])
     path = tree.path_nodes.numpy()[node, :n_acc].tolist()
     tokens = target[[0, *path]].tolist()

@@ -33,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-compile", action="store_const", const=True,
                    help="reference engine: torch.compile its decode steps and prefill, compiled and "
                         "warmed up before /ready (about a minute on a GPU, several on CPU; "
-                        "on an H200 1.2-1.7x the tokens/s)")
+                        "on an H200 1.25-1.74x the tokens/s, benchmarks/results/runner-e2e-kcount-h200.json)")
     p.add_argument("--served-model-name", help="model id clients send (default: the "
                    "checkpoint folder name)")
     p.add_argument("--host", help="bind address (default: 127.0.0.1)")

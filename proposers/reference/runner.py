@@ -350,6 +350,9 @@ class ReferenceRunner:
         return self._compiled_model
 
     def _compiled_prefill_twin(self):
+        """`compiled_model` for the paged backends' SDPA prefill twin."""
+        if not self.compile_steps:
+            return self._prefill_twin
         if self._compiled_twin is None:
             self._compiled_twin = torch.compile(self._prefill_twin, dynamic=True)
         return self._compiled_twin
@@ -357,10 +360,10 @@ class ReferenceRunner:
     def _forward(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
                  mask: torch.Tensor, logits_to_keep: int = 0, *, eager: bool = False,
                  twin: bool = False) -> torch.Tensor:
-        if twin:
-            model = self._prefill_twin if eager or not self.compile_steps else self._compiled_prefill_twin()
+        if eager:
+            model = self._prefill_twin if twin else self.model
         else:
-            model = self.model if eager else self.compiled_model()
+            model = self._compiled_prefill_twin() if twin else self.compiled_model()
         out = model(
             input_ids=ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
             attention_mask=mask[None, None], past_key_values=cache, use_cache=True,
@@ -417,8 +420,7 @@ class ReferenceRunner:
         cache.kv_len = prefix + q
         mask = torch.ones(q, prefix + q, dtype=torch.bool, device=dev)
         mask[:, prefix:] = tree.ancestors.to(dev)
-        logits = self._forward(cache, node_tokens.to(dev), tree.positions(prefix).to(dev), mask,
-                               )
+        logits = self._forward(cache, node_tokens.to(dev), tree.positions(prefix).to(dev), mask)
         topk = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).indices.cpu()
         target = sample_targets(logits.cpu() if cfg.temperature > 0 else logits,
                                 cfg.temperature, cfg.top_p, gen)
