@@ -515,22 +515,39 @@ def tiny_checkpoint(tmp_path_factory, base_model_path):
 
 
 def test_bench_methods_smoke_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
-    """Every method side by side on the paged-torch path with the full warm-up: JSON with
-    the run's settings, a plot, exit 0 (float32: every output identical to `ar`)."""
+    """Every method side by side on the paged-torch path with the full warm-up, plus a
+    method under a second template (METHOD@TEMPLATE): JSON with the run's settings, a
+    plot, exit 0 (float32: every output identical to `ar`)."""
     import json
 
     from benchmarks.reference import bench_methods
 
+    methods = ["ar", "jacobi", "tr-jacobi", "pld", "tr-jacobi@tree-8"]
     argv = ["--model", str(tiny_checkpoint), "--per-group", "1", "--max-new-tokens", "6",
             "--attn-backend", "paged-torch", "--warmup", "full", "--out-dir", str(tmp_path),
-            "--name", "m"]
+            "--name", "m", "--methods", ",".join(methods)]
     assert bench_methods.main(argv) == 0
     result = json.loads((tmp_path / "m.json").read_text())
     assert (tmp_path / "m.png").exists()
     assert result["attn_backend"] == "paged-torch" and result["warmup"] == "full"
     assert result["compile_steps"] is False and result["unexplained_divergences"] == 0
-    assert set(result["table"]["overall"]) == {"ar", "jacobi", "tr-jacobi", "pld"}
+    assert list(result["table"]["overall"]) == methods
+    assert result["templates"]["tr-jacobi"] == "paper-68-r16"  # the default
+    assert result["templates"]["tr-jacobi@tree-8"] == "tree-8"
     assert all(r["agrees"] for r in result["records"])
+
+
+@pytest.mark.parametrize("methods, message", [
+    ("tr-jacobi", "must include ar"),
+    ("ar,ar", "name each entry once"),
+    ("ar,beam", "use only"),
+    ("ar,tr-jacobi@no-such-template", "unknown template 'no-such-template'"),
+])
+def test_bench_methods_rejects_bad_methods_before_loading(methods, message):
+    from benchmarks.reference import bench_methods
+
+    with pytest.raises(SystemExit, match=message):
+        bench_methods.run(bench_methods.parse_args(["--model", "/no/such/model", "--methods", methods]))
 
 
 def test_runner_e2e_smoke_writes_a_row_per_runner(tmp_path, tiny_checkpoint, monkeypatch):

@@ -65,7 +65,7 @@ def test_compiled_steps_equal_eager_greedy(tiny_model_and_tokenizer):
     compiled = ReferenceRunner(copy.deepcopy(model), tok, CPU, use_cuda_graphs=True,
                                compile_steps=True)
     compiled.warm_up()  # what the server's reference engine runs before /ready
-    assert {q for q, _ in compiled._graphs} == {1, 68}  # one-token and paper-68 steps
+    assert {q for q, _ in compiled._graphs} == {1, 79}  # one-token and paper-68-r16 steps
     prompt = eager.encode(TEXT)
     ar = eager.generate(prompt, _cfg("ar", n=12))
     for method, template in (("ar", None), ("tr-jacobi", "tree-16")):

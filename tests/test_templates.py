@@ -14,7 +14,8 @@ from proposers.templates import (
 
 def test_bundled_templates_load_and_validate():
     names = available()
-    assert {"paper-68", "tree-32", "tree-16", "tree-8", "chain-5", "retrieval-10"} <= set(names)
+    assert {"paper-68", "paper-68-r16", "tree-32", "tree-16", "tree-8", "chain-5",
+            "retrieval-10"} <= set(names)
     for name in names:
         t = load_template(name)
         assert t.num_nodes > 0
@@ -25,6 +26,18 @@ def test_paper_template_shape():
     assert t.num_nodes + 1 == 68  # the root plus 67 drafts
     assert t.top_k == 10 and t.depth == 5
     assert [p for p in t.paths if RETRIEVAL in p] == [(RETRIEVAL,) * d for d in range(1, 6)]
+
+
+def test_default_tree_is_the_paper_tree_with_a_longer_retrieval_chain():
+    """paper-68-r16 (the reference runner's tr-jacobi default) keeps paper-68's nodes and
+    carries the retrieval chain on to depth 16 (the deepest a CUDA-graph step compacts)."""
+    from proposers.reference.runner import DEFAULT_TEMPLATES, _GraphStep
+
+    paper, t = load_template("paper-68"), load_template("paper-68-r16")
+    assert DEFAULT_TEMPLATES["tr-jacobi"] == "paper-68-r16"
+    assert t.paths[: paper.num_nodes] == paper.paths and t.top_k == paper.top_k
+    assert t.paths[paper.num_nodes:] == tuple((RETRIEVAL,) * d for d in range(6, 17))
+    assert t.num_nodes + 1 == 79 and t.depth == t.max_depth == 16 == _GraphStep.MAX_DEPTH
 
 
 def test_chain_templates():

@@ -11,6 +11,7 @@ case "${1:-}" in
     cat /tmp/msn/gguf.part* > /tmp/msn/model.gguf
     echo "a1231443440b107ff29f02bdb38c9d0a  /tmp/msn/model.gguf" | md5sum -c -
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/gguf-*.whl
+    cp .carry/data/specbench-dev.jsonl /tmp/msn/  # later calls do not carry it (env.sh)
     ;;
   *) echo "usage: setup.sh part|join" >&2; exit 2 ;;
 esac

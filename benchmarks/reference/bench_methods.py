@@ -26,6 +26,7 @@ from benchmarks.specbench import TASK_GROUPS, load_questions
 from msn.models import default_model_name
 from proposers.reference.agreement import explain
 from proposers.reference.runner import METHODS, GenerationConfig, ReferenceRunner
+from proposers.templates import TemplateError, load_template
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
@@ -36,7 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="base, msn, or a checkpoint path (default: %(default)s)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated; METHOD@TEMPLATE runs a method with another template "
+                        "beside it, e.g. ar,tr-jacobi,tr-jacobi@tree-32 (default: %(default)s)")
     p.add_argument("--per-group", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--template", action="append", default=[],
@@ -59,15 +62,24 @@ def run(args: argparse.Namespace) -> dict:
     from msn.models import resolve_model
 
     methods = args.methods.split(",")
-    unknown = set(methods) - set(METHODS)
-    if unknown or "ar" not in methods:
-        sys.exit(f"--methods must include ar and only {METHODS}; got {methods}")
+    unknown = {m.split("@", 1)[0] for m in methods} - set(METHODS)
+    if unknown or "ar" not in methods or len(set(methods)) != len(methods):
+        sys.exit(f"--methods must include ar, name each entry once, and use only {METHODS} "
+                 f"(optionally METHOD@TEMPLATE); got {methods}")
     templates = dict(t.split("=", 1) for t in args.template)
+    for m in methods:
+        if "@" in m:
+            templates[m] = m.split("@", 1)[1]
+    for name in templates.values():
+        try:
+            load_template(name)
+        except TemplateError as exc:  # before the model loads
+            sys.exit(f"bench_methods: {exc}")
     path = resolve_model(args.model)  # float32 checkpoint; the runner casts to --dtype
     runner = ReferenceRunner.load(path, device=args.device, dtype=args.dtype,
                                   attn_backend=args.attn_backend, compile_steps=args.compile)
     questions = load_questions(args.per_group)
-    cfgs = {m: GenerationConfig(method=m, max_new_tokens=args.max_new_tokens,
+    cfgs = {m: GenerationConfig(method=m.split("@", 1)[0], max_new_tokens=args.max_new_tokens,
                                 template=templates.get(m)) for m in methods}
     # Warm-up: first-call costs (allocator, CUDA-graph capture per step size) stay out.
     warm = runner.encode_chat("Say hello.")
@@ -91,7 +103,7 @@ def run(args: argparse.Namespace) -> dict:
                 "seconds": out.elapsed_s, "prompt_tokens": out.prompt_tokens,
                 "agrees": div is None, "divergence": div.to_json() if div else None,
             })
-    result = summarize(records, methods, args, runner)
+    result = summarize(records, methods, args, runner, cfgs)
     # Other work on the machine slows every method alike (they run interleaved per
     # prompt), but absolute tok/s are only comparable at similar load.
     result["loadavg_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
@@ -109,7 +121,7 @@ def aggregate(rows: list[dict]) -> dict:
             "agreement": round(sum(r["agrees"] for r in rows) / max(len(rows), 1), 4)}
 
 
-def summarize(records: list[dict], methods: list[str], args, runner) -> dict:
+def summarize(records: list[dict], methods: list[str], args, runner, cfgs: dict) -> dict:
     table = {}
     for group in (*TASK_GROUPS, "overall"):
         rows = [r for r in records if group == "overall" or r["group"] == group]
@@ -130,8 +142,7 @@ def summarize(records: list[dict], methods: list[str], args, runner) -> dict:
         "per_group": args.per_group, "cuda_graphs": runner.use_cuda_graphs,
         "attn_backend": runner.attn_backend, "compile_steps": runner.compile_steps,
         "warmup": args.warmup,
-        "templates": {m: runner.tree_for(GenerationConfig(method=m, template=dict(
-            t.split("=", 1) for t in args.template).get(m))).template.name for m in methods},
+        "templates": {m: runner.tree_for(cfg).template.name for m, cfg in cfgs.items()},
         "table": table, "unexplained_divergences": len(unexplained), "records": records,
     }
 

@@ -35,7 +35,7 @@ from proposers.tree import TreeSpec, compile_tree
 from proposers.verify import accept, sample_targets
 
 METHODS = ("ar", "jacobi", "tr-jacobi", "pld")
-DEFAULT_TEMPLATES = {"jacobi": "chain-5", "tr-jacobi": "paper-68", "pld": "retrieval-10"}
+DEFAULT_TEMPLATES = {"jacobi": "chain-5", "tr-jacobi": "paper-68-r16", "pld": "retrieval-10"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -463,7 +463,7 @@ class _GraphStep:
     """
 
     TOPK = 16
-    MAX_DEPTH = 16  # accepted nodes a replay can compact (the deepest bundled template: 10)
+    MAX_DEPTH = 16  # accepted nodes a replay can compact (the deepest bundled template: 16, paper-68-r16)
 
     def __init__(self, runner: ReferenceRunner, cache: StaticKVCache, q: int, key_bound: int = 0,
                  *, tree: TreeSpec):
