@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from proposers.candidates import CandidateTable
@@ -237,8 +238,13 @@ class ReferenceRunner:
         )
 
     @torch.inference_mode()
-    def stream(self, prompt_ids: Sequence[int], cfg: GenerationConfig) -> Iterator[StepOutput]:
-        """Decode step by step; closing the generator cancels generation."""
+    def stream(self, prompt_ids: Sequence[int], cfg: GenerationConfig, *,
+               observe: Callable[[np.ndarray, int], None] | None = None) -> Iterator[StepOutput]:
+        """Decode step by step; closing the generator cancels generation.
+
+        `observe(table, position)`, when given, sees a copy of each step's candidate
+        table (depth x column, `EMPTY` where noise will go) and the root's position in
+        prompt + output: what tree calibration (`proposers.tree_fit`) learns from."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         tree = self.tree_for(cfg)
@@ -275,6 +281,8 @@ class ReferenceRunner:
             if index is not None:
                 index.sync(context.numpy())
                 table.set_retrieval(context, index.match(tree.max_depth)[0])
+            if observe is not None:
+                observe(table.table.numpy().copy(), length - 1)
             node_tokens, keep = table.node_tokens(root, context)
             step_tree = tree.subtree(keep)
             target, topk = self._step(cache, step_tree, node_tokens, prefix, cfg, gen, pending)
