@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hits", type=Path, default=None,
                    help="record file: written after a run, or read instead of running (.npz)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sizes", default="",
+                   help="also fit these node counts (e.g. 20,40,78,150,250) and plot held-out MAT "
+                        "against size next to the --compare templates (needs --report)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="write the scores as JSON (and, with --sizes, a .png beside it)")
     args = p.parse_args(argv)
+    if args.sizes and not args.report:
+        p.error("--sizes needs --report")
     if args.prompts < 2:
         p.error("--prompts must be >= 2 (half fit, half score)")
     if not 0 <= args.chat_share <= 1:
@@ -116,14 +124,53 @@ def main(argv=None) -> int:
                     f"calibration prompts (not the benchmark's), {args.model} {args.dtype}")
     print(f"{len(hits)} steps: fit on {len(fit)}, scored on {len(held)} "
           f"({time.perf_counter() - start:.0f} s)")
+    compare = [load_template(n) for n in args.compare.split(",") if n]
+    rows = [score(t, fit, held) for t in [template, *compare]]
+    curve = [score(fit_template(fit, int(n), name=f"fitted-{n}"), fit, held)
+             for n in args.sizes.split(",") if n]
     print(f"{'template':<16}{'nodes':>6}{'depth':>6}{'top_k':>6}{'MAT fit':>9}{'MAT held-out':>14}")
-    for t in [template, *(load_template(n) for n in args.compare.split(",") if n)]:
-        print(f"{t.name:<16}{t.num_nodes:>6}{t.depth:>6}{t.top_k:>6}"
-              f"{1 + expected_accepted(fit, t):>9.3f}{1 + expected_accepted(held, t):>14.3f}")
+    for r in rows + curve:
+        print(f"{r['name']:<16}{r['nodes']:>6}{r['depth']:>6}{r['top_k']:>6}"
+              f"{r['mat_fit']:>9.3f}{r['mat_held_out']:>14.3f}")
     if args.out:
         args.out.write_text(json.dumps(template.to_dict()) + "\n")
         print(f"wrote {args.out}")
+    if args.report:
+        args.report.write_text(json.dumps({
+            "command": "python -m benchmarks.reference.fit_tree " + shlex.join(sys.argv[1:]),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model, "dtype": args.dtype,
+            "steps_fit": len(fit), "steps_held_out": len(held), "templates": rows,
+            "sizes": curve, "fitted": template.to_dict()}, indent=1))
+        print(f"wrote {args.report}")
+        if curve:
+            plot(rows[1:], curve, args.report.with_suffix(".png"))
     return 0
+
+
+def score(t, fit, held) -> dict:
+    return {"name": t.name, "nodes": t.num_nodes, "depth": t.depth, "top_k": t.top_k,
+            "mat_fit": round(1 + expected_accepted(fit, t), 4),
+            "mat_held_out": round(1 + expected_accepted(held, t), 4)}
+
+
+def plot(templates: list[dict], curve: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot([c["nodes"] for c in curve], [c["mat_held_out"] for c in curve], "o-",
+            label="fitted (greedy), held-out")
+    for t in templates:
+        ax.plot(t["nodes"], t["mat_held_out"], "s", label=t["name"])
+    ax.set_xlabel("draft nodes")
+    ax.set_ylabel("expected MAT on held-out steps")
+    ax.set_title("tree size vs accepted tokens (recorded candidate tables)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
