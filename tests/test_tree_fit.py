@@ -95,3 +95,41 @@ def test_record_predicts_the_runner_accepted_lengths(runner, tmp_path):
     assert predicted[:-1] == actual[:-1] and sum(actual) > 0
     rec.save(tmp_path / "h.npz")
     assert (load_hits(tmp_path / "h.npz") == hits).all()
+
+
+def test_fit_tree_cli_fits_scores_and_plots_a_saved_record(tmp_path):
+    import json
+
+    from benchmarks.reference import fit_tree
+
+    hits = _toy_hits(np.random.default_rng(2), steps=200)
+    record = tmp_path / "r.npz"
+    np.savez_compressed(record, hits=hits)
+    out, report = tmp_path / "t.json", tmp_path / "rep.json"
+    argv = ["--hits", str(record), "--nodes", "5", "--sizes", "2,5", "--compare", "tree-8",
+            "--out", str(out), "--report", str(report)]
+    assert fit_tree.main(argv) == 0
+    fitted = TreeTemplate.from_dict(json.loads(out.read_text()))
+    assert fitted.num_nodes <= 5 and fitted.name == "fitted-5"
+    result = json.loads(report.read_text())
+    assert [r["name"] for r in result["templates"]] == ["fitted-5", "tree-8"]
+    assert [r["nodes"] for r in result["sizes"]] == [2, 5]
+    assert result["steps_fit"] + result["steps_held_out"] == 200
+    assert report.with_suffix(".png").exists()
+    # A template deeper than the saved record: one line, exit 2, no traceback.
+    assert fit_tree.main(["--hits", str(record), "--compare", "paper-68-r16"]) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nodes", "0"], "must be >= 1"),
+    (["--sizes", "4,x", "--report", "r.json"], "comma-separated"),
+    (["--sizes", "4"], "needs --report"),
+    (["--compare", "no-such"], "unknown template"),
+    (["--collect-template", "tree-8", "--compare", "paper-68"], "does not fit a record"),
+])
+def test_fit_tree_cli_rejects_bad_arguments(argv, message, capsys):
+    from benchmarks.reference import fit_tree
+
+    with pytest.raises(SystemExit) as exc:
+        fit_tree.parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err

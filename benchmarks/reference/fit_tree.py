@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from msn.models import default_model_name
-from proposers.templates import load_template
+from proposers.templates import TemplateError, load_template
 from proposers.tree_fit import AcceptanceRecord, expected_accepted, fit_template, load_hits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,6 +61,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sizes and not args.report:
         p.error("--sizes needs --report")
+    try:
+        args.sizes = [int(n) for n in args.sizes.split(",") if n]
+    except ValueError:
+        p.error(f"--sizes must be comma-separated node counts, got {args.sizes!r}")
+    if min([args.nodes, *args.sizes]) < 1:
+        p.error("--nodes and --sizes must be >= 1")
+    try:
+        args.compare = [load_template(n) for n in args.compare.split(",") if n]
+        collect = load_template(args.collect_template)
+    except TemplateError as exc:
+        p.error(str(exc))
+    if not (args.hits and args.hits.exists()):  # a record made now has collect's shape
+        for t in args.compare:
+            if t.depth > collect.max_depth or t.top_k > collect.top_k:
+                p.error(f"--compare {t.name} ({t.depth} deep, top-{t.top_k}) does not fit a "
+                        f"record made under {collect.name} ({collect.max_depth} deep, "
+                        f"top-{collect.top_k})")
     if args.prompts < 2:
         p.error("--prompts must be >= 2 (half fit, half score)")
     if not 0 <= args.chat_share <= 1:
@@ -124,10 +141,12 @@ def main(argv=None) -> int:
                     f"calibration prompts (not the benchmark's), {args.model} {args.dtype}")
     print(f"{len(hits)} steps: fit on {len(fit)}, scored on {len(held)} "
           f"({time.perf_counter() - start:.0f} s)")
-    compare = [load_template(n) for n in args.compare.split(",") if n]
-    rows = [score(t, fit, held) for t in [template, *compare]]
-    curve = [score(fit_template(fit, int(n), name=f"fitted-{n}"), fit, held)
-             for n in args.sizes.split(",") if n]
+    try:
+        rows = [score(t, fit, held) for t in [template, *args.compare]]
+    except TemplateError as exc:  # a record read from --hits, smaller than a template
+        print(f"fit_tree: {exc}", file=sys.stderr)
+        return 2
+    curve = [score(fit_template(fit, n, name=f"fitted-{n}"), fit, held) for n in args.sizes]
     print(f"{'template':<16}{'nodes':>6}{'depth':>6}{'top_k':>6}{'MAT fit':>9}{'MAT held-out':>14}")
     for r in rows + curve:
         print(f"{r['name']:<16}{r['nodes']:>6}{r['depth']:>6}{r['top_k']:>6}"
