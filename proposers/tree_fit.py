@@ -11,11 +11,13 @@ some node of it is correct, and its expected accepted length is the sum over dep
 the share of steps where one is (`expected_accepted`).
 
 `fit_template` grows a template greedily: each round adds the node, or the node and one
-child of it, that adds the most expected accepted tokens per node (a node that only
-repeats a token another node at its depth already has adds nothing by itself but can
+child of it, that adds the most expected accepted tokens per node (a node right only on
+steps that other nodes at its depth already cover adds nothing by itself but can still
 lead somewhere: the look-ahead of one child sees that). The candidate table itself
-depends a little on the tree (Jacobi feedback comes from the chosen path's nodes), so a
-fitted template is checked by running it (`benchmarks/reference/fit_tree.py`).
+depends a little on the tree (Jacobi feedback comes from the chosen path's nodes), and
+calibration prompts are not the benchmark's, so a fitted template is checked by running
+it (`bench_methods --methods ar,tr-jacobi@FILE.json`); `benchmarks/reference/fit_tree.py`
+records, fits and scores.
 """
 
 from __future__ import annotations
