@@ -181,3 +181,15 @@ def test_corpus_rejects_bad_settings():
         CorpusIndex(10, max_ngram=2, min_ngram=3)
     with pytest.raises(ValueError, match="token ids"):
         CorpusIndex(10).add([1, 2, -3])
+
+
+def test_retrieval_alternatives_counts_the_first_and_a_second_distinct_chain():
+    from benchmarks.reference.retrieval_alternatives import alternatives
+
+    # 9 1 2 3 | 9 1 2 4 | 9 1 2 -> at the last 2: the most recent match of "9 1 2" says 4,
+    # the earlier one says 3 9; the text goes on with 3 9 (and ends).
+    seq = [9, 1, 2, 3, 9, 1, 2, 4, 9, 1, 2, 3, 9]
+    assert alternatives(seq, 10, depth=4) == (0, 2)
+    assert alternatives(seq, 10, depth=1) == (0, 1)
+    assert alternatives(seq, 3, depth=4) == (0, 0)  # nothing earlier ends in 3
+    assert alternatives([5, 5, 5, 5], 2, depth=4) == (1, 1)  # one chain, capped by the text
