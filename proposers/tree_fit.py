@@ -39,7 +39,7 @@ def slot_hits(table: np.ndarray, truth: Sequence[int]) -> np.ndarray:
     known = np.full(depth, EMPTY, dtype=np.int64)
     tail = np.asarray(truth[:depth], dtype=np.int64)
     known[: tail.size] = tail
-    return (table == known[:, None]) & (known[:, None] != EMPTY) & (table != EMPTY)
+    return (table == known[:, None]) & (table != EMPTY)  # an unknown depth is EMPTY too
 
 
 class AcceptanceRecord:
@@ -68,8 +68,9 @@ class AcceptanceRecord:
             raise ValueError("no steps recorded")
         return np.stack(self._hits)
 
-    def save(self, path: Path) -> None:
-        np.savez_compressed(path, hits=self.hits)
+
+def save_hits(path: Path, hits: np.ndarray) -> None:
+    np.savez_compressed(path, hits=hits)
 
 
 def load_hits(path: Path) -> np.ndarray:

@@ -193,3 +193,12 @@ def test_retrieval_alternatives_counts_the_first_and_a_second_distinct_chain():
     assert alternatives(seq, 10, depth=1) == (0, 1)
     assert alternatives(seq, 3, depth=4) == (0, 0)  # nothing earlier ends in 3
     assert alternatives([5, 5, 5, 5], 2, depth=4) == (1, 1)  # one chain, capped by the text
+    # Its first chain is the retrieval branch's own (`ngram_match`: longest, most recent).
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        seq = rng.integers(0, 4, 30).tolist()
+        pos = int(rng.integers(1, 28))
+        found = ngram_match(torch.tensor(seq[: pos + 1]), 4)[0].tolist()
+        want = next((i for i, (a, b) in enumerate(zip(found, seq[pos + 1:])) if a != b),
+                    min(len(found), len(seq) - pos - 1))
+        assert alternatives(seq, pos, depth=4)[0] == want

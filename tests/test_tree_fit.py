@@ -12,6 +12,7 @@ from proposers.tree_fit import (
     fit_template,
     load_hits,
     path_hits,
+    save_hits,
     slot_hits,
 )
 from tests.conftest import dev_questions
@@ -93,7 +94,7 @@ def test_record_predicts_the_runner_accepted_lengths(runner, tmp_path):
     predicted = [expected_accepted(hits[i: i + 1], template) for i in range(len(steps))]
     actual = [s.accepted_depth for s in steps]
     assert predicted[:-1] == actual[:-1] and sum(actual) > 0
-    rec.save(tmp_path / "h.npz")
+    save_hits(tmp_path / "h.npz", hits)
     assert (load_hits(tmp_path / "h.npz") == hits).all()
 
 

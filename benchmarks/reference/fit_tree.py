@@ -26,7 +26,13 @@ from tqdm import tqdm
 
 from msn.models import default_model_name
 from proposers.templates import TemplateError, load_template
-from proposers.tree_fit import AcceptanceRecord, expected_accepted, fit_template, load_hits
+from proposers.tree_fit import (
+    AcceptanceRecord,
+    expected_accepted,
+    fit_template,
+    load_hits,
+    save_hits,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT_SAMPLE = ROOT / "benchmarks" / "results" / "msn-h200" / "data-sample.jsonl"
@@ -129,10 +135,9 @@ def main(argv=None) -> int:
         print(f"read {len(hits)} recorded steps from {args.hits}")
     else:
         prompts = calibration_prompts(args.prompts, args.chat_share, args.chat_file, args.seed)
-        rec = record(args, prompts)
-        hits = rec.hits
+        hits = record(args, prompts).hits
         if args.hits:
-            rec.save(args.hits)
+            save_hits(args.hits, hits)
     half = len(hits) // 2
     fit, held = hits[:half], hits[half:]
     template = fit_template(
