@@ -7,6 +7,7 @@ so these tests cover it without a GPU; a tiny random Llama keeps them fast.
 """
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -75,7 +76,8 @@ def test_compiled_steps_equal_eager_greedy(tiny_model_and_tokenizer):
     assert real is not compiled.model
     compiled._compiled_model = lambda **kw: calls.append(kw["input_ids"].shape[1]) or real(**kw)
     compiled.generate(prompt, _cfg("ar", n=3))
-    assert calls == [len(prompt) - 1, 1, 1, 1]
+    # The graph cache's prefill runs padded to its bucket (64 here), captured on CUDA.
+    assert calls == [compiled.prefill_bucket(len(prompt) - 1), 1, 1, 1] == [64, 1, 1, 1]
 
 
 @pytest.mark.parametrize("kind", ["static", "paged"])
@@ -139,3 +141,55 @@ def test_compiled_prefill_and_steps_do_not_recompile_per_prompt_length(
             runner.generate(runner.encode(text), _cfg(method, template, n=4))
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] > before and graphs[1] == graphs[-1], graphs  # the first two compiled all
+
+
+def test_prefill_buckets_pad_at_most_half():
+    runner = object.__new__(ReferenceRunner)
+    runner.graph_capacity = 4096
+    sizes = [runner.prefill_bucket(n) for n in range(1, 4097)]
+    assert sizes[:64] == [64] * 64 and sizes[-1] == 4096
+    assert all(a <= b for a, b in itertools.pairwise(sizes))  # monotone
+    assert all(n <= s <= max(64, 1.5 * n) for n, s in enumerate(sizes, 1))
+    assert sorted(set(sizes)) == [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048,
+                                  3072, 4096]
+    runner.graph_capacity = 1000
+    assert runner.prefill_bucket(900) == 1000  # capped at the graph cache
+    with pytest.raises(ValueError, match="exceeds the graph cache"):
+        runner.prefill_bucket(1001)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "paged-torch"])
+def test_padded_graph_prefill_writes_the_eager_prefills_rows(tiny_model_and_tokenizer, backend):
+    """The graph cache's prefill (captured on CUDA, the same padded body here) leaves the
+    prompt's K/V rows the eager prefill writes; the padding only writes rows after them."""
+    model, tok = tiny_model_and_tokenizer
+    runner = ReferenceRunner(copy.deepcopy(model), tok, CPU, use_cuda_graphs=True,
+                             attn_backend=backend)
+    prompt = torch.tensor(runner.encode(TEXT + " " + TEXT), dtype=torch.long)
+    n = prompt.numel()
+    assert runner.prefill_bucket(n) == 64 > n  # padded
+
+    def rows(cache):
+        if backend == "sdpa":
+            return cache.keys[:, :, :, :n], cache.values[:, :, :, :n]
+        slots = cache.physical_slots(torch.arange(n))
+        flat = [p.view(p.shape[0], -1, *p.shape[-2:])[:, slots]
+                for p in (cache.paged.key_cache, cache.paged.value_cache)]
+        return tuple(flat)
+
+    eager = runner._make_cache(runner.config, n, runner.dtype, CPU)
+    runner._prefill(eager, prompt)  # not the graph cache: the eager prefill
+    graph_cache = runner._cache_for(n + 8)
+    assert runner._prefill(graph_cache, prompt) is None
+    assert set(runner._prefill_graphs) == {64}
+    for a, b in zip(rows(eager), rows(graph_cache)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # A shorter prompt next reuses the bucket; its rows are its own, not the last one's.
+    short = prompt[:9]
+    runner._prefill(graph_cache, short)
+    fresh = runner._make_cache(runner.config, 9, runner.dtype, CPU)
+    runner._prefill(fresh, short)
+    n = 9
+    for a, b in zip(rows(fresh), rows(graph_cache)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert set(runner._prefill_graphs) == {64}

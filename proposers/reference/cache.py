@@ -9,6 +9,8 @@ the cache are harmless until they are overwritten.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -31,6 +33,13 @@ class StaticKVCache:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim, capacity,
                    dtype, device)
+
+    def prefix_view(self, n: int) -> StaticKVCache:
+        """A cache over this one's first `n` slots: the same memory, capacity `n`."""
+        view = copy.copy(self)
+        view.keys, view.values = self.keys[:, :, :, :n], self.values[:, :, :, :n]
+        view.capacity, view.kv_len = n, None
+        return view
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self.keys[layer_idx], self.values[layer_idx]

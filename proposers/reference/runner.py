@@ -8,12 +8,12 @@ left to be overwritten. `ar` is the same loop with a root-only tree, `jacobi` a 
 template, `pld` a retrieval chain without noise, `tr-jacobi` the full tree.
 
 On CUDA the draft steps run as captured CUDA graphs over a static cache (the host is too
-slow to launch an eager step of a small model; architecture.md), one graph per step size.
+slow to launch an eager step of a small model; architecture.md), one graph per step size,
+and so does each prompt's prefill, padded to one of a few lengths (`prefill_bucket`).
 With `compile_steps` the decode steps and the prompt's prefill run the model through
 `torch.compile` first: Inductor fuses the norms, rotary embedding, activations and
 residual adds, so a captured step replays far fewer kernels (a small model's step on a
-GPU is bound by its kernel count, not by its FLOPs or bytes), and the prefill, which runs
-uncaptured, launches far fewer from the host.
+GPU is bound by its kernel count, not by its FLOPs or bytes).
 """
 
 from __future__ import annotations
@@ -146,6 +146,10 @@ class ReferenceRunner:
         self._graphs: dict[tuple[int, int], _GraphStep] = {}
         self._graph_pool = None
         self._graph_cache: StaticKVCache | None = None
+        # Prefill graphs by padded length (`prefill_bucket`), and on our paged backends
+        # the static cache their SDPA twin fills (shared: one prefill at a time).
+        self._prefill_graphs: dict[int, _PrefillGraph] = {}
+        self._twin_cache: StaticKVCache | None = None
         # Slots above graph_capacity that only graph warm-up and capture write to: a graph
         # may be captured in the middle of a request, and its dry runs must not overwrite
         # that request's KV rows.
@@ -379,8 +383,20 @@ class ReferenceRunner:
         )
         return out.logits[0]
 
-    def _prefill(self, cache: StaticKVCache, ids: torch.Tensor, *, eager: bool = False) -> torch.Tensor:
-        """Causal forward of `ids` into an empty cache; the logits after the last token."""
+    def _prefill(self, cache: StaticKVCache, ids: torch.Tensor, *,
+                 eager: bool = False) -> torch.Tensor | None:
+        """Causal forward of `ids` into an empty cache; the logits after the last token.
+
+        Into the CUDA-graph cache (not `eager`) it replays a captured prefill of a padded
+        length instead and returns None (`_PrefillGraph`): a compiled prefill launched
+        from the host takes several times its GPU time, once per request."""
+        if self.use_cuda_graphs and not eager and cache is self._graph_cache:
+            size = self.prefill_bucket(ids.numel())
+            graph = self._prefill_graphs.get(size)
+            if graph is None:
+                graph = self._prefill_graphs[size] = _PrefillGraph(self, cache, size)
+            graph.run(ids)
+            return None
         n = ids.numel()
         dev = self.device
         target = cache
@@ -396,6 +412,20 @@ class ReferenceRunner:
         if target is not cache:
             target.write_prompt(cache.keys, cache.values)
         return logits
+
+    MIN_PREFILL_BUCKET = 64
+
+    def prefill_bucket(self, n: int) -> int:
+        """The padded length a graph prefill of `n` tokens runs at: 64, 96, 128, 192, 256,
+        ... (powers of two and the points halfway between, so at most half of a prefill
+        is padding), capped at the graph cache's capacity."""
+        if n > self.graph_capacity:
+            raise ValueError(f"prefill of {n} tokens exceeds the graph cache's "
+                             f"{self.graph_capacity} slots")
+        size = self.MIN_PREFILL_BUCKET
+        while size < n:
+            size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+        return min(size, self.graph_capacity)
 
     @torch.inference_mode()
     def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
@@ -506,17 +536,7 @@ class _GraphStep:
         self._stage(torch.zeros(q, dtype=torch.long), cache.capacity - q, None)
         self.inp.copy_(self.host)
         self._bind()
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside capture (allocator, lazy init, compile)
-                self._body()
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        if runner._graph_pool is None:  # one memory pool: the graphs replay one at a time
-            runner._graph_pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(self.graph, pool=runner._graph_pool):
-            self.out = self._body()
+        self.graph, self.out = _capture(runner, self._body)
 
     def _set_tree(self, tree: TreeSpec) -> None:
         self.depth.copy_(tree.depth)
@@ -586,3 +606,75 @@ class _GraphStep:
         if timer is not None:
             timer.append((self.q, t1 - t0, t2 - t1, time.perf_counter() - t2))
         return out[:, 0], out[:, 1 : k + 1]
+
+
+def _capture(runner: ReferenceRunner, body: Callable[[], torch.Tensor | None]):
+    """Run `body` twice on a side stream (allocator, lazy init, compilation), then
+    capture it into a CUDA graph in the runner's one memory pool (its graphs replay one
+    at a time). Returns the graph and the captured call's output."""
+    dev = runner.device
+    stream = torch.cuda.Stream(dev)
+    stream.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream(dev).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    if runner._graph_pool is None:
+        runner._graph_pool = torch.cuda.graph_pool_handle()
+    with torch.cuda.graph(graph, pool=runner._graph_pool):
+        out = body()
+    return graph, out
+
+
+class _PrefillGraph:
+    """A CUDA graph of one prompt's prefill, padded to `size` tokens.
+
+    The prompt goes into a static buffer with zeros after it and the graph runs the
+    causal forward over all `size` positions: the causal mask keeps the padding out of
+    the prompt's rows, and the padding's K/V rows land after the prompt, in slots that
+    steps overwrite before they read them or never see (a step sees the prefix and its
+    own rows). On our paged backends the graph runs the SDPA twin into a static cache
+    and copies its rows into the pool, as the eager prefill does. The prompt's logits
+    are not computed (the runner decodes from its last token, which it feeds as the
+    first step's root). On CPU (tests) the same padded body runs eagerly.
+    """
+
+    def __init__(self, runner: ReferenceRunner, cache: StaticKVCache, size: int):
+        dev = runner.device
+        self.runner, self.target, self.size = runner, cache, size
+        self.captured = dev.type == "cuda"
+        self.host = torch.zeros(size, dtype=torch.long, pin_memory=self.captured)
+        self.ids = torch.zeros(size, dtype=torch.long, device=dev)
+        self.positions = torch.arange(size, device=dev)
+        self.mask = torch.ones(size, size, dtype=torch.bool, device=dev).tril()
+        self.cache = cache
+        if runner._prefill_twin is not None:
+            if runner._twin_cache is None:
+                runner._twin_cache = StaticKVCache.for_model(
+                    runner.config, runner.graph_capacity, runner.dtype, dev)
+            self.cache = runner._twin_cache.prefix_view(size)
+        if self.captured:
+            # Dry runs write rows 0..size-1, which this request's prefill rewrites.
+            self.graph, _ = _capture(runner, self._body)
+
+    def _body(self) -> None:
+        self.cache.slots = self.positions
+        self.cache.kv_len = self.size
+        twin = self.cache is not self.target
+        self.runner._forward(self.cache, self.ids, self.positions, self.mask,
+                             logits_to_keep=1, twin=twin)
+        if twin:
+            self.target.write_prompt(self.cache.keys, self.cache.values)
+
+    def run(self, ids: torch.Tensor) -> None:
+        n = ids.numel()
+        self.host[:n] = ids
+        self.host[n:] = 0
+        self.ids.copy_(self.host, non_blocking=self.captured)
+        _mask_from_forward(self.target)
+        if self.captured:
+            self.graph.replay()
+        else:
+            self._body()
+
