@@ -580,3 +580,28 @@ def test_host_profile_smoke(tiny_checkpoint, capsys):
     assert "tr-jacobi sdpa: 12 tokens" in out and "us a step under the profiler" in out
     assert "Ordered by: internal time" in out and "Ordered by: cumulative time" in out
     assert "split (no profiler): prefill" in out
+
+
+def test_first_request_smoke(tmp_path, tiny_checkpoint):
+    """The warm-up check runs end to end (compiled, eager steps on CPU) and reports each
+    prompt's first and second run."""
+    import json
+
+    from benchmarks.reference import first_request
+
+    out = tmp_path / "fr.json"
+    assert first_request.main(["--model", str(tiny_checkpoint), "--device", "cpu", "--dtype",
+                               "float32", "--attn-backend", "sdpa", "--max-new-tokens", "2",
+                               "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["second_prefill"] is True and result["warm_up_s"] > 0
+    assert [r["prefill_bucket"] for r in result["rows"]] == [64, 128, 256]
+    assert all(r["first_s"] > 0 and r["again_s"] > 0 for r in result["rows"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA error")
+def test_first_request_without_cuda_exits_2(tmp_path, capsys):
+    from benchmarks.reference import first_request
+
+    assert first_request.main(["--model", "/no/such/model", "--out", str(tmp_path / "x")]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err

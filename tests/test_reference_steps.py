@@ -124,8 +124,9 @@ def test_divergence_check_runs_on_the_paged_backend(tiny_model_and_tokenizer):
 @pytest.mark.parametrize("backend", ["sdpa", "paged-torch"])
 def test_compiled_prefill_and_steps_do_not_recompile_per_prompt_length(
         tiny_model_and_tokenizer, backend):
-    """What a server with `--reference-compile` relies on: after the first prompts, new
-    prompt lengths and prefixes reuse the compiled code (no compile per request)."""
+    """What a server with `--reference-compile` relies on: after `warm_up` (which it
+    runs before /ready), new prompt lengths, padded prefill lengths and prefixes reuse
+    the compiled code (no compile per request)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -133,14 +134,20 @@ def test_compiled_prefill_and_steps_do_not_recompile_per_prompt_length(
     model, tok = tiny_model_and_tokenizer
     runner = ReferenceRunner(copy.deepcopy(model), tok, CPU, use_cuda_graphs=True,
                              attn_backend=backend, compile_steps=True)
-    texts = ["The quick brown fox jumps over the lazy dog.", TEXT, "one two three " * 9,
-             "a b c d e f g h i j k l m n o p", "x " * 30]
-    before, graphs = counters["stats"]["unique_graphs"], []
+    texts = ["The quick brown fox jumps over the lazy dog.", TEXT, "one two three " * 30,
+             "a b c d e f g h i j k l m n o p " * 9, "x " * 200]
+    before = counters["stats"]["unique_graphs"]
+    runner.warm_up()
+    graphs = [counters["stats"]["unique_graphs"]]
+    buckets = set()
     for text in texts:
+        ids = runner.encode(text)
+        buckets.add(runner.prefill_bucket(len(ids) - 1))
         for method, template in (("ar", None), ("tr-jacobi", "tree-16")):
-            runner.generate(runner.encode(text), _cfg(method, template, n=4))
+            runner.generate(ids, _cfg(method, template, n=4))
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[0] > before and graphs[1] == graphs[-1], graphs  # the first two compiled all
+    assert len(buckets) >= 4, buckets  # prompts of several padded prefill lengths
+    assert graphs[0] > before and graphs[0] == graphs[-1], graphs  # warm_up compiled all
 
 
 def test_prefill_buckets_pad_at_most_half():

@@ -208,13 +208,26 @@ class ReferenceRunner:
 
     # ---- decoding --------------------------------------------------------------------
 
-    def warm_up(self, methods: Sequence[str] = ("ar", "tr-jacobi"), max_new_tokens: int = 8) -> None:
+    def warm_up(self, methods: Sequence[str] = ("ar", "tr-jacobi"), max_new_tokens: int = 8,
+                *, second_prefill: bool = True) -> None:
         """A short generation per method: compiles the prefill and the steps
         (`compile_steps`: one-token and larger steps compile apart) and captures their
-        first graphs."""
+        first graphs. Then a prefill of a second padded length: a compiled prefill
+        specializes on the first length it sees and compiles its dynamic-length code at
+        the second (on an H200 that took minutes; without this, a server's first prompt
+        of another length would wait for it)."""
         prompt = self.encode_chat("Say hello.")
         for method in methods:
             self.generate(prompt, GenerationConfig(method=method, max_new_tokens=max_new_tokens,
+                                                   ignore_eos=True))
+        if not second_prefill:
+            return
+        first = self.prefill_bucket(len(prompt) - 1)
+        longer = prompt
+        while self.prefill_bucket(len(longer) - 1) == first and len(longer) < first + 8:
+            longer = self.encode_chat("Say hello. " * (len(longer) // 2))
+        if len(longer) + 2 <= self.max_context:
+            self.generate(longer, GenerationConfig(method=methods[0], max_new_tokens=2,
                                                    ignore_eos=True))
 
     def generate(self, prompt_ids: Sequence[int], cfg: GenerationConfig) -> GenerationResult:
