@@ -605,3 +605,11 @@ def test_first_request_without_cuda_exits_2(tmp_path, capsys):
 
     assert first_request.main(["--model", "/no/such/model", "--out", str(tmp_path / "x")]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_first_request_rejects_a_missing_model(tmp_path, capsys):
+    from benchmarks.reference import first_request
+
+    assert first_request.main(["--model", str(tmp_path / "nope"), "--device", "cpu",
+                               "--out", str(tmp_path / "x")]) == 2
+    assert "is not a directory" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from msn.errors import UsageError
 from msn.models import resolve_model
 from proposers.reference.runner import GenerationConfig, ReferenceRunner
 
@@ -44,9 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
-    runner = ReferenceRunner.load(resolve_model(args.model), device=args.device,
-                                  dtype=args.dtype, attn_backend=args.attn_backend,
-                                  compile_steps=True)
+    try:
+        path = resolve_model(args.model)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    runner = ReferenceRunner.load(path, device=args.device, dtype=args.dtype,
+                                  attn_backend=args.attn_backend, compile_steps=True)
     t0 = time.perf_counter()
     runner.warm_up(second_prefill=not args.no_second_prefill)
     warm_s = time.perf_counter() - t0

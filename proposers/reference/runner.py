@@ -220,7 +220,7 @@ class ReferenceRunner:
         for method in methods:
             self.generate(prompt, GenerationConfig(method=method, max_new_tokens=max_new_tokens,
                                                    ignore_eos=True))
-        if not second_prefill:
+        if not second_prefill or not methods:
             return
         first = self.prefill_bucket(len(prompt) - 1)
         longer = prompt
