@@ -196,7 +196,7 @@ class GenerationService:
                     raise
                 now = time.monotonic()
                 n = len(step.token_ids)
-                job.num_steps += 1
+                job.num_steps += step.steps
                 job.num_tokens += n
                 job.num_eos += step.eos
                 job.num_draft_tokens += step.num_drafted

@@ -768,3 +768,37 @@ def test_vllm_cpu_env_defaults_leave_explicit_settings(monkeypatch):
     monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
     set_cpu_env_defaults()
     assert os.environ["GOMP_SPINCOUNT"] == "300000"
+
+
+def test_vllm_engine_counts_steps_from_per_request_draft_metrics(caplog):
+    """The vLLM engine's per-request decoding info (`VLLMEngine._request_counts`): each
+    step emits one token plus its accepted drafts, so steps = tokens - accepted; vLLM may
+    merge steps into one streamed output (outputs undercount steps) and counts drafts
+    accepted past a stop as accepted (tokens - accepted undercounts): the larger of the
+    two lower bounds is reported, and accepted drafts are what it leaves."""
+    import types
+
+    from server.engines.vllm import VLLMEngine
+
+    def done(histogram, drafted):
+        return types.SimpleNamespace(spec_decode_metrics=types.SimpleNamespace(
+            histogram=histogram, num_draft_tokens=drafted))
+
+    spec = VLLMEngine("m", speculative_config={"method": "custom_class",
+                                               "model": "proposers.vllm.TRJacobiProposer"})
+    # 20 tokens: 5 steps accepted 2, 1 and 0 drafts (3 accepted) -> 17 steps.
+    assert spec._request_counts(done([3, 1, 1], 40), chunks=17, generated=20) == (17, 40, 3)
+    # The same, streamed as 9 outputs (steps merged): still 17 steps.
+    assert spec._request_counts(done([3, 1, 1], 40), chunks=9, generated=20) == (17, 40, 3)
+    # The last step accepted 4 drafts but max_tokens kept 1 of them: 10 outputs of 1-2
+    # tokens, 12 tokens; vLLM counts 6 accepted, 2 emitted -> 10 steps, 2 accepted.
+    assert spec._request_counts(done([5, 0, 1, 0, 1], 30), chunks=10, generated=12) == (10, 30, 2)
+    # Without vLLM's counts (e.g. n > 1): steps as streamed, said once in the log.
+    with caplog.at_level(logging.WARNING, logger="msn.server"):
+        missing = types.SimpleNamespace(spec_decode_metrics=None)
+        assert spec._request_counts(missing, chunks=7, generated=9) == (7, 0, 0)
+        assert spec._request_counts(missing, chunks=7, generated=9) == (7, 0, 0)
+    assert sum("no per-request draft counts" in r.getMessage() for r in caplog.records) == 1
+    # An engine without drafting: one token a step, however the outputs were merged.
+    plain = VLLMEngine("m")
+    assert plain._request_counts(types.SimpleNamespace(), chunks=3, generated=9) == (9, 0, 0)

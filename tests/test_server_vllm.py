@@ -107,18 +107,28 @@ def test_plugin_methods_per_request(client, server):
     verifying) the greedy text is the same under all three."""
     items = ", ".join(["red apple", "green pear", "blue plum", "black fig"] * 3)
     prompt = f"List: {items}. Again: {items}. Again: red apple,"
-    texts, drafts = {}, {}
+    texts, drafts, per_request = {}, {}, {}
     for method in ("ar", "pld", "tr-jacobi"):
         before = _spec_counters(server.url, "tr-jacobi").get("msn_spec_decode_num_drafts_total", 0)
         r = client.completions.create(model=server.engine.model_name, max_tokens=48,
                                       temperature=0, prompt=prompt, extra_body={"method": method})
-        assert r.model_extra["decoding"]["method"] == method
+        decoding = r.model_extra["decoding"]
+        assert decoding["method"] == method
+        # Per request (vLLM's per-request draft counts): every step emits one token
+        # plus the drafts it accepted; the text runs to max_tokens, so no end of sequence.
+        assert r.choices[0].finish_reason == "length"
+        assert decoding["num_steps"] == r.usage.completion_tokens - decoding["num_accepted_tokens"]
+        assert decoding["num_accepted_tokens"] <= decoding["num_draft_tokens"]
+        per_request[method] = decoding
         texts[method] = r.choices[0].text
         time.sleep(1.5)  # the stat logger runs after each engine iteration
         drafts[method] = _spec_counters(server.url, "tr-jacobi").get(
             "msn_spec_decode_num_drafts_total", 0) - before
     assert texts["ar"] == texts["pld"] == texts["tr-jacobi"]
     assert drafts["ar"] == 0 and drafts["pld"] > 0, drafts
+    assert per_request["ar"]["num_draft_tokens"] == 0 and per_request["ar"]["mat"] == 1.0
+    assert per_request["pld"]["num_accepted_tokens"] > 0, per_request
+    assert per_request["pld"]["mat"] > 1.0
 
 
 def test_methods_outside_the_plugin_are_rejected(server):

@@ -50,6 +50,11 @@ class EngineStep:
     # The step generated the end-of-sequence token, which is not in token_ids: it counts
     # for MAT (as `msn generate` counts it), not for completion_tokens.
     eos: bool = False
+    # Decoding steps (forward passes) this chunk stands for. One for an engine that
+    # streams each step; the vLLM engine's chunks may merge steps (its frontend joins the
+    # outputs a slow consumer has not taken yet), so it reports 0 on every chunk but the
+    # last, which carries the request's whole count (and its draft totals).
+    steps: int = 1
 
 
 class Engine(abc.ABC):

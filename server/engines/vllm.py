@@ -98,6 +98,7 @@ class VLLMEngine(Engine):
         self._tokenizer: Any = None
         self._eos_ids: set[int] = set()
         self._stats_failing = False  # the last worker-stats read failed (refresh_metrics)
+        self._warned_no_spec_metrics = False
 
     def attach_metrics(self, metrics: Metrics) -> None:
         """The app's registry; must be set before start() to export spec-decode stats."""
@@ -117,9 +118,13 @@ class VLLMEngine(Engine):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        engine_args = dict(self.engine_args)
+        if self.speculative_config is not None:
+            # Per-request draft counts on each request's last output (`_request_counts`).
+            engine_args.setdefault("per_request_spec_decode_metrics", "summary")
         args = AsyncEngineArgs(model=str(self.model_path), tokenizer=str(self.model_path),
                                dtype=self.dtype, speculative_config=self.speculative_config,
-                               **self.engine_args)
+                               **engine_args)
         loggers = [_stat_logger_factory(self.metrics, self.default_method)] \
             if self.metrics is not None else None
         # Engine construction blocks for 30-90 s on CPU (it spawns the engine-core
@@ -199,6 +204,7 @@ class VLLMEngine(Engine):
             extra_args=self.request_extra_args(sampling.method),
         )
         finished = False
+        chunks = generated = 0  # outputs streamed; tokens generated, end-of-sequence included
         try:
             async for output in self._llm.generate(
                     TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id):
@@ -208,6 +214,8 @@ class VLLMEngine(Engine):
                     raise EngineError(f"vLLM finished the request with {finish!r}")
                 finished = output.finished
                 tokens = list(completion.token_ids)
+                chunks += 1
+                generated += len(tokens)
                 # vLLM keeps the end-of-sequence token in token_ids (stop_reason None);
                 # the reference engine and `msn generate` do not count it as a completion
                 # token, only for MAT: the same here, so usage agrees across engines.
@@ -215,10 +223,14 @@ class VLLMEngine(Engine):
                        and tokens[-1] in self._eos_ids)
                 if eos:
                     tokens = tokens[:-1]
+                if not finished:
+                    yield EngineStep(token_ids=tokens, text=completion.text, eos=eos, steps=0)
+                    continue
+                steps, drafted, accepted = self._request_counts(completion, chunks, generated)
                 yield EngineStep(token_ids=tokens, text=completion.text, finish_reason=finish,
-                                 eos=eos)
-                if finished:
-                    return
+                                 eos=eos, steps=steps, num_drafted=drafted,
+                                 accepted_depth=accepted)
+                return
         except VLLMEngineDead as exc:
             self.mark_dead(f"vLLM engine died: {exc}")
             raise EngineDeadError(self.dead_reason) from exc
@@ -227,6 +239,33 @@ class VLLMEngine(Engine):
                 # vLLM aborts on cancellation itself; this covers a consumer that simply
                 # stopped iterating. A task, because this may run inside a cancelled one.
                 asyncio.get_running_loop().create_task(self._llm.abort(request_id))
+
+
+    def _request_counts(self, completion: Any, chunks: int,
+                        generated: int) -> tuple[int, int, int]:
+        """(decoding steps, draft tokens verified, draft tokens accepted) of a finished
+        request that streamed `chunks` outputs holding `generated` tokens.
+
+        Each step emits one token plus the drafts it accepted, so the steps are the
+        tokens less the accepted drafts: exact unless the last step accepted drafts past
+        a stop (max_tokens, end of sequence), which vLLM counts as accepted but does not
+        emit. The outputs streamed are a second lower bound, exact unless vLLM merged
+        steps into one output (a slow consumer): the larger of the two is reported, and
+        the accepted drafts are what that leaves (those emitted). Without drafting every
+        step emits one token."""
+        if self.speculative_config is None:
+            return generated, 0, 0
+        spec = getattr(completion, "spec_decode_metrics", None)
+        if spec is None:  # vLLM did not attach them (e.g. n > 1): steps as streamed
+            if not self._warned_no_spec_metrics:
+                self._warned_no_spec_metrics = True
+                log.warning("vLLM reported no per-request draft counts; the response's "
+                            "decoding.num_steps counts streamed outputs and its draft "
+                            "counts read 0")
+            return chunks, 0, 0
+        accepted = sum(j * n for j, n in enumerate(spec.histogram))
+        steps = max(chunks, generated - accepted)
+        return steps, int(spec.num_draft_tokens), generated - steps
 
 
 def model_eos_ids(model_path: str | Path, tokenizer: Any) -> set[int]:
