@@ -438,6 +438,9 @@ def choose_num_splits(
     return best
 
 
+# float32 trees of up to 64 rows over at most this many keys take 16 x 16 tiles: faster at
+# 272 and 528 keys, 32 x 32 faster from 1040 (kernels-h200-fp32-tiles-*.json).
+FP32_SHORT_PREFIX = 768
 SHORT_PREFIX = 1024  # keys; at or below, the tiles of kernels-h200-tiles.json's short cases
 
 
@@ -498,9 +501,20 @@ def default_tile_config(max_query_len: int, group: int, head_dim: int, dtype: to
     The split count is a separate model (``choose_num_splits``).
     """
     wide = head_dim > 64
-    if dtype == torch.float32:  # twice the bytes per key: keep tiles (and shared memory) small
-        block_m = max(16, min(128 if not wide else 64, triton.next_power_of_2(max_query_len * group)))
-        return TileConfig(max(block_m, triton.next_power_of_2(group)), 64, num_warps=4, num_stages=2)
+    if dtype == torch.float32:
+        # IEEE fp32 dots run on the CUDA cores, where registers set the speed: the
+        # 128 x 64 tile this rule gave a 79-node tree took 1078 us (SmolLM2, B=1, 512
+        # keys) against 28 us on the 32 x 32 tile below, 21 on the fastest of 54
+        # (kernels-h200-fp32-tiles-1.json; -2 and -3: Llama-3-8B shapes, 256-2048 keys).
+        # Decode, and trees of up to 64 rows over short prefixes: 16 x 16 tiles (7.5 us
+        # against 12.2; a 16-node tree 9.8 against 37.7); other trees 32 x 32 (the
+        # fastest or within 33% of it in every case swept).
+        block_m = triton.next_power_of_2(group)
+        rows = max_query_len * group
+        short = max_seq_len is not None and max_seq_len <= FP32_SHORT_PREFIX
+        if rows <= 16 or (rows <= 64 and short):
+            return TileConfig(max(16, block_m), 16, num_warps=4, num_stages=2)
+        return TileConfig(max(32, block_m), 32, num_warps=4, num_stages=2)
     block_m = max(16, min(128, triton.next_power_of_2(max_query_len * group)),
                   triton.next_power_of_2(group))
     short = max_seq_len is not None and max_seq_len <= SHORT_PREFIX

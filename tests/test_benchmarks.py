@@ -281,6 +281,33 @@ def test_kernel_variant_ab_smoke(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0  # the plot beside the JSON
 
 
+def test_fp32_tile_sweep_smoke(tmp_path):
+    """The float32 launch-shape sweep end to end on tiny shapes under the Triton
+    interpreter: the default tile, each grid tile (checked against it) and SDPA timed per
+    case, the fastest tile named; a malformed --grid is a one-line usage error (exit 2)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "fp32.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, "benchmarks/kernels/bench_fp32_tiles.py", "--smoke",
+                    "--grid", "[[16, 16, 2, 2]]", "--out", str(out)],
+                   check=True, env=env, capture_output=True, text=True)
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 4  # two smoke models x decode and a 4-node tree
+    for row in data["rows"]:
+        assert row["dtype"] == "float32" and {"default", "sdpa"} <= set(row["us"])
+        assert row["best"] in row["us"] or row["best"] is None
+        assert not row["errors"], row["errors"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    bad = subprocess.run([sys.executable, "benchmarks/kernels/bench_fp32_tiles.py", "--smoke",
+                          "--grid", "[[16, 16]]", "--out", str(out)],
+                         check=False, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--grid" in bad.stderr.strip().splitlines()[-1]
+
+
 def test_tree_attention_bench_block_orders(tmp_path):
     """The kernel benchmark under both paged-pool layouts, end to end on a tiny shape
     under the Triton interpreter: each case once per order, back to back, the order in

@@ -365,6 +365,38 @@ def test_default_launch_shapes_follow_the_h200_measurements():
         assert mine[0] <= before, (model, batch, prefix, tree)
         assert mine[0] <= best * (1.01 if tree * group <= 64 else 1.2), (model, batch, prefix, tree)
 
+def test_float32_launch_shapes_follow_the_h200_sweep():
+    """default_tile_config in float32 against the H200 sweeps (kernels-h200-fp32-tiles-*.json,
+    bench_fp32_tiles.py; SmolLM2 and Llama-3-8B shapes, B=1, prefixes of 256-2048 keys,
+    decode and trees of 16 and 79 rows per sequence). Each sweep timed the tile the rule
+    now picks: within 35% of the fastest swept tile in every case (16-row trees at 256-512
+    keys favour 16 x 16 tiles, longer prefixes 32 x 32), and in the first sweep, taken with
+    the rule before (``default`` there), up to 51x faster than it (a 79-node tree: 1078 ->
+    28 us)."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.kernels.bench_fp32_tiles import tile_key
+
+    root = Path(__file__).resolve().parents[1]
+    shapes = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
+    checked = 0
+    for n in (1, 2, 3):
+        data = json.loads((root / f"benchmarks/results/kernels-h200-fp32-tiles-{n}.json").read_text())
+        for r in data["rows"]:
+            heads, kv_heads, head_dim = shapes[r["model"]]
+            tile = default_tile_config(r["tree_size"], heads // kv_heads, head_dim, torch.float32,
+                                       r["batch"], kv_heads, r["prefix_len"] + r["tree_size"], 132)
+            key = tile_key(tile)
+            us = r["us"]["default"] if key == r["default_tile"] else r["us"][key]
+            best = min(v for k, v in r["us"].items() if k != "sdpa")
+            assert us <= 1.35 * best, (n, r["model"], r["prefix_len"], r["tree_size"], key)
+            if n == 1:  # the rule before this sweep, measured in the same run
+                assert us <= r["us"]["default"], (r["model"], r["tree_size"], key)
+            checked += 1
+    assert checked == 13
+
+
 def test_default_key_loop_variant_follows_the_h200_ab():
     """``default_variant`` against the H200 A/B (kernels-h200-variants.json): wherever the
     scale-in-FMA choice changed a case's time by more than 0.5% (product in the dot in
