@@ -52,8 +52,8 @@ class EngineStep:
     eos: bool = False
     # Decoding steps (forward passes) this chunk stands for. One for an engine that
     # streams each step; the vLLM engine's chunks may merge steps (its frontend joins the
-    # outputs a slow consumer has not taken yet), so it reports 0 on every chunk but the
-    # last, which carries the request's whole count (and its draft totals).
+    # outputs a slow consumer has not taken yet), so its last chunk carries the rest of
+    # the request's count (and its draft totals).
     steps: int = 1
 
 

@@ -224,11 +224,13 @@ class VLLMEngine(Engine):
                 if eos:
                     tokens = tokens[:-1]
                 if not finished:
-                    yield EngineStep(token_ids=tokens, text=completion.text, eos=eos, steps=0)
+                    yield EngineStep(token_ids=tokens, text=completion.text, eos=eos)
                     continue
+                # The last output completes the request's counts (one step per output so
+                # far: a lower bound, for requests that end early).
                 steps, drafted, accepted = self._request_counts(completion, chunks, generated)
                 yield EngineStep(token_ids=tokens, text=completion.text, finish_reason=finish,
-                                 eos=eos, steps=steps, num_drafted=drafted,
+                                 eos=eos, steps=steps - (chunks - 1), num_drafted=drafted,
                                  accepted_depth=accepted)
                 return
         except VLLMEngineDead as exc:
@@ -239,7 +241,6 @@ class VLLMEngine(Engine):
                 # vLLM aborts on cancellation itself; this covers a consumer that simply
                 # stopped iterating. A task, because this may run inside a cancelled one.
                 asyncio.get_running_loop().create_task(self._llm.abort(request_id))
-
 
     def _request_counts(self, completion: Any, chunks: int,
                         generated: int) -> tuple[int, int, int]:
