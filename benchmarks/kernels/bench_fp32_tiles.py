@@ -75,12 +75,10 @@ def time_case(case: Case, tiles: list[TileConfig]) -> dict:
         if tile.block_m >= group and tile_key(tile) != tile_key(default):
             run(tile_key(tile), tile)
     kv = [case.gathered(c) for c in range(case.copies)]
-    mask = torch.ones(case.tree_size, case.seq_len, dtype=torch.bool, device=case.query.device)
-    mask[:, case.prefix_len:] = case.tree_dense
+    q4, mask = case.q4(), case.dense_mask()
 
     def sdpa(c: int):
-        k, v = kv[c]
-        return F.scaled_dot_product_attention(case.q4(), k, v, attn_mask=mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(q4, *kv[c], attn_mask=mask, enable_gqa=True)
 
     us["sdpa"] = time_graph([lambda c=c: sdpa(c) for c in range(case.copies)])
     best = min((k for k in us if k not in ("default", "sdpa")), key=us.get, default=None)
