@@ -554,6 +554,34 @@ def test_planner_probes_within_their_budget():
     assert probes(1, 0.040, 0.0001) == 640 // 16
 
 
+def test_planner_does_not_probe_rungs_that_could_not_pay():
+    """A rung whose best case (every draft accepted along its deepest path, by one
+    request or by all) loses to not drafting on the measured cost lines is never probed:
+    at batch 8 on 2 cores a 32-node tree of depth 6 moves the batch to a tree path of
+    190 ms against 65 ms plain. At batch 1 (cheap draft tokens) the same tree is probed,
+    and so is a chain at batch 8, whose full acceptance would pay."""
+    def probed(batch: int, kernel: list, tree: list, depth: int | None) -> set:
+        p = CostPlanner([("chain", "kernel"), ("tree-32", "tree")], probe_every=4,
+                        tree_probe_every=4, probe_share=1.0,
+                        max_nodes={"chain": 10, "tree-32": 32},
+                        max_depth=None if depth is None else {"chain": 10, "tree-32": depth})
+        for _ in range(20):
+            for path, points in (("kernel", kernel), ("tree", tree)):
+                for tokens, seconds in points:
+                    p.record_step(path, tokens, seconds, batch=batch)
+        return {r for _ in range(64) for r in p.plan([1] * batch)} - {NONE}
+
+    b8_kernel = [(8, 0.065), (40, 0.065 + 32 * 0.003)]
+    b8_tree = [(40, 0.190), (72, 0.190 + 32 * 0.003)]
+    assert probed(8, b8_kernel, b8_tree, depth=6) == {"chain"}
+    assert probed(8, b8_kernel, b8_tree, depth=None) == {"chain", "tree-32"}  # no depth: as before
+    # The tree path not measured yet: its cost is unknown, so the tree is probed.
+    assert probed(8, b8_kernel, [], depth=6) == {"chain", "tree-32"}
+    b1_kernel = [(1, 0.038), (33, 0.038 + 32 * 0.0005)]
+    b1_tree = [(33, 0.060), (65, 0.060 + 32 * 0.0005)]
+    assert probed(1, b1_kernel, b1_tree, depth=6) == {"chain", "tree-32"}
+
+
 def test_planner_without_cost_awareness_always_drafts_the_largest_rung():
     p = CostPlanner([("chain", "kernel"), ("tree-8", "tree")], cost_aware=False)
     assert p.plan([0, 3]) == ["tree-8", "tree-8"]

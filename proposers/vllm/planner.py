@@ -61,7 +61,9 @@ step's expected time and spends a probe's expected extra seconds (its nodes on t
 line, plus the whole batch's switch to the tree path for a tree rung). At batch 1 a chain
 probe is cheap and the cadence decides; at batch 8 on 2 cores a chain probe made its
 step 1.5x a plain one, and the fixed cadence alone (8 probes in 129 steps) cost a closed
-batch about 3%, for drafts that could not shorten it.
+batch about 3%, for drafts that could not shorten it. A rung that could not pay even at
+its best (every draft accepted along its deepest path; `_could_pay`) is not probed at
+all: what a probe would learn of it, the planner would never act on.
 """
 
 from __future__ import annotations
@@ -265,9 +267,12 @@ class CostPlanner:
                  probe_every: int = 16, tree_probe_every: int = 64, min_gain: float = MIN_GAIN,
                  closed_value: str = CLOSED_VALUE, probe_share: float = PROBE_SHARE,
                  max_nodes: dict[str, int] | None = None, prior_weight: float = PRIOR_WEIGHT,
-                 cost_buckets: bool = True, size_costs: bool = True):
+                 cost_buckets: bool = True, size_costs: bool = True,
+                 max_depth: dict[str, int] | None = None):
         """`max_nodes`: each rung's full size in draft tokens (the probe budget's cost of
-        a rung not yet measured; default 16). `prior_weight`: pseudo-outcomes of the
+        a rung not yet measured; default 16). `max_depth`: the most tokens a rung's draft
+        can have accepted (its deepest path); a rung listed there is not probed where even
+        that could not pay (`_could_pay`). `prior_weight`: pseudo-outcomes of the
         rung's pooled estimate in a thin (rung, feature) estimate (PRIOR_WEIGHT; 0: the
         estimates as recorded). `cost_buckets`: price a step on its batch bucket's own
         cost line (`line`; False: the all-batch line only). `size_costs`: price a plan
@@ -284,6 +289,7 @@ class CostPlanner:
             raise ValueError(f"probe_share must be in [0, 1], got {probe_share!r}")
         self.probe_share = probe_share
         self.max_nodes = dict(max_nodes or {})
+        self.max_depth = dict(max_depth or {})
         self.probe_credit = 0.0  # seconds of probing the budget allows now
         self._fresh_budget = True
         self.probes = 0  # probes made (statistics)
@@ -645,6 +651,36 @@ class CostPlanner:
         # The whole batch moves to the tree path.
         return (tree[0] - kernel[0]) + (tree[1] - kernel[1]) * batch + tree[1] * nodes
 
+    def _could_pay(self, rung: Rung, feature: int, batch: int, memo: dict) -> bool:
+        """Whether `rung` could beat not drafting at `batch` requests even at its best:
+        every draft accepted along its deepest path (`max_depth`), drafted by one request
+        or by all of them (the rate is a ratio of two lines in that count, so one of the
+        two ends is its maximum), at its usual size (the estimate's draft tokens, else
+        its full size), priced on the measured cost lines with the planner's margin.
+        A probe of a rung that could not pay teaches nothing the planner would act on,
+        and costs a step: at batch 8 on 2 cores a tree step, which moves the whole batch
+        to the tree path, took 190 ms against 65 ms for a plain one
+        (vllm_cpu_msn_interleaved_b8-host1201.json). True where that is not known yet
+        (no cost line, or no depth for the rung)."""
+        depth = self.max_depth.get(rung.name)
+        if depth is None:
+            return True
+        known = self._known(rung, feature)
+        nodes = known[1] if known is not None else float(self.max_nodes.get(rung.name, 16))
+        key = (rung.name, round(nodes, 3))
+        if key in memo:
+            return memo[key]
+        none = self.step_cost(KERNEL, batch, batch)
+        accepted = min(float(depth), nodes)
+        ok = none is None
+        if not ok:
+            bar = batch / none * (1.0 + self.min_gain)
+            costs = [self.step_cost(rung.path, batch, batch + k * nodes) for k in (1, batch)]
+            ok = any(cost is None or (batch + k * accepted) / cost > bar
+                     for k, cost in zip((1, batch), costs))
+        memo[key] = ok
+        return ok
+
     def _probe(self, features: list[int], choice: list[str], batch: int | None = None) -> None:
         """Now and then, try the stalest (rung, feature) of this batch on one request.
 
@@ -665,7 +701,9 @@ class CostPlanner:
         # tree rungs wait for the slow cadence.
         tree_ok = self.step - self._last_tree_probe >= self.tree_probe_every
         uses_tree = any(r.path == TREE and r.name in choice for r in self.rungs)
-        untried = any(self._known(r, f) is None for f in set(features) for r in self.rungs
+        memo: dict = {}  # `_could_pay` by (rung, size), for this call
+        untried = any(self._known(r, f) is None and self._could_pay(r, f, batch, memo)
+                      for f in set(features) for r in self.rungs
                       if _eligible(r, f) and (r.path == KERNEL or tree_ok or uses_tree))
         if self.step % (FAST_PROBE_EVERY if untried else self.probe_every):
             return
@@ -673,6 +711,8 @@ class CostPlanner:
         for i, f in enumerate(features):
             for r in self.rungs:
                 if not _eligible(r, f) or (r.path == TREE and not (tree_ok or uses_tree)):
+                    continue
+                if not self._could_pay(r, f, batch, memo):
                     continue
                 age = self.step - self._estimate(r.name, f).last_used
                 if stalest is None or age > stalest[0]:

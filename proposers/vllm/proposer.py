@@ -187,10 +187,16 @@ class TRJacobiProposer:
         sizes[CHAIN_RUNG] = max(sizes.get(self.config.chain_template, 0),
                                 sizes.get(self.config.retrieval_template, 0))
         sizes.update(self.cuts)
+        # The most tokens each rung's draft can have accepted: a tree's deepest path, a
+        # chain's length (the planner probes no rung that could not pay even so).
+        depths = {n: t.max_depth for n, t in self.trees.items()}
+        depths[CHAIN_RUNG] = sizes[CHAIN_RUNG]
+        depths.update(self.cuts)
         self.planner = CostPlanner(rungs, cost_aware=self.config.cost_aware,
                                    min_gain=self.config.min_gain,
                                    closed_value=self.config.closed_value,
                                    probe_share=self.config.probe_share, max_nodes=sizes,
+                                   max_depth=depths,
                                    prior_weight=self.config.estimate_prior,
                                    cost_buckets=self.config.cost_buckets,
                                    size_costs=self.config.size_costs)
