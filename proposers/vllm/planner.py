@@ -654,8 +654,9 @@ class CostPlanner:
     def _could_pay(self, rung: Rung, feature: int, batch: int, memo: dict) -> bool:
         """Whether `rung` could beat not drafting at `batch` requests even at its best:
         every draft accepted along its deepest path (`max_depth`), drafted by one request
-        or by all of them (the rate is a ratio of two lines in that count, so one of the
-        two ends is its maximum), at its usual size (the estimate's draft tokens, else
+        or by all of them (on the cost line the rate is a ratio of two linear functions
+        of that count, so one of the two ends is its maximum; the residuals of
+        `size_costs` are priced at those two sizes only), at its usual size (the estimate's draft tokens, else
         its full size), priced on the measured cost lines with the planner's margin.
         A probe of a rung that could not pay teaches nothing the planner would act on,
         and costs a step: at batch 8 on 2 cores a tree step, which moves the whole batch
