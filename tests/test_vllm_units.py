@@ -582,6 +582,17 @@ def test_planner_does_not_probe_rungs_that_could_not_pay():
     assert probed(1, b1_kernel, b1_tree, depth=6) == {"chain", "tree-32"}
 
 
+def test_proposer_gives_the_planner_each_rungs_depth():
+    """The probe filter's depths come from the templates: a tree's deepest path, a
+    chain's (or cut's) length."""
+    trj = _tree8_proposer()
+    depths = trj.planner.max_depth
+    assert depths["tree-8"] == trj.trees["tree-8"].max_depth < trj.trees["tree-8"].num_nodes
+    assert depths["chain"] == trj.planner.max_nodes["chain"]
+    assert all(depths[cut] == k for cut, k in trj.cuts.items())
+    assert {r.name for r in trj.planner.rungs} <= set(depths)
+
+
 def test_planner_without_cost_awareness_always_drafts_the_largest_rung():
     p = CostPlanner([("chain", "kernel"), ("tree-8", "tree")], cost_aware=False)
     assert p.plan([0, 3]) == ["tree-8", "tree-8"]
