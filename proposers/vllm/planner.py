@@ -656,8 +656,9 @@ class CostPlanner:
         every draft accepted along its deepest path (`max_depth`), drafted by one request
         or by all of them (on the cost line the rate is a ratio of two linear functions
         of that count, so one of the two ends is its maximum; the residuals of
-        `size_costs` are priced at those two sizes only), at its usual size (the estimate's draft tokens, else
-        its full size), priced on the measured cost lines with the planner's margin.
+        `size_costs` are priced at those two sizes only), at its usual size (the
+        estimate's draft tokens, else its full size), priced on the measured cost lines
+        with the planner's margin.
         A probe of a rung that could not pay teaches nothing the planner would act on,
         and costs a step: at batch 8 on 2 cores a tree step, which moves the whole batch
         to the tree path, took 190 ms against 65 ms for a plain one
@@ -674,11 +675,11 @@ class CostPlanner:
         none = self.step_cost(KERNEL, batch, batch)
         accepted = min(float(depth), nodes)
         ok = none is None
-        if not ok:
-            bar = batch / none * (1.0 + self.min_gain)
-            costs = [self.step_cost(rung.path, batch, batch + k * nodes) for k in (1, batch)]
-            ok = any(cost is None or (batch + k * accepted) / cost > bar
-                     for k, cost in zip((1, batch), costs))
+        for k in () if ok else (1, batch):
+            cost = self.step_cost(rung.path, batch, batch + k * nodes)
+            if cost is None or (batch + k * accepted) / cost > batch / none * (1 + self.min_gain):
+                ok = True
+                break
         memo[key] = ok
         return ok
 
@@ -713,10 +714,8 @@ class CostPlanner:
             for r in self.rungs:
                 if not _eligible(r, f) or (r.path == TREE and not (tree_ok or uses_tree)):
                     continue
-                if not self._could_pay(r, f, batch, memo):
-                    continue
                 age = self.step - self._estimate(r.name, f).last_used
-                if stalest is None or age > stalest[0]:
+                if (stalest is None or age > stalest[0]) and self._could_pay(r, f, batch, memo):
                     stalest = (age, i, r)
         if stalest is None or stalest[0] < FAST_PROBE_EVERY:
             return
