@@ -186,6 +186,8 @@ class TRJacobiCollector:
             ("probes", "Drafts the planner made to refresh a stale estimate.", s.get("probes")),
             ("shadow_outcomes", "Undrafted retrieval chains judged against the output.",
              s.get("shadow_outcomes")),
+            ("idle_steps", ("Steps that skipped drafting's planning where it did not pay "
+                            "for its host time."), s.get("idle_steps")),
             ("draft_seconds", ("Host seconds spent drafting between steps (vLLM's drafter "
                                "call included)."), s.get("draft_seconds")),
         ]

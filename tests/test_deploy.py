@@ -66,7 +66,7 @@ def exported_series() -> set[str]:
     metrics.trjacobi.update({
         "tree_steps": 1, "compactions": 1, "verified_drafts": 1, "accepted_tokens": 1,
         "undrafted_steps": 1, "proposals": 1, "feedback_proposals": 1, "shadow_outcomes": 1,
-        "corpus": {"tokens": 1, "docs": 1, "lookups": 1, "drafts": 1},
+        "idle_steps": 1, "corpus": {"tokens": 1, "docs": 1, "lookups": 1, "drafts": 1},
         "rungs": {"none": 1}, "probes": 1, "draft_seconds": 0.1,
         "propose_seconds": {"plan": 0.1},
         "paths": {"plain": {"steps": 1, "tokens": 1, "seconds": 0.1}}})

@@ -664,7 +664,7 @@ def _ready(url: str) -> bool:
 TRJ_STATS = {  # the shape of runner.trjacobi_stats()
     "tree_steps": 3, "compactions": 2, "verified_drafts": 40, "accepted_tokens": 55,
     "undrafted_steps": 90, "proposals": 41, "feedback_proposals": 12, "shadow_outcomes": 30,
-    "corpus": {"tokens": 900, "docs": 4, "lookups": 25, "drafts": 9},
+    "idle_steps": 60, "corpus": {"tokens": 900, "docs": 4, "lookups": 25, "drafts": 9},
     "sampled_unspeculated": 0, "rungs": {"none": 100, "chain:4": 30, "tree-16": 11},
     "closed_batch_steps": 80, "probes": 5,
     "paths": {"plain": {"steps": 90, "tokens": 90, "seconds": 4.5},
@@ -687,6 +687,7 @@ def test_trjacobi_collector_exports_the_worker_counters():
     text = generate_latest(metrics.registry).decode()
     assert _metric(text, "msn_trjacobi_proposals_total") == 41
     assert _metric(text, "msn_trjacobi_tree_steps_total") == 3
+    assert _metric(text, "msn_trjacobi_idle_steps_total") == 60
     assert _metric(text, "msn_trjacobi_corpus_tokens") == 900
     assert _metric(text, "msn_trjacobi_corpus_docs") == 4
     assert _metric(text, "msn_trjacobi_corpus_lookups_total") == 25

@@ -896,6 +896,85 @@ def test_proposer_plans_per_request():
     assert p.plan_for("c").rung == "chain" and p.plan_for("c").is_chain
 
 
+def test_plan_value_idles_only_where_planning_costs_more_than_it_saves():
+    """A batch size plans every step until PLAN_VALUE_MIN full plans are in, then only
+    every IDLE_PLAN_EVERY-th step while the saving the plans expected is below their host
+    time; a plan expecting to save more wakes it at once."""
+    from proposers.vllm.proposer import IDLE_PLAN_EVERY, PLAN_VALUE_MIN, PlanValue
+
+    value = PlanValue()
+    for _ in range(PLAN_VALUE_MIN - 1):
+        assert not value.skip()
+        value.add(0.0, 1e-3)
+    assert not value.skip()  # one plan short
+    value.add(0.0, 1e-3)
+    skips = [value.skip() for _ in range(2 * IDLE_PLAN_EVERY)]
+    assert skips == ([True] * (IDLE_PLAN_EVERY - 1) + [False]) * 2
+    value.add(0.05, 1e-3)  # a plan expecting to save 50 ms (a tenth weighs in: 5 ms)
+    assert value.pays and not value.skip() and value.idle == 0
+    for _ in range(20):
+        value.add(0.0, 1e-3)  # the saving fades below the host time again
+    assert not value.pays
+
+
+def test_proposer_idles_where_planning_does_not_pay():
+    """A closed batch of 8 whose drafts never pay: after PLAN_VALUE_MIN full plans, 3 of
+    4 steps skip lookups, shadows and the planner (counted in `idle_steps`, no host
+    phase timed, the planner's step not advanced), draft nothing, and still keep each
+    request's retrieval index up to date; a batch of 1 on the same proposer, where
+    drafting pays, plans every step; `idle_planning=False` never idles."""
+
+    import numpy as np
+
+    from proposers.vllm.planner import FEEDBACK
+    from proposers.vllm.proposer import IDLE_PLAN_EVERY, PLAN_VALUE_MIN, BatchFeedback
+
+    fresh = list(range(100, 140))  # no n-gram repeats: no retrieval chain anywhere
+    ids = [f"r{i}" for i in range(8)]
+
+    def trained(**cfg):
+        p = _tree8_proposer(**cfg)
+        for _ in range(20):
+            p.planner.record_step("kernel", 8, 0.050, batch=8)
+            p.planner.record_step("kernel", 40, 0.150, batch=8)  # 3 ms a draft token
+            p.planner.record_step("kernel", 1, 0.038, batch=1)
+            p.planner.record_step("kernel", 9, 0.042, batch=1)  # 0.5 ms a draft token
+        for f in (0, FEEDBACK):
+            p.planner.record_request("chain", f, 5, 1.0)  # 1 of 5 draft tokens accepted
+        p.planner.probe_share = 0.0
+        return p
+
+    def step(p, n, rows=8):
+        p.set_target_feedback(BatchFeedback(ids[:rows], ["tree"] * rows, closed=True,
+                                            remaining=[200] * rows))
+        return p.propose([[1]] * rows, np.array([n] * rows), np.array([fresh[:n]] * rows))
+
+    p = trained()
+    for n in range(8, 8 + PLAN_VALUE_MIN):
+        assert step(p, n) == [[]] * 8
+    assert p.idle_steps == 0 and p.planner.step == PLAN_VALUE_MIN
+    host = sum(p.host_seconds.values())
+    for n in range(24, 24 + IDLE_PLAN_EVERY - 1):
+        assert step(p, n) == [[]] * 8
+    assert p.idle_steps == IDLE_PLAN_EVERY - 1
+    assert sum(p.host_seconds.values()) == host and p.planner.step == PLAN_VALUE_MIN
+    assert all(p.states[r].index.tokens == fresh[:26] for r in ids)  # synced all the same
+    step(p, 27)  # the idle bucket's turn to plan
+    assert p.idle_steps == IDLE_PLAN_EVERY - 1 and p.planner.step == PLAN_VALUE_MIN + 1
+
+    # Batch 1 (its own bucket): a Jacobi chain getting 1 of 5 pays at 0.5 ms a token.
+    one = trained()
+    for n in range(8, 8 + 2 * PLAN_VALUE_MIN):
+        one.set_target_feedback(BatchFeedback(["x"], ["tree"], closed=True, remaining=[200]))
+        one.propose([[1]], np.array([n]), np.array([fresh[:n]]))
+    assert one.idle_steps == 0 and one.planner.last_gain > 0
+
+    off = trained(idle_planning=False)
+    for n in range(8, 8 + 2 * PLAN_VALUE_MIN):
+        step(off, n)
+    assert off.idle_steps == 0 and off.planner.step == 2 * PLAN_VALUE_MIN
+
+
 def test_shadow_accepted_is_the_chains_matching_prefix():
     from proposers.vllm.proposer import shadow_accepted
 

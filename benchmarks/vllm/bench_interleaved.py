@@ -325,7 +325,9 @@ def run(args) -> dict:
                  if v - s0["rungs"].get(k, 0)}
         paths = {p: {k: round(v - s0["paths"][p][k], 4) for k, v in cell.items()}
                  for p, cell in s1["paths"].items()}
-        paths["drafting"] = {"seconds": round(s1["draft_seconds"] - s0["draft_seconds"], 4)}
+        paths["drafting"] = {"seconds": round(s1["draft_seconds"] - s0["draft_seconds"], 4),
+                             # steps that skipped planning (proposer.PlanValue)
+                             "idle_steps": s1.get("idle_steps", 0) - s0.get("idle_steps", 0)}
         return rungs, paths
 
     rows = []

@@ -101,6 +101,10 @@ class TRJacobiConfig:
     # Measured side by side (MSN model, benchmarks/results/vllm_cpu_msn_interleaved_b1-sized
     # and -b8-sized): 1.77x against 1.69x of plain vLLM at batch 1, 1.03x against 1.02x at 8.
     size_costs: bool = True
+    # Where planning does not pay at a batch size (its expected saving below its host
+    # time: proposer.PlanValue), plan only every 4th step; the others draft nothing.
+    # False: plan every step.
+    idle_planning: bool = True
     # On CPU, the greedy argmax of vLLM's sampler and of tree acceptance in numpy
     # (host_ops.py; the same tokens); False: vLLM's and torch's own (side-by-side runs).
     host_ops: bool = True

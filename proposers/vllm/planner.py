@@ -309,6 +309,9 @@ class CostPlanner:
         self._last_tree_probe = 0
         self.history: dict[str, int] = {}  # rung -> request-steps it was chosen for
         self.closed_steps = 0  # steps planned for a closed batch (nothing waiting)
+        # What the last `plan` expected its drafts to save, in seconds of plain decoding
+        # (0.0: no draft; probes, which buy estimates rather than time, not counted).
+        self.last_gain = 0.0
         # `_known` by (rung, feature), valid until the next `record_request`: a plan at
         # batch 8 asks it ~85 times for a handful of pairs (bench_proposer_host.py).
         self._known_memo: dict[tuple[str, int], tuple[float, float] | None] = {}
@@ -390,6 +393,8 @@ class CostPlanner:
         """
         self.step += 1
         self._options_memo = {}  # `_dinkelbach`'s rung options, for this call only
+        # Without cost awareness every plan drafts: planning always "pays".
+        self.last_gain = 0.0 if self.cost_aware else math.inf
         batch = len(features) if batch is None else batch
         if not features:
             return []
@@ -514,7 +519,12 @@ class CostPlanner:
             if rate is not None and rate > best_rate * 1.0001:
                 best, best_rate = choice, rate
         # Draft only when the best plan clears the margin over not drafting at all.
-        return best if best_rate > none_rate * (1.0 + self.min_gain) else none
+        if best_rate > none_rate * (1.0 + self.min_gain):
+            # Seconds of plain decoding the plan is expected to save (batch / none_rate
+            # is a plain step's time).
+            self.last_gain = batch / none_rate * (best_rate / none_rate - 1.0)
+            return best
+        return none
 
     def _rate_bounds(self, features: list[int], batch: int, scales: list[float],
                      least: bool, together: bool = False) -> tuple[float, float]:

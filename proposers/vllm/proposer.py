@@ -30,7 +30,16 @@ from proposers.retrieval import CorpusIndex, NgramIndex, ngram_match
 from proposers.templates import chain, load_template
 from proposers.tree import TreeSpec, compile_tree
 from proposers.vllm.config import TRJacobiConfig
-from proposers.vllm.planner import CORPUS, FEEDBACK, KERNEL, NONE, SAMPLED, TREE, CostPlanner
+from proposers.vllm.planner import (
+    CORPUS,
+    FEEDBACK,
+    KERNEL,
+    NONE,
+    SAMPLED,
+    TREE,
+    CostPlanner,
+    batch_bucket,
+)
 from proposers.vllm.version import check_vllm_version
 
 logger = logging.getLogger(__name__)
@@ -103,6 +112,51 @@ MAX_SHADOWS = 16
 # Phases of a planned `propose` call, timed (`TRJacobiProposer.host_seconds`): retrieval
 # lookups, features + judging shadow drafts, the planner, drafting the chosen rungs.
 HOST_PHASES = ("lookup", "shadows", "plan", "draft")
+
+# Planning only every IDLE_PLAN_EVERY-th step where it does not pay (`PlanValue`): at
+# batch 8 on 2 cores a planned `propose` takes 0.4-0.7 ms of host time on the step's
+# critical path (bench_proposer_host.py), where the planner drafts in a few percent of
+# the steps of most task groups. Batches in which no request drafted ran at 0.98-0.99
+# of plain vLLM, their time to produce nothing but host work (vllm-cpu-log.md).
+IDLE_PLAN_EVERY = 4
+PLAN_VALUE_ALPHA = 0.1  # weight of the newest full plan in `PlanValue`'s averages
+PLAN_VALUE_MIN = 16  # full plans at a batch-size bucket before it may idle
+
+
+@dataclass
+class PlanValue:
+    """Whether planning pays at one batch-size bucket (planner.batch_bucket): the
+    seconds of plain decoding a full plan is expected to save (the planner's
+    `last_gain`, 0 for no draft) against the host seconds it costs, as exponential
+    averages over the bucket's full plans. Where the expected saving is below the cost,
+    a skipped plan loses less than it saves, so only every IDLE_PLAN_EVERY-th step plans
+    (keeping both averages current, the shadows and the probes going); the others draft
+    nothing at the cost of an index update per request. The saving is the planner's
+    own expectation, which is optimistic (a plan is picked for looking best), so the rule
+    errs toward planning."""
+
+    gain: float = 0.0
+    host: float = 0.0
+    plans: int = 0
+    idle: int = 0  # steps since this bucket's last full plan, while idle
+
+    def add(self, gain: float, host: float) -> None:
+        self.plans += 1
+        a = PLAN_VALUE_ALPHA
+        self.gain += a * (gain - self.gain) if self.plans > 1 else gain - self.gain
+        self.host += a * (host - self.host) if self.plans > 1 else host - self.host
+
+    @property
+    def pays(self) -> bool:
+        return self.plans < PLAN_VALUE_MIN or self.gain >= self.host
+
+    def skip(self) -> bool:
+        """Whether this step skips planning (counts the step)."""
+        if self.pays:
+            self.idle = 0
+            return False
+        self.idle += 1
+        return self.idle % IDLE_PLAN_EVERY != 0
 
 
 class Shadow(NamedTuple):
@@ -219,6 +273,9 @@ class TRJacobiProposer:
         # Host seconds of planned `propose` calls by phase (`HOST_PHASES`): what drafting
         # costs a step before any draft is verified (trjacobi_stats "propose_seconds").
         self.host_seconds = dict.fromkeys(HOST_PHASES, 0.0)
+        # Per batch-size bucket: does planning pay (`PlanValue`)? Steps that skipped it.
+        self.plan_values: dict[int, PlanValue] = {}
+        self.idle_steps = 0
         trace = os.environ.get(TRACE_ENV)
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115
 
@@ -328,6 +385,16 @@ class TRJacobiProposer:
             clock[0] = now
 
         planned = [row for row in rows if batch.modes[row] in PLANNED_MODES]
+        value = None
+        if planned and self.config.idle_planning and all(
+                batch.modes[row] in PLANNED_MODES or batch.modes[row] == "off" for row in rows):
+            value = self.plan_values.get(batch_bucket(len(rows)))
+            if value is None:
+                value = self.plan_values[batch_bucket(len(rows))] = PlanValue()
+            if value.skip():
+                self._idle_step(batch, rows, num_tokens_no_spec, token_ids_cpu)
+                return drafts
+        start = clock[0]
         lookups = {row: self._lookup(batch.req_ids[row],
                                      token_ids_cpu[row, : num_tokens_no_spec[row]])
                    for row in rows if batch.modes[row] != "off"}
@@ -382,7 +449,23 @@ class TRJacobiProposer:
             self.num_proposals += plan is not None  # request-steps that drafted
             drafts[row] = list(plan.tokens) if plan else []
         lap("draft")
+        if value is not None:
+            value.add(self.planner.last_gain, clock[0] - start)
         return drafts
+
+    def _idle_step(self, batch: BatchFeedback, rows: list[int], num_tokens_no_spec,
+                   token_ids_cpu) -> None:
+        """A step that skips planning (`PlanValue`): no request drafts; each one's
+        retrieval index still takes in its new tokens (what `finish` gives the corpus)."""
+        self.idle_steps += 1
+        for row in rows:
+            state = self.states.get(batch.req_ids[row])
+            if state is None:
+                continue
+            if state.index is not None:
+                state.index.sync(token_ids_cpu[row, : num_tokens_no_spec[row]])
+            state.plan = None
+            state.feedback = None
 
     def trace_step(self, path: str, batch: int, tokens: int, prefill: int, seconds: float) -> None:
         """One line per executed step (with the trace on): what the cost lines learn from."""

@@ -423,6 +423,8 @@ class TRJacobiRunnerMixin:
             "proposals": self.trj.num_proposals,
             "feedback_proposals": self.trj.num_feedback_proposals,
             "shadow_outcomes": self.trj.num_shadow_outcomes,
+            # Steps that skipped planning where it did not pay (proposer.PlanValue).
+            "idle_steps": self.trj.idle_steps,
             # The shared corpus (retrieval.CorpusIndex): what it holds, request-steps
             # whose retrieval chain came from it, and of those the ones that drafted.
             "corpus": {"tokens": len(self.trj.corpus) if self.trj.corpus else 0,
