@@ -330,6 +330,15 @@ def run(args) -> dict:
                              "idle_steps": s1.get("idle_steps", 0) - s0.get("idle_steps", 0)}
         return rungs, paths
 
+    def host_counters() -> dict[str, tuple[float, int]]:
+        """(drafting seconds, idle steps) of every plugin engine of the run (the
+        drafting-off control shares the plugin's engine: its seconds count there)."""
+        out = {}
+        for name in sorted((plugins - {OFF}) & set(names)):
+            s = engines[name].collective_rpc("trjacobi_stats")[0]
+            out[name] = (s["draft_seconds"], s.get("idle_steps", 0))
+        return out
+
     rows = []
     mismatches = 0
     for repeat in range(args.repeats):
@@ -342,8 +351,10 @@ def run(args) -> dict:
                 k = (repeat + gi + bi) % len(names)
                 order = names[k:] + names[:k]
                 d0, a0, r0 = plugin_counters()
+                h0 = host_counters()
                 res = {name: timed(name, prompts, batch) for name in order}
                 d1, a1, r1 = plugin_counters()
+                h1 = host_counters()
                 rungs, paths = stats_delta(r0, r1)
                 same = all(res[n][2] == res["plain"][2] for n in names)
                 mismatches += not same
@@ -356,6 +367,10 @@ def run(args) -> dict:
                     "spec": {n: res[n][3] for n in names if res[n][3] is not None},
                     "plugin_mat": round(1 + (a1 - a0) / (d1 - d0), 3) if d1 > d0 else 1.0,
                     "plugin_rungs": rungs, "plugin_paths": paths,
+                    # Every plugin engine's host seconds drafting and steps that skipped
+                    # planning (proposer.PlanValue) in this row.
+                    "host": {n: {"draft_seconds": round(h1[n][0] - h0[n][0], 4),
+                                 "idle_steps": h1[n][1] - h0[n][1]} for n in h1},
                     "plugin_cost_lines": r1.get("cost_lines")})
                 r = rows[-1]
                 ratios = " ".join(f"{n} {r['tok_s'][n] / r['tok_s']['plain']:.3f}x"
