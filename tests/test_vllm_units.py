@@ -922,7 +922,8 @@ def test_proposer_idles_where_planning_does_not_pay():
     4 steps skip lookups, shadows and the planner (counted in `idle_steps`, no host
     phase timed, the planner's step not advanced), draft nothing, and still keep each
     request's retrieval index up to date; a batch of 1 on the same proposer, where
-    drafting pays, plans every step; `idle_planning=False` never idles."""
+    drafting pays, plans every step; `idle_planning=False` never idles, nor does a
+    proposer without cost awareness (its plans always draft)."""
 
     import numpy as np
 
@@ -969,10 +970,10 @@ def test_proposer_idles_where_planning_does_not_pay():
         one.propose([[1]], np.array([n]), np.array([fresh[:n]]))
     assert one.idle_steps == 0 and one.planner.last_gain > 0
 
-    off = trained(idle_planning=False)
-    for n in range(8, 8 + 2 * PLAN_VALUE_MIN):
-        step(off, n)
-    assert off.idle_steps == 0 and off.planner.step == 2 * PLAN_VALUE_MIN
+    for off in (trained(idle_planning=False), trained(cost_aware=False)):
+        for n in range(8, 8 + 2 * PLAN_VALUE_MIN):
+            step(off, n)
+        assert off.idle_steps == 0 and off.planner.step == 2 * PLAN_VALUE_MIN
 
 
 def test_shadow_accepted_is_the_chains_matching_prefix():

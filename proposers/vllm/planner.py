@@ -398,8 +398,7 @@ class CostPlanner:
         """
         self.step += 1
         self._options_memo = {}  # `_dinkelbach`'s rung options, for this call only
-        # Without cost awareness every plan drafts: planning always "pays".
-        self.last_gain = 0.0 if self.cost_aware else math.inf
+        self.last_gain = 0.0  # set by `_best` when it drafts
         batch = len(features) if batch is None else batch
         if not features:
             return []

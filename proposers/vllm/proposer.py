@@ -115,9 +115,9 @@ HOST_PHASES = ("lookup", "shadows", "plan", "draft")
 
 # Planning only every IDLE_PLAN_EVERY-th step where it does not pay (`PlanValue`): at
 # batch 8 on 2 cores a planned `propose` takes 0.4-0.7 ms of host time on the step's
-# critical path (bench_proposer_host.py), where the planner drafts in a few percent of
-# the steps of most task groups. Batches in which no request drafted ran at 0.98-0.99
-# of plain vLLM, their time to produce nothing but host work (vllm-cpu-log.md).
+# critical path (bench_proposer_host.py), and the planner drafts in a few percent of the
+# steps of most task groups. Batches in which no request drafted ran at 0.98-0.99 of
+# plain vLLM, most of the difference that host time (vllm-cpu-log.md).
 IDLE_PLAN_EVERY = 4
 PLAN_VALUE_ALPHA = 0.1  # weight of the newest full plan in `PlanValue`'s averages
 PLAN_VALUE_MIN = 16  # full plans at a batch-size bucket before it may idle
@@ -142,9 +142,11 @@ class PlanValue:
 
     def add(self, gain: float, host: float) -> None:
         self.plans += 1
-        a = PLAN_VALUE_ALPHA
-        self.gain += a * (gain - self.gain) if self.plans > 1 else gain - self.gain
-        self.host += a * (host - self.host) if self.plans > 1 else host - self.host
+        if self.plans == 1:
+            self.gain, self.host = gain, host
+        else:
+            self.gain += PLAN_VALUE_ALPHA * (gain - self.gain)
+            self.host += PLAN_VALUE_ALPHA * (host - self.host)
 
     @property
     def pays(self) -> bool:
@@ -386,7 +388,10 @@ class TRJacobiProposer:
 
         planned = [row for row in rows if batch.modes[row] in PLANNED_MODES]
         value = None
-        if planned and self.config.idle_planning and all(
+        # Only where every drafting request is planned (chain and retrieval requests
+        # draft every step as asked) and plans are priced (without cost awareness every
+        # plan drafts the largest rung).
+        if planned and self.config.idle_planning and self.config.cost_aware and all(
                 batch.modes[row] in PLANNED_MODES or batch.modes[row] == "off" for row in rows):
             value = self.plan_values.get(batch_bucket(len(rows)))
             if value is None:
