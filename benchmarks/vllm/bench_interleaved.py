@@ -330,12 +330,14 @@ def run(args) -> dict:
                              "idle_steps": s1.get("idle_steps", 0) - s0.get("idle_steps", 0)}
         return rungs, paths
 
-    def host_counters() -> dict[str, tuple[float, int]]:
-        """(drafting seconds, idle steps) of every plugin engine of the run (the
-        drafting-off control shares the plugin's engine: its seconds count there)."""
+    def host_counters(plugin_stats: dict) -> dict[str, tuple[float, int]]:
+        """(drafting seconds, idle steps) of every plugin engine of the run, the main
+        one's from `plugin_stats` (just read; the drafting-off control shares its
+        engine, so its seconds count there)."""
         out = {}
         for name in sorted((plugins - {OFF}) & set(names)):
-            s = engines[name].collective_rpc("trjacobi_stats")[0]
+            s = (plugin_stats if name == "plugin"
+                 else engines[name].collective_rpc("trjacobi_stats")[0])
             out[name] = (s["draft_seconds"], s.get("idle_steps", 0))
         return out
 
@@ -351,10 +353,10 @@ def run(args) -> dict:
                 k = (repeat + gi + bi) % len(names)
                 order = names[k:] + names[:k]
                 d0, a0, r0 = plugin_counters()
-                h0 = host_counters()
+                h0 = host_counters(r0)
                 res = {name: timed(name, prompts, batch) for name in order}
                 d1, a1, r1 = plugin_counters()
-                h1 = host_counters()
+                h1 = host_counters(r1)
                 rungs, paths = stats_delta(r0, r1)
                 same = all(res[n][2] == res["plain"][2] for n in names)
                 mismatches += not same

@@ -393,9 +393,10 @@ class TRJacobiProposer:
         # plan drafts the largest rung).
         if planned and self.config.idle_planning and self.config.cost_aware and all(
                 batch.modes[row] in PLANNED_MODES or batch.modes[row] == "off" for row in rows):
-            value = self.plan_values.get(batch_bucket(len(rows)))
+            bucket = batch_bucket(len(rows))
+            value = self.plan_values.get(bucket)
             if value is None:
-                value = self.plan_values[batch_bucket(len(rows))] = PlanValue()
+                value = self.plan_values[bucket] = PlanValue()
             if value.skip():
                 self._idle_step(batch, rows, num_tokens_no_spec, token_ids_cpu)
                 return drafts
