@@ -642,3 +642,67 @@ def test_first_request_rejects_a_missing_model(tmp_path, capsys):
     assert first_request.main(["--model", str(tmp_path / "nope"), "--device", "cpu",
                                "--out", str(tmp_path / "x")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def _pool_run(path, model, ratios, twin=None, mismatch=()):
+    """A bench_interleaved.py-shaped JSON: one batch-8 qa row per plugin ratio."""
+    import json
+
+    rows = []
+    for i, r in enumerate(ratios):
+        tok_s = {"plain": 100.0, "plugin": 100.0 * r}
+        if twin is not None:
+            tok_s["plain-twin"] = 100.0 * twin[i]
+        rows.append({"repeat": i, "group": "qa", "batch": 8, "tok_s": tok_s,
+                     "identical_outputs": i not in mismatch})
+    rows.append({"repeat": 0, "group": "qa", "batch": 1, "identical_outputs": True,
+                 "tok_s": {"plain": 10.0, "plugin": 50.0}})
+    path.write_text(json.dumps({"meta": {"model": model, "when": "t", "command": "c"},
+                                "rows": rows}))
+    return str(path)
+
+
+def test_pool_runs_pools_paired_ratios_across_runs(tmp_path, monkeypatch, capsys):
+    import json
+    import math
+    import sys
+
+    from benchmarks.vllm import pool_runs
+
+    a = _pool_run(tmp_path / "a.json", "msn", [0.9, 1.0, 1.1, 2.0], mismatch=(3,))
+    # With the twin, the plugin is compared to both plain engines' geometric mean.
+    b = _pool_run(tmp_path / "b.json", "msn", [1.0, 1.0], twin=[1.21, 0.81])
+    monkeypatch.setattr(sys, "argv", ["pool_runs", a, b, "--batch", "8", "--code", "x",
+                                      "--out", str(tmp_path / "pooled")])
+    pool_runs.main()
+    out = json.loads((tmp_path / "pooled.json").read_text())
+    qa = out["groups"]["qa"]["engine"]
+    assert out["left_out"] == {"a": 1, "b": 0}  # the row with different outputs
+    assert qa["batches"] == 5 and qa["below_1"] == 2
+    assert qa["ratios"]["b"] == [round(1 / 1.1, 4), round(1 / 0.9, 4)]
+    expected = math.exp(sum(map(math.log, [0.9, 1.0, 1.1, 1 / 1.1, 1 / 0.9])) / 5)
+    assert qa["geomean"] == pytest.approx(expected, abs=1e-4)
+    lo, hi = qa["ci90"]
+    assert lo <= qa["geomean"] <= hi
+    twin = out["groups"]["qa"]["twin"]
+    assert twin["batches"] == 2 and list(twin["by_run"]) == ["b"]
+    assert out["meta"]["code"] == "x" and (tmp_path / "pooled.png").exists()
+    assert "| qa |" in capsys.readouterr().out
+
+
+def test_pool_runs_rejects_mixed_models_and_bad_files(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from benchmarks.vllm import pool_runs
+
+    a = _pool_run(tmp_path / "a.json", "msn", [1.0])
+    b = _pool_run(tmp_path / "b.json", "base", [1.0])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    for runs, message in (([a, b], "different models"), ([str(bad)], "not a bench_interleaved"),
+                          ([a, "--batch", "4"], "no row of batch 4")):
+        monkeypatch.setattr(sys, "argv", ["pool_runs", *runs, "--out", str(tmp_path / "o")])
+        with pytest.raises(SystemExit) as exc:
+            pool_runs.main()
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
