@@ -152,10 +152,20 @@ def geomean(xs: list[float]) -> float:
 def geo_interval(ratios: list[float], level: float = 0.9, resamples: int = 2000) -> tuple[float, float]:
     """Bootstrap interval (percentile, fixed seed) of the geometric mean of per-repeat
     ratios: whether a group's ratio is below 1 or only noisy. One repeat: no interval."""
-    if len(ratios) < 2:
-        return ratios[0], ratios[0]
+    return strata_geo_interval([ratios], level, resamples)
+
+
+def strata_geo_interval(strata: list[list[float]], level: float = 0.9,
+                        resamples: int = 2000) -> tuple[float, float]:
+    """`geo_interval` of all ratios together, each stratum (e.g. one run's batches, in
+    `pool_runs.py`) resampled within itself. One ratio in all: no interval."""
+    flat = [x for stratum in strata for x in stratum]
+    if len(flat) < 2:
+        return flat[0], flat[0]
     rng = random.Random(0)
-    means = sorted(geomean(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    means = sorted(geomean([x for stratum in strata
+                            for x in rng.choices(stratum, k=len(stratum))])
+                   for _ in range(resamples))
     tail = (1.0 - level) / 2
     return means[int(tail * resamples)], means[int((1.0 - tail) * resamples) - 1]
 

@@ -27,12 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import shlex
 import sys
 from pathlib import Path
 
-from benchmarks.vllm.bench_interleaved import TWIN, geomean
+from benchmarks.vllm.bench_interleaved import TWIN, geomean, strata_geo_interval
 from benchmarks.vllm.bench_vllm import GROUPS
 
 LEVEL = 0.9
@@ -45,20 +44,6 @@ def row_ratio(row: dict, engine: str) -> float:
     rates = row["tok_s"]
     plain = rates["plain"] if TWIN not in rates else math.sqrt(rates["plain"] * rates[TWIN])
     return rates[engine] / plain
-
-
-def stratified_interval(runs: list[list[float]], level: float = LEVEL,
-                        resamples: int = RESAMPLES) -> tuple[float, float]:
-    """Percentile bootstrap interval (fixed seed) of the geometric mean of all ratios,
-    resampling each run's ratios within that run. One ratio in all: no interval."""
-    flat = [x for run in runs for x in run]
-    if len(flat) < 2:
-        return flat[0], flat[0]
-    rng = random.Random(0)
-    means = sorted(geomean([x for run in runs if run for x in rng.choices(run, k=len(run))])
-                   for _ in range(resamples))
-    tail = (1.0 - level) / 2
-    return means[int(tail * resamples)], means[int((1.0 - tail) * resamples) - 1]
 
 
 def pool(runs: dict[str, dict], engine: str, batch: int) -> dict:
@@ -84,7 +69,7 @@ def pool(runs: dict[str, dict], engine: str, batch: int) -> dict:
             flat = [x for xs in per_run.values() for x in xs]
             if not flat:
                 continue
-            lo, hi = stratified_interval(list(per_run.values()))
+            lo, hi = strata_geo_interval(list(per_run.values()), LEVEL, RESAMPLES)
             cell["twin" if who == TWIN else "engine"] = {
                 "geomean": round(geomean(flat), 4), "ci90": [round(lo, 4), round(hi, 4)],
                 "batches": len(flat), "below_1": sum(x < 1.0 for x in flat),
