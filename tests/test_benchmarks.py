@@ -706,3 +706,72 @@ def test_pool_runs_rejects_mixed_models_and_bad_files(tmp_path, monkeypatch, cap
             pool_runs.main()
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
+
+
+class _FakeEngine:
+    """Steps like vLLM's `LLMEngine`: each request produces one token a step (or
+    `per_step` tokens) until its length; a step's outputs are the unfinished and just
+    finished requests, cumulative token ids."""
+
+    def __init__(self, lengths, per_step=1, log=None, name=""):
+        self.lengths, self.per_step, self.log, self.name = lengths, per_step, log, name
+        self.live: dict[str, list[int]] = {}
+
+    def add_request(self, rid, prompt, params):
+        self.live[rid] = []
+
+    def has_unfinished_requests(self):
+        return bool(self.live)
+
+    def step(self):
+        from types import SimpleNamespace
+
+        if self.log is not None:
+            self.log.append(self.name)
+        out = []
+        for rid, toks in list(self.live.items()):
+            n = self.lengths[rid]
+            toks.extend(range(len(toks), min(len(toks) + self.per_step, n)))
+            done = len(toks) >= n
+            out.append(SimpleNamespace(request_id=rid, finished=done,
+                                       outputs=[SimpleNamespace(token_ids=list(toks))]))
+            if done:
+                del self.live[rid]
+        return out
+
+
+def test_lockstep_rotates_who_steps_first_and_aligns_rounds():
+    from benchmarks.vllm.bench_lockstep import lockstep, undrafted_step_ratio
+
+    log: list[str] = []
+    engines = {"plain": _FakeEngine({"p0": 3, "p1": 2}, log=log, name="plain"),
+               "plugin": _FakeEngine({"x0": 3, "x1": 2}, per_step=2, log=log, name="plugin")}
+    ticks = iter(range(1000))
+    res = lockstep(engines, {"plain": [("p0", "a", None), ("p1", "b", None)],
+                             "plugin": [("x0", "a", None), ("x1", "b", None)]},
+                   clock=lambda: float(next(ticks)))
+    # Round 1: plain first; round 2: plugin first; round 3: only plain is left.
+    assert log == ["plain", "plugin", "plugin", "plain", "plain"]
+    assert res["plain"]["tokens"] == [2, 2, 1] and res["plugin"]["tokens"] == [4, 1, None]
+    assert res["plain"]["steps"] == [1.0, 1.0, 1.0] and res["plugin"]["steps"][2] is None
+    assert res["plain"]["seconds"] == 3.0 and res["plugin"]["seconds"] == 2.0
+    assert [o.outputs[0].token_ids for o in res["plain"]["outputs"].values()] == [[0, 1],
+                                                                                  [0, 1, 2]]
+    # Only rounds where both stepped a full batch with one token a request count.
+    plugin = {"steps": [2.0, 1.1, 3.0, None], "tokens": [2, 2, 5, None]}
+    plain = {"steps": [1.0, 1.0, 1.0, 1.0], "tokens": [2, 2, 2, 2]}
+    assert undrafted_step_ratio(plugin, plain, batch=2) == pytest.approx(1.55)
+    assert undrafted_step_ratio(plugin, plain, batch=3) is None
+
+
+def test_lockstep_rejects_bad_arguments(monkeypatch, capsys):
+    import sys
+
+    from benchmarks.vllm import bench_lockstep
+
+    for argv in (["--batch-sizes", "1", "8"], ["--repeats", "0"], ["--max-tokens", "0"]):
+        monkeypatch.setattr(sys, "argv", ["bench_lockstep", *argv])
+        with pytest.raises(SystemExit) as exc:
+            bench_lockstep.main()
+        assert exc.value.code == 2
+        assert "must be positive" in capsys.readouterr().err

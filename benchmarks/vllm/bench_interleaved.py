@@ -542,13 +542,20 @@ def main() -> None:
             "env_variants": dict(args.env_variant),
             "plugin_mat": result["plugin_mat"], "rungs": result["rungs"],
             "batches_with_different_outputs": result["mismatches"]}
+    write_report(out, meta, summary, result["rows"], result["mismatches"])
+
+
+def write_report(out: Path, meta: dict, summary: dict, rows: list[dict], mismatches: int) -> None:
+    """Write a run's `<out>.json` (meta, summary, rows) and `<out>.png`, print the
+    summary and its markdown tables, and exit with an error when any batch's outputs
+    differed from plain vLLM's."""
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary,
-                                                    "rows": result["rows"]}, indent=1))
-    plot(summary, out.with_suffix(".png"), args.model)
+                                                    "rows": rows}, indent=1))
+    plot(summary, out.with_suffix(".png"), meta["model"])
     print(json.dumps({"meta": meta, "summary": summary}, indent=1))
     print(markdown(summary))
-    if result["mismatches"]:
-        sys.exit(f"{result['mismatches']} batches gave different outputs with the plugin")
+    if mismatches:
+        sys.exit(f"{mismatches} batches gave different outputs with the plugin")
 
 
 if __name__ == "__main__":
