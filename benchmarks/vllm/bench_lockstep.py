@@ -112,14 +112,14 @@ def run(args) -> dict:
     from transformers import AutoTokenizer
     from vllm import EngineArgs, LLMEngine, SamplingParams
 
+    # Importing it makes this process's shm readers sleep (the in-process engine cores).
+    from benchmarks.vllm.lockstep_workers import PLAIN_WORKER, PLUGIN_WORKER
     from msn.models import resolve_model
     from proposers.vllm import engine_kwargs
 
     model = str(resolve_model(args.model))
     tok = AutoTokenizer.from_pretrained(model)
     batch = args.batch_sizes[0]
-    from benchmarks.vllm.lockstep_workers import PLAIN_WORKER, PLUGIN_WORKER  # quiet readers
-
     common = {"model": model, "dtype": "float32", "enforce_eager": True, "seed": 0,
               "max_model_len": 4096, "max_num_seqs": batch, "disable_log_stats": True}
     spec = {**common, "per_request_spec_decode_metrics": "summary",
@@ -187,7 +187,9 @@ def run(args) -> dict:
                                      for k, v in s1[n]["rungs"].items()
                                      if v - s0[n]["rungs"].get(k, 0)} for n in plugins},
                 # Where each plugin engine's time went (its worker's clocks): forward and
-                # sampling, drafting, and between steps (engine core, IPC).
+                # sampling, drafting; "between" is the worker's between-steps clock, which
+                # in lockstep also counts other engines' steps (gaps under its BUSY_GAP):
+                # not this engine's overhead.
                 "parts": {n: {"forward": round(sum(c["seconds"] for c in s1[n]["paths"].values())
                                                - sum(c["seconds"] for c in s0[n]["paths"].values()), 4),
                               "draft": round(s1[n]["draft_seconds"] - s0[n]["draft_seconds"], 4),
