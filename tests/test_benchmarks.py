@@ -775,3 +775,20 @@ def test_lockstep_rejects_bad_arguments(monkeypatch, capsys):
             bench_lockstep.main()
         assert exc.value.code == 2
         assert "must be positive" in capsys.readouterr().err
+
+
+def test_lockstep_pair_ratios_compare_plugin_pair_with_plain_pair():
+    from benchmarks.vllm.bench_lockstep import pair_ratios
+
+    def row(group, plugin, twin, same=True):
+        return {"group": group, "identical_outputs": same,
+                "tok_s": {"plain": 10.0, "plain-twin": 40.0, "plugin": plugin,
+                          "plugin-twin": twin}}
+
+    rows = [row("qa", 20.0, 20.0), row("qa", 10.0, 40.0), row("math", 40.0, 40.0),
+            row("math", 1.0, 1.0, same=False)]  # left out: outputs differ
+    pairs = pair_ratios(rows)
+    assert pairs["qa"]["geomean"] == pytest.approx(1.0) and pairs["qa"]["batches"] == 2
+    assert pairs["math"]["geomean"] == pytest.approx(2.0) and pairs["math"]["batches"] == 1
+    assert pairs["all"]["batches"] == 3
+    assert pairs["all"]["geomean"] == pytest.approx(2 ** (1 / 3), abs=1e-4)  # rounded

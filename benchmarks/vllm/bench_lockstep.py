@@ -33,6 +33,8 @@ Writes `<out>.json` and `<out>.png` (default benchmarks/results/vllm_cpu_lockste
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import shlex
 import statistics
@@ -44,6 +46,8 @@ from benchmarks.vllm.bench_interleaved import (
     OFF,
     TWIN,
     WARM_TOKENS,
+    geo_interval,
+    geomean,
     mat,
     paired_summary,
     spec_counts,
@@ -52,6 +56,7 @@ from benchmarks.vllm.bench_interleaved import (
 from benchmarks.vllm.bench_vllm import ENGINE_ENV, GROUPS, ROOT, group_questions, workload_args
 
 INPROC_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+PLUGIN_TWIN = "plugin-twin"  # a second planned plugin engine (--plugin-twin)
 
 
 def lockstep(engines: dict, requests: dict[str, list[tuple[str, str, object]]],
@@ -108,6 +113,24 @@ def undrafted_step_ratio(plugin: dict, plain: dict, batch: int) -> float | None:
     return round(statistics.median(ratios), 4) if ratios else None
 
 
+def pair_ratios(rows: list[dict]) -> dict:
+    """Per group (and "all"): the geometric mean over batches of the two plugin engines'
+    throughput (their geometric mean) over the two plain engines', with a 90% bootstrap
+    interval; built plain, plugin, plugin, plain, both pairs sit at the same mean build
+    position. Batches with outputs differing from plain vLLM are left out."""
+    out = {}
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    for group in [*groups, "all"]:
+        ratios = [math.sqrt(r["tok_s"]["plugin"] * r["tok_s"][PLUGIN_TWIN]
+                            / (r["tok_s"]["plain"] * r["tok_s"][TWIN]))
+                  for r in rows if group in ("all", r["group"]) and r["identical_outputs"]]
+        if ratios:
+            lo, hi = geo_interval(ratios)
+            out[group] = {"geomean": round(geomean(ratios), 4),
+                          "ci90": [round(lo, 4), round(hi, 4)], "batches": len(ratios)}
+    return out
+
+
 def run(args) -> dict:
     from transformers import AutoTokenizer
     from vllm import EngineArgs, LLMEngine, SamplingParams
@@ -128,15 +151,18 @@ def run(args) -> dict:
     # here it must be asked for, as the plugin's executor (a subclass of it) is.
     builders = {"plain": {**common, "worker_cls": PLAIN_WORKER,
                           "distributed_executor_backend": "mp"}, "plugin": spec}
+    if args.plugin_twin:
+        builders[PLUGIN_TWIN] = spec
     if args.plugin_off:
         builders[OFF] = spec  # its own engine: sharing the plugin's would batch both
         if args.off_first:  # built (and listed) before the plugin's engine
-            builders = {"plain": builders["plain"], OFF: spec, "plugin": spec}
+            builders = {"plain": builders["plain"], OFF: spec,
+                        **{n: b for n, b in builders.items() if n not in ("plain", OFF)}}
     if args.plain_twin:
         builders[TWIN] = builders["plain"]
     names = list(builders)
     engines = {n: LLMEngine.from_engine_args(EngineArgs(**builders[n])) for n in names}
-    plugins = [n for n in names if n in ("plugin", OFF)]
+    plugins = [n for n in names if n in ("plugin", PLUGIN_TWIN, OFF)]
     questions = group_questions(Path(args.dev_set), args.per_group)
 
     def chat(q: str) -> str:
@@ -226,6 +252,11 @@ def main() -> None:
                          "the order engines are built in moves their speed by a few percent")
     ap.add_argument("--plain-twin", action="store_true",
                     help="also a second plain vLLM engine: an A/A control")
+    ap.add_argument("--plugin-twin", action="store_true",
+                    help="also a second planned plugin engine, built right after the first; "
+                         "with --plain-twin the engines are built plain, plugin, plugin, "
+                         "plain (without --plugin-off), and the two plugin engines against "
+                         "the two plain ones (`pairs`) have the same mean build position")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_cpu_lockstep"))
     args = ap.parse_args()
     if min(args.repeats, args.per_group, args.max_tokens) < 1 or len(args.batch_sizes) != 1 \
@@ -255,6 +286,9 @@ def main() -> None:
                                                 for r in result["rows"] if r["group"] == g
                                                 and r["undrafted_step_ratio"][name]]) else None
             for g in args.groups}
+    if PLUGIN_TWIN in result["engines"] and TWIN in result["engines"]:
+        meta["pairs"] = pair_ratios(result["rows"])
+        print("plugin pair / plain pair:", json.dumps(meta["pairs"]))
     write_report(out, meta, summary, result["rows"], result["mismatches"])
 
 
