@@ -213,14 +213,11 @@ def run(args) -> dict:
                                      for k, v in s1[n]["rungs"].items()
                                      if v - s0[n]["rungs"].get(k, 0)} for n in plugins},
                 # Where each plugin engine's time went (its worker's clocks): forward and
-                # sampling, drafting; "between" is the worker's between-steps clock, which
-                # in lockstep also counts other engines' steps (gaps under its BUSY_GAP):
-                # not this engine's overhead.
+                # sampling, drafting. (Not the worker's between-steps clock: in lockstep it
+                # also counts other engines' steps shorter than its BUSY_GAP.)
                 "parts": {n: {"forward": round(sum(c["seconds"] for c in s1[n]["paths"].values())
                                                - sum(c["seconds"] for c in s0[n]["paths"].values()), 4),
-                              "draft": round(s1[n]["draft_seconds"] - s0[n]["draft_seconds"], 4),
-                              "between": round(s1[n]["between_steps_seconds"]
-                                               - s0[n]["between_steps_seconds"], 4)}
+                              "draft": round(s1[n]["draft_seconds"] - s0[n]["draft_seconds"], 4)}
                           for n in plugins},
                 # Per round: each engine's step seconds and new tokens (None: sat out).
                 "step_seconds": {n: [None if s is None else round(s, 5) for s in res[n]["steps"]]
@@ -275,8 +272,8 @@ def main() -> None:
     meta = {"command": "python -m benchmarks.vllm.bench_lockstep " + shlex.join(sys.argv[1:]),
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model,
             "max_tokens": args.max_tokens, "per_group": args.per_group,
-            "repeats": args.repeats, "engines": result["engines"], "lockstep": True,
-            "built_in_order": result["engines"],
+            "repeats": args.repeats, "lockstep": True,
+            "engines": result["engines"],  # in the order they were built
             "device": "cpu", "dtype": "float32", "greedy": True,
             "engine_env": {k: os.environ[k] for k in ENGINE_ENV if k in os.environ},
             "batches_with_different_outputs": result["mismatches"]}
