@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import pytest
 
@@ -775,6 +776,20 @@ def test_lockstep_rejects_bad_arguments(monkeypatch, capsys):
             bench_lockstep.main()
         assert exc.value.code == 2
         assert "must be positive" in capsys.readouterr().err
+    variant = ["--pair-variant", 'chains={"templates": ["chain-5"]}']
+    for argv, message in (
+            (variant, "needs --plugin-twin and --plain-twin"),
+            ([*variant, "--plugin-twin", "--plain-twin", "--plugin-off"], "not --plugin-off"),
+            ([*variant, *variant, "--plugin-twin", "--plain-twin"], "must be distinct"),
+            (["--pair-variant", 'a-twin={}', "--plugin-twin", "--plain-twin"], "-twin"),
+            (["--pair-variant", 'plain={}'], "new engine name"),
+            (["--pair-variant", 'x={"mode": "fast"}'], "trjacobi mode must be one of"),
+            (["--rebuild", "--plugin-off", "--off-first"], "exclude each other")):
+        monkeypatch.setattr(sys, "argv", ["bench_lockstep", *argv])
+        with pytest.raises(SystemExit) as exc:
+            bench_lockstep.main()
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_lockstep_pair_ratios_compare_plugin_pair_with_plain_pair():
@@ -792,3 +807,14 @@ def test_lockstep_pair_ratios_compare_plugin_pair_with_plain_pair():
     assert pairs["math"]["geomean"] == pytest.approx(2.0) and pairs["math"]["batches"] == 1
     assert pairs["all"]["batches"] == 3
     assert pairs["all"]["geomean"] == pytest.approx(2 ** (1 / 3), abs=1e-4)  # rounded
+    # Per repeat too (with --rebuild each repeat has its own engines): one repeat, so no
+    # interval over repeats.
+    assert pairs["qa"]["by_repeat"] == [1.0] and "ci90_repeats" not in pairs["qa"]
+    split = [row("qa", 40.0, 10.0), {**row("qa", 10.0, 10.0), "repeat": 1}]
+    assert pair_ratios(split)["qa"]["by_repeat"] == [1.0, 0.5]
+    assert pair_ratios(split)["qa"]["ci90_repeats"] == [0.5, 1.0]
+    # A --pair-variant pair against the same plain pair.
+    for r in rows:
+        r["tok_s"].update({"v": r["tok_s"]["plugin"] / 2, "v-twin": r["tok_s"]["plugin-twin"]})
+    variant = pair_ratios(rows, ("v", "v-twin"))
+    assert variant["qa"]["geomean"] == pytest.approx(math.sqrt(0.5), abs=1e-4)

@@ -24,8 +24,16 @@ of the same round (what an undrafted step of the plugin engine costs, planning o
 critical path included), every step's time and new tokens, and each plugin engine's
 split of its time (forward and sampling, drafting) from its worker's clocks.
 
-    python -m benchmarks.vllm.bench_lockstep --model msn --batch-sizes 8 --repeats 3 \\
-        --plain-twin --plugin-off --out benchmarks/results/vllm_cpu_msn_lockstep_b8
+An engine keeps its speed relative to an identical one for its whole life, a few
+percent apart (vllm-cpu-log.md): batches of one set of engines sample the machine, not the
+engines. `--plain-twin --plugin-twin` gives each side two engines at the same mean build
+position (`pairs`), `--rebuild` builds every repeat's engines afresh in a new random order,
+so that the repeats sample engines too (`pairs.*.by_repeat`, `ci90_repeats`), and
+`--pair-variant NAME=JSON` adds pairs with other TR-Jacobi settings.
+
+    python -m benchmarks.vllm.bench_lockstep --model msn --batch-sizes 8 --repeats 5 \\
+        --groups mt_bench summarization qa math_reasoning --rebuild --plain-twin \\
+        --plugin-twin --out benchmarks/results/vllm_cpu_msn_lockstep_b8-rebuild
 
 Writes `<out>.json` and `<out>.png` (default benchmarks/results/vllm_cpu_lockstep).
 """
@@ -33,9 +41,11 @@ Writes `<out>.json` and `<out>.png` (default benchmarks/results/vllm_cpu_lockste
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
+import random
 import shlex
 import statistics
 import sys
@@ -50,6 +60,7 @@ from benchmarks.vllm.bench_interleaved import (
     geomean,
     mat,
     paired_summary,
+    plugin_variant,
     spec_counts,
     write_report,
 )
@@ -57,6 +68,11 @@ from benchmarks.vllm.bench_vllm import ENGINE_ENV, GROUPS, ROOT, group_questions
 
 INPROC_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 PLUGIN_TWIN = "plugin-twin"  # a second planned plugin engine (--plugin-twin)
+
+
+def twin_name(name: str) -> str:
+    """The second engine of a --pair-variant pair."""
+    return f"{name}-twin"
 
 
 def lockstep(engines: dict, requests: dict[str, list[tuple[str, str, object]]],
@@ -113,21 +129,34 @@ def undrafted_step_ratio(plugin: dict, plain: dict, batch: int) -> float | None:
     return round(statistics.median(ratios), 4) if ratios else None
 
 
-def pair_ratios(rows: list[dict]) -> dict:
-    """Per group (and "all"): the geometric mean over batches of the two plugin engines'
-    throughput (their geometric mean) over the two plain engines', with a 90% bootstrap
-    interval; built plain, plugin, plugin, plain, both pairs sit at the same mean build
+def pair_ratios(rows: list[dict], pair: tuple[str, str] = ("plugin", PLUGIN_TWIN)) -> dict:
+    """Per group (and "all"): the geometric mean over batches of the two engines of `pair`
+    (the plugin and its twin by default): their throughput (geometric mean) over the two
+    plain engines', with a 90% bootstrap interval. Built as a palindrome (plain, plugin,
+    plugin, plain; variant pairs nested inside), every pair sits at the same mean build
     position. Batches with outputs differing from plain vLLM are left out."""
+    a, b = pair
     out = {}
     groups = list(dict.fromkeys(r["group"] for r in rows))
     for group in [*groups, "all"]:
-        ratios = [math.sqrt(r["tok_s"]["plugin"] * r["tok_s"][PLUGIN_TWIN]
-                            / (r["tok_s"]["plain"] * r["tok_s"][TWIN]))
-                  for r in rows if group in ("all", r["group"]) and r["identical_outputs"]]
+        by_repeat: dict[int, list[float]] = {}
+        for r in rows:
+            if group in ("all", r["group"]) and r["identical_outputs"]:
+                by_repeat.setdefault(r.get("repeat", 0), []).append(math.sqrt(
+                    r["tok_s"][a] * r["tok_s"][b] / (r["tok_s"]["plain"] * r["tok_s"][TWIN])))
+        ratios = [x for v in by_repeat.values() for x in v]
         if ratios:
             lo, hi = geo_interval(ratios)
             out[group] = {"geomean": round(geomean(ratios), 4),
                           "ci90": [round(lo, 4), round(hi, 4)], "batches": len(ratios)}
+            # With --rebuild each repeat has its own engines, whose speed differs by a few
+            # percent per engine (the log): the repeat, not the batch, is then the unit,
+            # and this interval over the repeats' geometric means is the one to read.
+            means = [geomean(v) for v in by_repeat.values()]
+            out[group]["by_repeat"] = [round(m, 4) for m in means]
+            if len(means) > 1:
+                lo, hi = geo_interval(means)
+                out[group]["ci90_repeats"] = [round(lo, 4), round(hi, 4)]
     return out
 
 
@@ -139,6 +168,7 @@ def run(args) -> dict:
     from benchmarks.vllm.lockstep_workers import PLAIN_WORKER, PLUGIN_WORKER
     from msn.models import resolve_model
     from proposers.vllm import engine_kwargs
+    from proposers.vllm.config import TRJacobiConfig
 
     model = str(resolve_model(args.model))
     tok = AutoTokenizer.from_pretrained(model)
@@ -158,11 +188,20 @@ def run(args) -> dict:
         if args.off_first:  # built (and listed) before the plugin's engine
             builders = {"plain": builders["plain"], OFF: spec,
                         **{n: b for n, b in builders.items() if n not in ("plain", OFF)}}
+    # Variant pairs nest inside the plugin pair, mirrored: plain, plugin, A, B, B', A',
+    # plugin twin, plain twin (main() requires both twins).
+    for name, overrides in args.pair_variant:
+        builders[name] = {**spec, **engine_kwargs(TRJacobiConfig(**overrides),
+                                                  max_num_seqs=batch),
+                          "worker_cls": PLUGIN_WORKER}
+    for name, _ in reversed(args.pair_variant):
+        builders[twin_name(name)] = builders[name]
+    if args.plugin_twin:
+        builders[PLUGIN_TWIN] = builders.pop(PLUGIN_TWIN)  # after the variants
     if args.plain_twin:
         builders[TWIN] = builders["plain"]
     names = list(builders)
-    engines = {n: LLMEngine.from_engine_args(EngineArgs(**builders[n])) for n in names}
-    plugins = [n for n in names if n in ("plugin", PLUGIN_TWIN, OFF)]
+    plugins = [n for n in names if n not in ("plain", TWIN)]
     questions = group_questions(Path(args.dev_set), args.per_group)
 
     def chat(q: str) -> str:
@@ -174,19 +213,35 @@ def run(args) -> dict:
         params[OFF] = SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
                                      extra_args={"trjacobi": "off"})
     warm = SamplingParams(temperature=0.0, max_tokens=WARM_TOKENS, extra_args={"trjacobi": "off"})
-    lockstep(engines, {n: [(f"warm-{n}", chat("Hello"), warm)] for n in names})
+
+    def build(order: list[str]) -> dict:
+        built = {n: LLMEngine.from_engine_args(EngineArgs(**builders[n])) for n in order}
+        lockstep(built, {n: [(f"warm-{n}", chat("Hello"), warm)] for n in order})
+        return built
 
     def stats(name: str) -> dict:
         return engines[name].collective_rpc("trjacobi_stats")[0]
 
     rows = []
     mismatches = 0
+    rng = random.Random(0)
+    engines: dict = {}
+    built = names
     for repeat in range(args.repeats):
+        if not engines or args.rebuild:
+            for engine in engines.values():  # the last repeat's: workers and memory
+                engine.engine_core.shutdown()
+            engines.clear()
+            gc.collect()
+            if args.rebuild:  # a new build order every repeat (the first one included)
+                built = rng.sample(names, len(names))
+                print(f"repeat {repeat}: building {', '.join(built)}", flush=True)
+            engines = build(built)
         for gi, group in enumerate(args.groups):
             prompts = [chat(questions[group][i % len(questions[group])]) for i in range(batch)]
             # Who steps first in the first round also rotates over repeats and groups.
-            k = (repeat + gi) % len(names)
-            order = names[k:] + names[:k]
+            k = (repeat + gi) % len(built)
+            order = built[k:] + built[:k]
             for n in plugins:
                 engines[n].collective_rpc("trjacobi_clear_corpus")
             s0 = {n: stats(n) for n in plugins}
@@ -202,6 +257,7 @@ def run(args) -> dict:
             counts = {n: spec_counts(outs[n]) for n in names}
             row = {
                 "repeat": repeat, "group": group, "batch": batch, "order": order,
+                "built": built,  # the order this repeat's engines were built in
                 "tokens": {n: sum(map(len, tokens[n])) for n in names},
                 "seconds": {n: round(res[n]["seconds"], 4) for n in names},
                 "identical_outputs": same,
@@ -254,6 +310,17 @@ def main() -> None:
                          "with --plain-twin the engines are built plain, plugin, plugin, "
                          "plain (without --plugin-off), and the two plugin engines against "
                          "the two plain ones (`pairs`) have the same mean build position")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="build the engines afresh for every repeat, in a new random order "
+                         "(seeded): an engine's speed differs from an identical one's by a "
+                         "few percent for its whole life, so the engines, not only the "
+                         "batches, are then sampled")
+    ap.add_argument("--pair-variant", action="append", default=[], type=plugin_variant,
+                    metavar="NAME=JSON",
+                    help="also a pair of plugin engines NAME and NAME-twin with these "
+                         "TR-Jacobi settings (e.g. 'chain={\"mode\": \"chain\"}'), nested "
+                         "inside the plugin pair so that every pair has the same mean build "
+                         "position; needs --plugin-twin and --plain-twin; repeatable")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_cpu_lockstep"))
     args = ap.parse_args()
     if min(args.repeats, args.per_group, args.max_tokens) < 1 or len(args.batch_sizes) != 1 \
@@ -262,6 +329,13 @@ def main() -> None:
                  "give one positive --batch-sizes")
     if args.off_first and not args.plugin_off:
         ap.error("--off-first needs --plugin-off")
+    if args.off_first and args.rebuild:
+        ap.error("--off-first and --rebuild exclude each other (--rebuild shuffles the build order)")
+    if args.pair_variant and (args.plugin_off or not (args.plugin_twin and args.plain_twin)):
+        ap.error("--pair-variant needs --plugin-twin and --plain-twin, and not --plugin-off")
+    names = [name for name, _ in args.pair_variant]
+    if len(set(names)) < len(names) or any(n.endswith("-twin") for n in names):
+        ap.error("--pair-variant names must be distinct and must not end with -twin")
     for k, v in ENGINE_ENV.items():
         os.environ.setdefault(k, v)
     os.environ[INPROC_ENV] = "0"  # before vLLM is imported: engine cores in this process
@@ -273,7 +347,8 @@ def main() -> None:
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model,
             "max_tokens": args.max_tokens, "per_group": args.per_group,
             "repeats": args.repeats, "lockstep": True,
-            "engines": result["engines"],  # in the order they were built
+            "engines": result["engines"],  # the build order (with --rebuild: rows' `built`)
+            "rebuild": args.rebuild,
             "device": "cpu", "dtype": "float32", "greedy": True,
             "engine_env": {k: os.environ[k] for k in ENGINE_ENV if k in os.environ},
             "batches_with_different_outputs": result["mismatches"]}
@@ -286,6 +361,11 @@ def main() -> None:
     if PLUGIN_TWIN in result["engines"] and TWIN in result["engines"]:
         meta["pairs"] = pair_ratios(result["rows"])
         print("plugin pair / plain pair:", json.dumps(meta["pairs"]))
+        for name, overrides in args.pair_variant:
+            meta.setdefault("variant_pairs", {})[name] = {
+                "settings": overrides,
+                **pair_ratios(result["rows"], (name, twin_name(name)))}
+            print(f"{name} pair / plain pair:", json.dumps(meta["variant_pairs"][name]))
     write_report(out, meta, summary, result["rows"], result["mismatches"])
 
 
