@@ -318,7 +318,7 @@ def main() -> None:
     ap.add_argument("--pair-variant", action="append", default=[], type=plugin_variant,
                     metavar="NAME=JSON",
                     help="also a pair of plugin engines NAME and NAME-twin with these "
-                         "TR-Jacobi settings (e.g. 'chain={\"mode\": \"chain\"}'), nested "
+                         "TR-Jacobi settings (e.g. 'nodraft={\"mode\": \"off\"}'), nested "
                          "inside the plugin pair so that every pair has the same mean build "
                          "position; needs --plugin-twin and --plain-twin; repeatable")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_cpu_lockstep"))
