@@ -273,6 +273,17 @@ def test_tree_mechanics_exercised(runs):
     assert plugin["preemptions"] > 0  # the small KV cache forced preemption and resume
 
 
+def test_request_state_is_freed(runs):
+    """Per-request proposer state (candidate table, retrieval index) lives only while its
+    request does: vLLM tells the worker which requests finished or were preempted with
+    the next step, so after the 37-request batch (preempted and resumed requests among
+    them) and the single requests after it, at most the last one's state is alive."""
+    _, plugin = runs
+    assert plugin["preemptions"] > 0
+    assert plugin["stats_greedy"]["live_requests"] <= 1
+    assert plugin["stats"]["live_requests"] <= NUM_SAMPLES  # only the last generate's
+
+
 def test_cache_hit_admission_drafts_nothing(runs):
     """A request whose prompt the prefix cache covers up to its last token, with drafting
     off, drafts nothing: vLLM 0.32 would pad its admission to full draft width with

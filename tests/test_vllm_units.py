@@ -1584,7 +1584,7 @@ def test_finished_outputs_serve_later_requests_from_the_shared_corpus():
     answer_again = prompt + answer[:5]  # 100 101 102 7 8 9 10 11: all in a's document
     assert p._lookup("s", np.array(answer_again)) == ([12], LONG_MATCH, True)
     p.release(["b"])  # preempted: comes back later, adds nothing now
-    assert p.corpus.num_docs == 1
+    assert "b" not in p.states and p.corpus.num_docs == 1
     step("f", prompt + answer)  # alive when the corpus is cleared: never joins it
     p.clear_corpus()
     assert len(p.corpus) == 0 and p._lookup("e", np.array(tokens)) == ([], 0, False)

@@ -432,6 +432,9 @@ class TRJacobiRunnerMixin:
                        "lookups": self.trj.num_corpus_lookups,
                        "drafts": self.trj.num_corpus_drafts},
             "sampled_unspeculated": self.sampled_unspeculated,
+            # Requests whose proposer state is alive (freed when vLLM reports them finished
+            # or preempted, with the step after).
+            "live_requests": len(self.trj.states),
             "rungs": dict(self.trj.planner.history),
             "closed_batch_steps": self.trj.planner.closed_steps,
             "probes": self.trj.planner.probes,
