@@ -818,3 +818,76 @@ def test_lockstep_pair_ratios_compare_plugin_pair_with_plain_pair():
         r["tok_s"].update({"v": r["tok_s"]["plugin"] / 2, "v-twin": r["tok_s"]["plugin-twin"]})
     variant = pair_ratios(rows, ("v", "v-twin"))
     assert variant["qa"]["geomean"] == pytest.approx(math.sqrt(0.5), abs=1e-4)
+
+
+def _lockstep_run(path, undrafted, pair, forward=0.9, draft=0.01, mismatch=False):
+    """A bench_lockstep.py-shaped JSON: one batch-8 math row (and one of another group)."""
+    import json
+
+    engines = ["plain", "plugin", "plugin-twin", "plain-twin"]
+    row = {"group": "math_reasoning", "identical_outputs": True,
+           "seconds": {"plain": 1.0, "plain-twin": 1.0, "plugin": 0.95, "plugin-twin": 0.95},
+           "parts": {n: {"forward": forward, "draft": draft} for n in engines[1:3]}}
+    other = {**row, "group": "qa", "identical_outputs": not mismatch,
+             "seconds": {**row["seconds"], "plugin": 9.0}}
+    meta = {"lockstep": True, "model": "base", "when": "t", "command": "c", "engines": engines,
+            "undrafted_step_ratio": {n: {"math_reasoning": undrafted, "qa": 1.0}
+                                     for n in engines[1:]},
+            "pairs": {"math_reasoning": {"geomean": pair}, "qa": {"geomean": 2.0}}}
+    summary = {"8": {"plugin": {"math_reasoning": {"plain_tok_s": 60.0},
+                                "qa": {"plain_tok_s": 40.0}}}}
+    path.write_text(json.dumps({"meta": meta, "summary": summary, "rows": [row, other]}))
+    return str(path)
+
+
+def test_lockstep_split_reads_where_the_pair_ratio_comes_from(tmp_path, capsys):
+    import json
+
+    from benchmarks.vllm import lockstep_split
+
+    a = _lockstep_run(tmp_path / "a.json", undrafted=0.97, pair=1.03)
+    b = _lockstep_run(tmp_path / "b.json", undrafted=1.02, pair=0.99, mismatch=True)
+    lockstep_split.main([f"a={a}", f"b={b}", "--groups", "math_reasoning",
+                         "--out", str(tmp_path / "split")])
+    out = json.loads((tmp_path / "split.json").read_text())
+    run = out["runs"]["a"]
+    assert (run["undrafted"], run["undrafted_twin"], run["pair"]) == (0.97, 0.97, 1.03)
+    # Both plugin engines' worker clocks against the plain pair's step seconds; the shares
+    # are of the plugin engines' own seconds.
+    assert run["forward"] == 0.9 and run["plain_tok_s"] == 60.0
+    assert run["drafting"] == pytest.approx(0.01 / 0.95, abs=1e-4)
+    assert run["rest"] == pytest.approx((0.95 - 0.9 - 0.01) / 0.95, abs=1e-4)
+    assert out["runs"]["b"]["pair"] == 0.99 and (tmp_path / "split.png").exists()
+    # Two groups: geometric means over them; a batch whose outputs differed is left out.
+    lockstep_split.main([f"b={b}", "--groups", "math_reasoning", "qa",
+                         "--out", str(tmp_path / "two")])
+    two = json.loads((tmp_path / "two.json").read_text())["runs"]["b"]
+    assert two["pair"] == pytest.approx((0.99 * 2.0) ** 0.5, abs=1e-3)
+    assert two["forward"] == 0.9  # the qa row (different outputs) is not counted
+    assert "| b | base |" in capsys.readouterr().out
+
+
+def test_lockstep_split_rejects_bad_input(tmp_path, capsys):
+    import json
+
+    from benchmarks.vllm import lockstep_split
+
+    a = _lockstep_run(tmp_path / "a.json", undrafted=1.0, pair=1.0)
+    interleaved = tmp_path / "i.json"
+    interleaved.write_text(json.dumps({"meta": {"model": "base"}, "rows": []}))
+    no_twin = tmp_path / "n.json"
+    data = json.loads((tmp_path / "a.json").read_text())
+    data["meta"]["engines"] = ["plain", "plugin"]
+    no_twin.write_text(json.dumps(data))
+    for argv, message in (([a], "give LABEL=RUN.json"),
+                          ([f"x={a}", f"x={a}"], "given twice"),
+                          ([f"x={tmp_path / 'none.json'}"], "No such file"),
+                          ([f"x={interleaved}"], "not a bench_lockstep.py result"),
+                          ([f"x={no_twin}"], "needs --plugin-twin --plain-twin"),
+                          ([f"x={a}", "--groups", "rag", "qa"], "no group rag")):
+        if "--groups" not in argv:
+            argv = [*argv, "--groups", "math_reasoning"]
+        with pytest.raises(SystemExit) as exc:
+            lockstep_split.main([*argv, "--out", str(tmp_path / "o")])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
