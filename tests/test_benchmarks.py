@@ -879,7 +879,12 @@ def test_lockstep_split_rejects_bad_input(tmp_path, capsys):
     data = json.loads((tmp_path / "a.json").read_text())
     data["meta"]["engines"] = ["plain", "plugin"]
     no_twin.write_text(json.dumps(data))
+    always = tmp_path / "d.json"
+    data["meta"]["engines"] = ["plain", "plugin", "plugin-twin", "plain-twin"]
+    data["meta"]["undrafted_step_ratio"]["plugin"]["math_reasoning"] = None
+    always.write_text(json.dumps(data))
     for argv, message in (([a], "give LABEL=RUN.json"),
+                          ([f"x={always}"], "no round without drafts to compare in math"),
                           ([f"x={a}", f"x={a}"], "given twice"),
                           ([f"x={tmp_path / 'none.json'}"], "No such file"),
                           ([f"x={interleaved}"], "not a bench_lockstep.py result"),

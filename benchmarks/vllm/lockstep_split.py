@@ -55,6 +55,9 @@ def split(run: dict, groups: tuple[str, ...]) -> dict:
         raise ValueError(f"expected one batch size, found {sorted(run['summary'])}")
     (summary,) = run["summary"].values()
     undrafted = meta["undrafted_step_ratio"]
+    never = sorted({g for n in (*PLUGINS, TWIN) for g in groups if undrafted[n].get(g) is None})
+    if never:
+        raise ValueError(f"no round without drafts to compare in {', '.join(never)}")
     forward = drafting = own = plain = 0.0
     for row in run["rows"]:
         if row["group"] not in groups or not row["identical_outputs"]:
